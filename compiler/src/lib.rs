@@ -1,0 +1,274 @@
+//! # edged-compiler
+//!
+//! Owns the path from the `.wasm` an operator hands us to native code a node can map and run:
+//!
+//! 1. **inspect** — is it a core module (WASI preview 1) or a component (WASI 0.2)? Is it valid?
+//!    (WAT text is accepted too and turned into a binary first.)
+//! 2. **pre-initialize** — if it exports an init function, run it once under Wizer with every
+//!    import trapping, and snapshot the initialized memory and globals into a new module.
+//! 3. **AOT-compile** — Cranelift, once per [`Target`], with that target's documented CPU
+//!    baseline and the engine settings from [`target::base_config`].
+//!
+//! Output is deterministic: the same input and [`CompileOptions`] give byte-identical artifacts.
+//! The node runs the same pipeline when it has to recompile a deployment from its source.
+
+mod fingerprint;
+mod preinit;
+pub mod target;
+
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use wasmtime::Engine;
+
+pub use fingerprint::engine_fingerprint;
+pub use target::{EngineSettings, Target, base_config};
+
+/// The export Wizer looks for unless told otherwise.
+pub const DEFAULT_INIT_FUNC: &str = "wizer-initialize";
+
+#[derive(Debug, thiserror::Error)]
+pub enum CompileError {
+    #[error("input is not WebAssembly: {0}")]
+    NotWasm(String),
+    #[error("invalid {kind}: {reason}")]
+    Invalid { kind: WasmKind, reason: String },
+    #[error("unsupported target `{0}` (supported: x86_64-unknown-linux-gnu, aarch64-unknown-linux-gnu)")]
+    UnsupportedTarget(String),
+    #[error("init function `{0}` is not exported by the input")]
+    MissingInitFunc(String),
+    #[error(
+        "init function `{init}` called import `{import}`: imports (WASI clocks, random, I/O…) are not \
+         available during pre-initialization; move that work out of `{init}` and into the request path"
+    )]
+    InitCalledImport { init: String, import: String },
+    #[error("init function `{init}` did not finish within {timeout:?}")]
+    InitTimeout { init: String, timeout: Duration },
+    #[error("pre-initialization with init function `{init}` failed: {reason}")]
+    Preinit { init: String, reason: String },
+    #[error("compiling for {target} failed: {reason}")]
+    Codegen { target: Target, reason: String },
+    #[error("engine configuration for {target} rejected: {reason}")]
+    Engine { target: Target, reason: String },
+}
+
+/// What kind of Wasm binary an input is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WasmKind {
+    /// A core module; edged runs these as WASI preview 1 commands.
+    Module,
+    /// A component; edged runs these as `wasi:http/proxy`.
+    Component,
+}
+
+impl std::fmt::Display for WasmKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            WasmKind::Module => "core module",
+            WasmKind::Component => "component",
+        })
+    }
+}
+
+/// How to pre-initialize.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum InitPolicy {
+    /// Run Wizer if the input exports [`DEFAULT_INIT_FUNC`]; otherwise compile as is.
+    IfExported,
+    /// Run Wizer with this export; it is an error if the input does not export it.
+    Required(String),
+    /// Never run Wizer.
+    Skip,
+}
+
+#[derive(Debug, Clone)]
+pub struct CompileOptions {
+    pub init: InitPolicy,
+    pub targets: Vec<Target>,
+    pub engine: EngineSettings,
+    /// Wall-clock budget for the init function; a runaway init is cut off at this point.
+    pub init_timeout: Duration,
+    /// Linear memory the init function may grow to, in bytes.
+    pub init_memory_limit: usize,
+}
+
+impl Default for CompileOptions {
+    fn default() -> Self {
+        CompileOptions {
+            init: InitPolicy::IfExported,
+            targets: Target::ALL.to_vec(),
+            engine: EngineSettings::default(),
+            init_timeout: Duration::from_secs(60),
+            init_memory_limit: 1 << 30,
+        }
+    }
+}
+
+/// One native artifact for one target.
+#[derive(Debug, Clone)]
+pub struct Artifact {
+    pub target: Target,
+    /// [`engine_fingerprint`] of the engine that produced it; a node loads the artifact directly
+    /// only when its own engine has the same fingerprint.
+    pub fingerprint: String,
+    pub blake3: String,
+    pub bytes: Vec<u8>,
+}
+
+/// Wall-clock time of each step, in order.
+#[derive(Debug, Clone, Default)]
+pub struct StepTimings(pub Vec<(String, Duration)>);
+
+impl StepTimings {
+    fn record<T>(&mut self, step: impl Into<String>, f: impl FnOnce() -> T) -> T {
+        let start = Instant::now();
+        let out = f();
+        self.0.push((step.into(), start.elapsed()));
+        out
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Compiled {
+    pub kind: WasmKind,
+    /// The input as a Wasm binary (WAT is converted): what a node recompiles from.
+    pub source: Vec<u8>,
+    /// The init function that was run, if Wizer ran.
+    pub init_func: Option<String>,
+    /// The module or component that was compiled (the Wizer snapshot when Wizer ran).
+    pub preinitialized: Vec<u8>,
+    pub artifacts: Vec<Artifact>,
+    pub timings: StepTimings,
+}
+
+/// BLAKE3 of `bytes` as lowercase hex: the content address used throughout edged.
+pub fn content_hash(bytes: &[u8]) -> String {
+    blake3::hash(bytes).to_hex().to_string()
+}
+
+/// Turns WAT text into a binary and tells a module from a component. Does not validate.
+pub fn to_binary(input: &[u8]) -> Result<(WasmKind, Vec<u8>), CompileError> {
+    let bytes = if input.starts_with(b"\0asm") {
+        input.to_vec()
+    } else if std::str::from_utf8(input).is_ok() {
+        wat::parse_bytes(input)
+            .map_err(|e| CompileError::NotWasm(format!("WAT text does not parse: {e}")))?
+            .into_owned()
+    } else {
+        let shown = input.len().min(8);
+        return Err(CompileError::NotWasm(format!(
+            "expected the `\\0asm` magic, found {:02x?} ({} bytes total)",
+            &input[..shown],
+            input.len()
+        )));
+    };
+    let kind = if wasmparser::Parser::is_component(&bytes) {
+        WasmKind::Component
+    } else if wasmparser::Parser::is_core_wasm(&bytes) {
+        WasmKind::Module
+    } else {
+        return Err(CompileError::NotWasm(
+            "unknown WebAssembly binary version (neither a core module nor a component)".into(),
+        ));
+    };
+    Ok((kind, bytes))
+}
+
+/// An engine for `target` with the compiler's settings. Compiling needs no runtime state.
+pub fn engine_for(target: Target, settings: &EngineSettings) -> Result<Engine, CompileError> {
+    let config = base_config(target, settings)?;
+    Engine::new(&config).map_err(|e| CompileError::Engine {
+        target,
+        reason: format!("{e:#}"),
+    })
+}
+
+/// Validates `bytes` against the features edged's engines accept; the reason names the offset
+/// where the validator gives one.
+pub fn validate(engine: &Engine, kind: WasmKind, bytes: &[u8]) -> Result<(), CompileError> {
+    let result = match kind {
+        WasmKind::Module => wasmtime::Module::validate(engine, bytes),
+        // wasmtime has no validate-only entry point for components; wasmparser's defaults
+        // match the proposals wasmtime enables, and codegen re-checks against the engine.
+        WasmKind::Component => wasmparser::Validator::new()
+            .validate_all(bytes)
+            .map(|_| ())
+            .map_err(wasmtime::Error::from),
+    };
+    result.map_err(|e| CompileError::Invalid {
+        kind,
+        reason: format!("{e:#}"),
+    })
+}
+
+/// Compiles `bytes` (already pre-initialized or not) for `engine`'s target.
+pub fn precompile(
+    engine: &Engine,
+    target: Target,
+    kind: WasmKind,
+    bytes: &[u8],
+) -> Result<Vec<u8>, CompileError> {
+    let result = match kind {
+        WasmKind::Module => engine.precompile_module(bytes),
+        WasmKind::Component => engine.precompile_component(bytes),
+    };
+    result.map_err(|e| CompileError::Codegen {
+        target,
+        reason: format!("{e:#}"),
+    })
+}
+
+/// The whole pipeline: inspect, validate, pre-initialize, AOT-compile for each target.
+pub fn compile(input: &[u8], options: &CompileOptions) -> Result<Compiled, CompileError> {
+    let mut timings = StepTimings::default();
+    let (kind, source) = to_binary(input)?;
+    // The host engine (or the first target's) validates and runs the init function.
+    let run_target = Target::host().unwrap_or(options.targets[0]);
+    let run_engine = engine_for(run_target, &options.engine)?;
+    timings.record("validate", || validate(&run_engine, kind, &source))?;
+
+    let init_func = match &options.init {
+        InitPolicy::Skip => None,
+        InitPolicy::Required(name) => {
+            if !preinit::exports_func(kind, &source, name) {
+                return Err(CompileError::MissingInitFunc(name.clone()));
+            }
+            Some(name.clone())
+        }
+        InitPolicy::IfExported => preinit::exports_func(kind, &source, DEFAULT_INIT_FUNC)
+            .then(|| DEFAULT_INIT_FUNC.to_string()),
+    };
+    let preinitialized = match &init_func {
+        Some(init) => timings.record(format!("wizer ({init})"), || {
+            preinit::preinitialize(&run_engine, kind, &source, init, options)
+        })?,
+        None => source.clone(),
+    };
+
+    let mut artifacts = Vec::with_capacity(options.targets.len());
+    for &target in &options.targets {
+        let engine = if target == run_target {
+            run_engine.clone()
+        } else {
+            engine_for(target, &options.engine)?
+        };
+        let bytes = timings.record(format!("aot {target}"), || {
+            precompile(&engine, target, kind, &preinitialized)
+        })?;
+        artifacts.push(Artifact {
+            target,
+            fingerprint: engine_fingerprint(&engine),
+            blake3: content_hash(&bytes),
+            bytes,
+        });
+    }
+    Ok(Compiled {
+        kind,
+        source,
+        init_func,
+        preinitialized,
+        artifacts,
+        timings,
+    })
+}

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Builds the sample guests from source into guests/out/: Rust guests for wasm32-wasip1 and
+# wasm32-wasip2, and copies of the WAT edge-case guests. Idempotent and safe to run from several
+# test processes at once (cargo locks its target dir; outputs are renamed into place).
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+"$root/scripts/install-wasm-targets.sh"
+cd "$root/guests"
+cargo build --quiet --release --target wasm32-wasip1 -p init-heavy-p1
+cargo build --quiet --release --target wasm32-wasip2 -p hello-http -p init-heavy-http
+out="$root/guests/out"
+mkdir -p "$out"
+place() { # place SRC NAME: atomic copy into $out
+  local tmp
+  tmp=$(mktemp "$out/.$2.XXXXXX")
+  cp "$1" "$tmp"
+  chmod 644 "$tmp"
+  mv -f "$tmp" "$out/$2"
+}
+place target/wasm32-wasip1/release/init-heavy-p1.wasm init-heavy-p1.wasm
+place target/wasm32-wasip2/release/hello_http.wasm hello-http.wasm
+place target/wasm32-wasip2/release/init_heavy_http.wasm init-heavy-http.wasm
+for wat in wat/*.wat; do
+  place "$wat" "$(basename "$wat")"
+done

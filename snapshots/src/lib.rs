@@ -1,0 +1,24 @@
+//! # edged-snapshots
+//!
+//! Owns a node's deployments at rest and their way back to life:
+//!
+//! - [`store`]: the content-addressed store — BLAKE3-named immutable blob files and a sled index
+//!   of blob metadata, manifests by name and version, and the active version of each name —
+//!   with atomic puts, `verify` and `gc`.
+//! - [`restore`]: the serving engine (pooling allocator, copy-on-write memory images) and the
+//!   path from a [`Manifest`] to a cached `InstancePre`, recompiling from source when no stored
+//!   artifact fits this engine.
+//! - [`manifest`]: the unit of deployment.
+
+mod artifact_check;
+pub mod manifest;
+pub mod restore;
+pub mod store;
+
+pub use artifact_check::check_artifact;
+pub use manifest::{ArtifactRef, BlobRef, Manifest};
+pub use restore::{
+    LoadPath, Linkers, PoolSettings, Prepared, RestoreError, Restorer, RuntimeSettings,
+    runtime_engine,
+};
+pub use store::{BlobKind, BlobMeta, GcReport, Store, StoreError, VerifyReport};

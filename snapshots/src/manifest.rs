@@ -1,0 +1,106 @@
+//! The manifest: the unit of deployment a node stores, activates and serves.
+//!
+//! It names every blob a deployment needs by BLAKE3 hash, so the store can check a manifest is
+//! complete before indexing it, and a node can check any bytes it is handed against it.
+
+use edged_compiler::{Target, WasmKind};
+use serde::{Deserialize, Serialize};
+
+/// A blob by content address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlobRef {
+    pub blake3: String,
+    pub size: u64,
+}
+
+/// A native artifact of a deployment for one target.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArtifactRef {
+    pub target: Target,
+    /// Engine compatibility fingerprint the artifact was compiled for.
+    pub fingerprint: String,
+    pub blake3: String,
+    pub size: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub name: String,
+    /// Monotonic per name.
+    pub version: u64,
+    /// Seconds since the Unix epoch.
+    pub created_at: u64,
+    pub kind: WasmKind,
+    /// The operator's `.wasm`, which a node recompiles from when no artifact fits its engine.
+    pub source: BlobRef,
+    /// The Wizer init function applied before compiling, if any.
+    pub init_func: Option<String>,
+    pub artifacts: Vec<ArtifactRef>,
+}
+
+impl Manifest {
+    /// `name@version`, the manifest's identity in logs and in the index.
+    pub fn id(&self) -> String {
+        format!("{}@{}", self.name, self.version)
+    }
+
+    /// Every blob hash this manifest depends on.
+    pub fn blob_hashes(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.source.blake3.as_str())
+            .chain(self.artifacts.iter().map(|a| a.blake3.as_str()))
+    }
+
+    pub fn artifact_for(&self, target: Target, fingerprint: &str) -> Option<&ArtifactRef> {
+        self.artifacts
+            .iter()
+            .find(|a| a.target == target && a.fingerprint == fingerprint)
+    }
+}
+
+/// A deployment name must be usable in paths, routes and log lines as is.
+pub fn validate_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 64 {
+        return Err(format!("name `{name}` must be 1 to 64 characters"));
+    }
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+    {
+        return Err(format!(
+            "name `{name}` may contain only ASCII letters, digits, `-`, `_` and `.`"
+        ));
+    }
+    Ok(())
+}
+
+impl Manifest {
+    /// The manifest describing a compiler output.
+    pub fn from_compiled(
+        name: &str,
+        version: u64,
+        created_at: u64,
+        compiled: &edged_compiler::Compiled,
+    ) -> Manifest {
+        Manifest {
+            name: name.to_string(),
+            version,
+            created_at,
+            kind: compiled.kind,
+            source: BlobRef {
+                blake3: edged_compiler::content_hash(&compiled.source),
+                size: compiled.source.len() as u64,
+            },
+            init_func: compiled.init_func.clone(),
+            artifacts: compiled
+                .artifacts
+                .iter()
+                .map(|a| ArtifactRef {
+                    target: a.target,
+                    fingerprint: a.fingerprint.clone(),
+                    blake3: a.blake3.clone(),
+                    size: a.bytes.len() as u64,
+                })
+                .collect(),
+        }
+    }
+}

@@ -1,0 +1,621 @@
+//! The content-addressed store: immutable BLAKE3-named blob files plus a sled index.
+//!
+//! ```text
+//! <root>/index/        sled: blobs, manifests, active, compiled
+//! <root>/blobs/ab/…    immutable files named by their BLAKE3 hash
+//! <root>/tmp/          partial writes; cleared on open
+//! ```
+//!
+//! The invariant every operation keeps, crash or not: **an index entry never points at a
+//! missing or unverified blob.** A blob is written to `tmp/`, fsynced, hashed, renamed into
+//! `blobs/`, the directory fsynced, and only then indexed. Deletion runs the other way round:
+//! index entry first, then the file. A crash can therefore leave only unindexed files behind,
+//! which `verify` reports as stray and `gc` removes.
+//!
+//! Blob references are not stored: they are derived from the manifests (and the locally
+//! compiled artifacts of their sources) whenever needed, so they cannot drift from them.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use edged_compiler::{Target, content_hash};
+use serde::{Deserialize, Serialize};
+
+use crate::artifact_check::check_artifact;
+use crate::manifest::{Manifest, validate_name};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("store index: {0}")]
+    Index(#[from] sled::Error),
+    #[error("store index entry {key} is unreadable: {reason}")]
+    IndexEntry { key: String, reason: String },
+    #[error("blob rejected: expected BLAKE3 {expected}, content hashes to {actual}")]
+    HashMismatch { expected: String, actual: String },
+    #[error("blob {hash} rejected: {reason}")]
+    BadBlob { hash: String, reason: String },
+    #[error("blob {hash} is corrupt on disk: {reason}")]
+    Corrupt { hash: String, reason: String },
+    #[error("blob {0} is not in the store")]
+    MissingBlob(String),
+    #[error("manifest {id} refused: {reason}")]
+    BadManifest { id: String, reason: String },
+    #[error("no manifest {0} in the store")]
+    NoManifest(String),
+    #[error("{0}")]
+    Conflict(String),
+}
+
+fn io_err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StoreError {
+    let path = path.to_path_buf();
+    move |source| StoreError::Io {
+        action,
+        path,
+        source,
+    }
+}
+
+/// What a blob is, recorded at put time and checked again by `verify`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum BlobKind {
+    /// An operator's `.wasm` (core module or component binary).
+    Source,
+    /// A native `.cwasm` for `target`, compiled by an engine with `fingerprint`.
+    Artifact { target: Target, fingerprint: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlobMeta {
+    pub size: u64,
+    #[serde(flatten)]
+    pub kind: BlobKind,
+    /// Seconds since the Unix epoch.
+    pub stored_at: u64,
+}
+
+/// What `verify` found. `problems` break the store's invariant; stray files do not.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct VerifyReport {
+    pub blobs_checked: usize,
+    pub bytes_hashed: u64,
+    pub manifests_checked: usize,
+    pub problems: Vec<String>,
+    /// Blob files with no index entry (left by a crash mid-put); `gc` removes them.
+    pub stray_files: Vec<PathBuf>,
+}
+
+impl VerifyReport {
+    pub fn is_ok(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct GcReport {
+    pub blobs_removed: Vec<String>,
+    pub bytes_freed: u64,
+    pub stray_files_removed: usize,
+}
+
+pub struct Store {
+    root: PathBuf,
+    db: sled::Db,
+    blobs: sled::Tree,
+    manifests: sled::Tree,
+    active: sled::Tree,
+    /// `source hash \0 init \0 fingerprint` → artifact hash, for artifacts this node compiled.
+    compiled: sled::Tree,
+    /// Held by put (rename → index) and gc, so gc never sees a renamed-but-unindexed blob as
+    /// stray and deletes it under a put.
+    blob_lock: Mutex<()>,
+}
+
+/// Names concurrent puts' temp files apart.
+static PUT_SEQ: AtomicU64 = AtomicU64::new(0);
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn manifest_key(name: &str, version: u64) -> Vec<u8> {
+    let mut key = name.as_bytes().to_vec();
+    key.push(0);
+    key.extend_from_slice(&version.to_be_bytes());
+    key
+}
+
+fn compiled_key(source: &str, init: Option<&str>, fingerprint: &str) -> Vec<u8> {
+    format!("{source}\0{}\0{fingerprint}", init.unwrap_or("")).into_bytes()
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(key: &[u8], value: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(value).map_err(|e| StoreError::IndexEntry {
+        key: String::from_utf8_lossy(key).replace('\0', "/"),
+        reason: e.to_string(),
+    })
+}
+
+fn is_blob_name(name: &str) -> bool {
+    name.len() == 64 && name.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+fn fsync_dir(dir: &Path) -> Result<(), StoreError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err("fsync directory", dir))
+}
+
+impl Store {
+    /// Opens (creating if needed) the store under `root`. Partial writes left in `tmp/` by a
+    /// crash are discarded.
+    pub fn open(root: impl AsRef<Path>) -> Result<Store, StoreError> {
+        let root = root.as_ref().to_path_buf();
+        for dir in ["blobs", "tmp"] {
+            let path = root.join(dir);
+            fs::create_dir_all(&path).map_err(io_err("create directory", &path))?;
+        }
+        let tmp = root.join("tmp");
+        for entry in fs::read_dir(&tmp).map_err(io_err("list", &tmp))? {
+            let entry = entry.map_err(io_err("list", &tmp))?;
+            if entry.file_name().to_string_lossy().starts_with("put-") {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+        let db = sled::Config::new()
+            .path(root.join("index"))
+            .mode(sled::Mode::HighThroughput)
+            .open()?;
+        Ok(Store {
+            blobs: db.open_tree("blobs")?,
+            manifests: db.open_tree("manifests")?,
+            active: db.open_tree("active")?,
+            compiled: db.open_tree("compiled")?,
+            db,
+            root,
+            blob_lock: Mutex::new(()),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Where the blob named `hash` lives (whether or not it is stored).
+    pub fn blob_path(&self, hash: &str) -> PathBuf {
+        let fanout = hash.get(..2).unwrap_or("xx");
+        self.root.join("blobs").join(fanout).join(hash)
+    }
+
+    /// Stores `bytes` as a blob of `kind`. With `expected`, the content must hash to it. Kind
+    /// checks run first: a source must be Wasm, an artifact a complete ELF for its target.
+    /// Returns the blob's hash. Storing a blob that is already present is a no-op.
+    pub fn put_blob(
+        &self,
+        bytes: &[u8],
+        kind: BlobKind,
+        expected: Option<&str>,
+    ) -> Result<String, StoreError> {
+        let hash = content_hash(bytes);
+        if let Some(expected) = expected
+            && expected != hash
+        {
+            return Err(StoreError::HashMismatch {
+                expected: expected.to_string(),
+                actual: hash,
+            });
+        }
+        let kind_problem = match &kind {
+            BlobKind::Source => edged_compiler::to_binary(bytes).err().map(|e| e.to_string()),
+            BlobKind::Artifact { target, .. } => check_artifact(bytes, *target).err(),
+        };
+        if let Some(reason) = kind_problem {
+            return Err(StoreError::BadBlob { hash, reason });
+        }
+        // Already stored and intact: nothing to do. A damaged copy is replaced below.
+        if self.blob_meta(&hash)?.is_some_and(|meta| meta.kind == kind)
+            && self.read_checked(&hash).is_ok()
+        {
+            return Ok(hash);
+        }
+
+        let tmp_path = self.root.join("tmp").join(format!(
+            "put-{}-{}",
+            &hash[..16],
+            PUT_SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        let mut file = File::create(&tmp_path).map_err(io_err("create", &tmp_path))?;
+        file.write_all(bytes)
+            .and_then(|_| file.sync_all())
+            .map_err(io_err("write", &tmp_path))?;
+        drop(file);
+        // Re-read what reached the disk: the bytes in memory are not what we promise to keep.
+        let written = fs::read(&tmp_path).map_err(io_err("read back", &tmp_path))?;
+        let written_hash = content_hash(&written);
+        if written_hash != hash {
+            let _ = fs::remove_file(&tmp_path);
+            return Err(StoreError::Corrupt {
+                hash,
+                reason: format!("read back from {} as {written_hash}", tmp_path.display()),
+            });
+        }
+
+        let final_path = self.blob_path(&hash);
+        let dir = final_path.parent().expect("blob paths have a fan-out dir");
+        let _guard = self.blob_lock.lock().unwrap_or_else(|p| p.into_inner());
+        fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
+        fs::rename(&tmp_path, &final_path).map_err(io_err("rename into", &final_path))?;
+        fsync_dir(dir)?;
+        let meta = BlobMeta {
+            size: bytes.len() as u64,
+            kind,
+            stored_at: now_secs(),
+        };
+        self.blobs.insert(
+            hash.as_bytes(),
+            serde_json::to_vec(&meta).expect("BlobMeta serializes"),
+        )?;
+        self.db.flush()?;
+        Ok(hash)
+    }
+
+    pub fn blob_meta(&self, hash: &str) -> Result<Option<BlobMeta>, StoreError> {
+        match self.blobs.get(hash.as_bytes())? {
+            Some(v) => decode(hash.as_bytes(), &v).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// All indexed blobs.
+    pub fn blobs(&self) -> Result<Vec<(String, BlobMeta)>, StoreError> {
+        self.blobs
+            .iter()
+            .map(|entry| {
+                let (k, v) = entry?;
+                Ok((String::from_utf8_lossy(&k).into_owned(), decode(&k, &v)?))
+            })
+            .collect()
+    }
+
+    /// Reads a blob, checking it still hashes to its name.
+    pub fn read_blob(&self, hash: &str) -> Result<Vec<u8>, StoreError> {
+        self.read_checked(hash).map(|(bytes, _, _)| bytes)
+    }
+
+    /// The path of an indexed blob, after re-hashing the file: what a loader may map.
+    pub fn verified_blob_path(&self, hash: &str) -> Result<(PathBuf, BlobMeta), StoreError> {
+        self.read_checked(hash).map(|(_, path, meta)| (path, meta))
+    }
+
+    fn read_checked(&self, hash: &str) -> Result<(Vec<u8>, PathBuf, BlobMeta), StoreError> {
+        let meta = self
+            .blob_meta(hash)?
+            .ok_or_else(|| StoreError::MissingBlob(hash.to_string()))?;
+        let path = self.blob_path(hash);
+        let bytes = fs::read(&path).map_err(|e| StoreError::Corrupt {
+            hash: hash.to_string(),
+            reason: format!("cannot read {}: {e}", path.display()),
+        })?;
+        check_content(hash, &meta, &bytes)?;
+        Ok((bytes, path, meta))
+    }
+
+    /// Indexes a manifest. Every blob it names must already be stored with the right size and
+    /// kind; a different manifest under the same name and version is refused.
+    pub fn put_manifest(&self, manifest: &Manifest) -> Result<(), StoreError> {
+        let id = manifest.id();
+        let refuse = |reason: String| StoreError::BadManifest {
+            id: id.clone(),
+            reason,
+        };
+        validate_name(&manifest.name).map_err(&refuse)?;
+        let source = self
+            .blob_meta(&manifest.source.blake3)?
+            .ok_or_else(|| refuse(format!("source blob {} is not stored", manifest.source.blake3)))?;
+        if source.kind != BlobKind::Source || source.size != manifest.source.size {
+            return Err(refuse(format!(
+                "source blob {} is stored as {:?} of {} bytes, manifest says source of {} bytes",
+                manifest.source.blake3, source.kind, source.size, manifest.source.size
+            )));
+        }
+        for artifact in &manifest.artifacts {
+            let meta = self
+                .blob_meta(&artifact.blake3)?
+                .ok_or_else(|| refuse(format!("artifact blob {} is not stored", artifact.blake3)))?;
+            let expected = BlobKind::Artifact {
+                target: artifact.target,
+                fingerprint: artifact.fingerprint.clone(),
+            };
+            if meta.kind != expected || meta.size != artifact.size {
+                return Err(refuse(format!(
+                    "artifact blob {} is stored as {:?} of {} bytes, manifest says {:?} of {} bytes",
+                    artifact.blake3, meta.kind, meta.size, expected, artifact.size
+                )));
+            }
+        }
+        let key = manifest_key(&manifest.name, manifest.version);
+        let encoded = serde_json::to_vec(manifest).expect("Manifest serializes");
+        match self.manifests.compare_and_swap(&key, None as Option<&[u8]>, Some(encoded))? {
+            Ok(()) => {}
+            Err(existing) => {
+                let existing: Manifest =
+                    decode(&key, existing.current.as_deref().unwrap_or_default())?;
+                if &existing != manifest {
+                    return Err(StoreError::Conflict(format!(
+                        "{id} is already stored with different content"
+                    )));
+                }
+            }
+        }
+        self.db.flush()?;
+        Ok(())
+    }
+
+    pub fn manifest(&self, name: &str, version: u64) -> Result<Option<Manifest>, StoreError> {
+        let key = manifest_key(name, version);
+        match self.manifests.get(&key)? {
+            Some(v) => decode(&key, &v).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Every stored manifest, by name then version.
+    pub fn manifests(&self) -> Result<Vec<Manifest>, StoreError> {
+        self.manifests
+            .iter()
+            .map(|entry| {
+                let (k, v) = entry?;
+                decode(&k, &v)
+            })
+            .collect()
+    }
+
+    /// Makes `name@version` the version served for `name`.
+    pub fn activate(&self, name: &str, version: u64) -> Result<(), StoreError> {
+        if self.manifest(name, version)?.is_none() {
+            return Err(StoreError::NoManifest(format!("{name}@{version}")));
+        }
+        self.active.insert(name.as_bytes(), &version.to_be_bytes())?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    pub fn active_version(&self, name: &str) -> Result<Option<u64>, StoreError> {
+        Ok(self.active.get(name.as_bytes())?.map(|v| {
+            let bytes: [u8; 8] = v.as_ref().try_into().unwrap_or_default();
+            u64::from_be_bytes(bytes)
+        }))
+    }
+
+    pub fn active_manifest(&self, name: &str) -> Result<Option<Manifest>, StoreError> {
+        match self.active_version(name)? {
+            Some(version) => self.manifest(name, version),
+            None => Ok(None),
+        }
+    }
+
+    /// Removes a manifest from the index (its blobs go at the next `gc`). The active version
+    /// of a name cannot be removed.
+    pub fn remove_manifest(&self, name: &str, version: u64) -> Result<(), StoreError> {
+        if self.active_version(name)? == Some(version) {
+            return Err(StoreError::Conflict(format!(
+                "{name}@{version} is active; activate another version first"
+            )));
+        }
+        if self.manifests.remove(manifest_key(name, version))?.is_none() {
+            return Err(StoreError::NoManifest(format!("{name}@{version}")));
+        }
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Records an artifact this node compiled itself from `source` (already stored with
+    /// [`Store::put_blob`]), so the next start finds it instead of compiling again.
+    pub fn record_compiled(
+        &self,
+        source: &str,
+        init: Option<&str>,
+        fingerprint: &str,
+        artifact: &str,
+    ) -> Result<(), StoreError> {
+        if self.blob_meta(artifact)?.is_none() {
+            return Err(StoreError::MissingBlob(artifact.to_string()));
+        }
+        self.compiled
+            .insert(compiled_key(source, init, fingerprint), artifact.as_bytes())?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    pub fn compiled(
+        &self,
+        source: &str,
+        init: Option<&str>,
+        fingerprint: &str,
+    ) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .compiled
+            .get(compiled_key(source, init, fingerprint))?
+            .map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    /// Blob hashes reachable from a manifest, with the manifests that reach each one.
+    pub fn references(&self) -> Result<BTreeMap<String, BTreeSet<String>>, StoreError> {
+        let mut refs: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        let manifests = self.manifests()?;
+        let mut source_owners: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+        for m in &manifests {
+            for hash in m.blob_hashes() {
+                refs.entry(hash.to_string()).or_default().insert(m.id());
+            }
+            source_owners
+                .entry(m.source.blake3.as_str())
+                .or_default()
+                .push(m.id());
+        }
+        for entry in self.compiled.iter() {
+            let (k, v) = entry?;
+            let key = String::from_utf8_lossy(&k);
+            let source = key.split('\0').next().unwrap_or_default();
+            if let Some(owners) = source_owners.get(source) {
+                let artifact = String::from_utf8_lossy(&v).into_owned();
+                refs.entry(artifact).or_default().extend(owners.iter().cloned());
+            }
+        }
+        Ok(refs)
+    }
+
+    /// Deletes blobs no manifest reaches, and stray files, that are older than `min_age` (so
+    /// blobs of a push still in flight survive).
+    pub fn gc(&self, min_age: Duration) -> Result<GcReport, StoreError> {
+        let _guard = self.blob_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let refs = self.references()?;
+        let cutoff = now_secs().saturating_sub(min_age.as_secs());
+        let mut report = GcReport::default();
+
+        // Compiled-artifact records whose source is gone go first, so no record outlives its blob.
+        for entry in self.compiled.iter() {
+            let (k, v) = entry?;
+            if !refs.contains_key(String::from_utf8_lossy(&v).as_ref()) {
+                self.compiled.remove(k)?;
+            }
+        }
+        self.db.flush()?;
+
+        for (hash, meta) in self.blobs()? {
+            if refs.contains_key(&hash) || meta.stored_at > cutoff {
+                continue;
+            }
+            // Index entry first: a crash after this leaves a stray file, never a dangling entry.
+            self.blobs.remove(hash.as_bytes())?;
+            self.db.flush()?;
+            let path = self.blob_path(&hash);
+            match fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err("remove", &path)(e)),
+            }
+            report.bytes_freed += meta.size;
+            report.blobs_removed.push(hash);
+        }
+
+        for path in self.stray_files()? {
+            let old_enough = fs::metadata(&path)
+                .and_then(|m| m.modified())
+                .map(|t| t.elapsed().unwrap_or_default() >= min_age)
+                .unwrap_or(true);
+            if old_enough && fs::remove_file(&path).is_ok() {
+                report.stray_files_removed += 1;
+            }
+        }
+        Ok(report)
+    }
+
+    fn stray_files(&self) -> Result<Vec<PathBuf>, StoreError> {
+        let mut stray = Vec::new();
+        let blobs_dir = self.root.join("blobs");
+        for fanout in fs::read_dir(&blobs_dir).map_err(io_err("list", &blobs_dir))? {
+            let fanout = fanout.map_err(io_err("list", &blobs_dir))?.path();
+            if !fanout.is_dir() {
+                stray.push(fanout);
+                continue;
+            }
+            for file in fs::read_dir(&fanout).map_err(io_err("list", &fanout))? {
+                let path = file.map_err(io_err("list", &fanout))?.path();
+                let name = path.file_name().unwrap_or_default().to_string_lossy();
+                if !is_blob_name(&name) || !self.blobs.contains_key(name.as_bytes())? {
+                    stray.push(path);
+                }
+            }
+        }
+        Ok(stray)
+    }
+
+    /// Re-hashes every blob and cross-checks the index. Nothing is changed.
+    pub fn verify(&self) -> Result<VerifyReport, StoreError> {
+        let mut report = VerifyReport::default();
+        for (hash, meta) in self.blobs()? {
+            report.blobs_checked += 1;
+            let path = self.blob_path(&hash);
+            match fs::read(&path) {
+                Ok(bytes) => {
+                    report.bytes_hashed += bytes.len() as u64;
+                    if let Err(e) = check_content(&hash, &meta, &bytes) {
+                        report.problems.push(e.to_string());
+                    }
+                }
+                Err(e) => report
+                    .problems
+                    .push(format!("blob {hash}: indexed but unreadable at {}: {e}", path.display())),
+            }
+        }
+        for manifest in self.manifests()? {
+            report.manifests_checked += 1;
+            for hash in manifest.blob_hashes() {
+                if !self.blobs.contains_key(hash.as_bytes())? {
+                    report
+                        .problems
+                        .push(format!("manifest {} names blob {hash}, which is not indexed", manifest.id()));
+                }
+            }
+        }
+        for entry in self.active.iter() {
+            let (k, v) = entry?;
+            let name = String::from_utf8_lossy(&k).into_owned();
+            let version = u64::from_be_bytes(v.as_ref().try_into().unwrap_or_default());
+            if self.manifest(&name, version)?.is_none() {
+                report
+                    .problems
+                    .push(format!("{name} is active at version {version}, which is not stored"));
+            }
+        }
+        for entry in self.compiled.iter() {
+            let (_, v) = entry?;
+            let artifact = String::from_utf8_lossy(&v).into_owned();
+            if !self.blobs.contains_key(v)? {
+                report
+                    .problems
+                    .push(format!("compiled artifact {artifact} is recorded but not indexed"));
+            }
+        }
+        report.stray_files = self.stray_files()?;
+        Ok(report)
+    }
+}
+
+/// Size, hash and kind checks of blob content against its index entry.
+fn check_content(hash: &str, meta: &BlobMeta, bytes: &[u8]) -> Result<(), StoreError> {
+    let corrupt = |reason: String| StoreError::Corrupt {
+        hash: hash.to_string(),
+        reason,
+    };
+    if bytes.len() as u64 != meta.size {
+        return Err(corrupt(format!(
+            "{} bytes on disk, {} indexed",
+            bytes.len(),
+            meta.size
+        )));
+    }
+    let actual = content_hash(bytes);
+    if actual != hash {
+        return Err(corrupt(format!("content hashes to {actual}")));
+    }
+    if let BlobKind::Artifact { target, .. } = &meta.kind {
+        check_artifact(bytes, *target).map_err(corrupt)?;
+    }
+    Ok(())
+}
