@@ -33,7 +33,9 @@ pub enum CompileError {
     NotWasm(String),
     #[error("invalid {kind}: {reason}")]
     Invalid { kind: WasmKind, reason: String },
-    #[error("unsupported target `{0}` (supported: x86_64-unknown-linux-gnu, aarch64-unknown-linux-gnu)")]
+    #[error(
+        "unsupported target `{0}` (supported: x86_64-unknown-linux-gnu, aarch64-unknown-linux-gnu)"
+    )]
     UnsupportedTarget(String),
     #[error("init function `{0}` is not exported by the input")]
     MissingInitFunc(String),

@@ -18,29 +18,35 @@ pub(crate) fn exports_func(kind: WasmKind, wasm: &[u8], name: &str) -> bool {
     let mut depth = 0usize;
     for payload in wasmparser::Parser::new(0).parse_all(wasm) {
         let Ok(payload) = payload else { return false };
-        match payload {
+        let found = match payload {
             wasmparser::Payload::ModuleSection { .. }
-            | wasmparser::Payload::ComponentSection { .. } => depth += 1,
-            wasmparser::Payload::End(_) => depth = depth.saturating_sub(1),
+            | wasmparser::Payload::ComponentSection { .. } => {
+                depth += 1;
+                false
+            }
+            wasmparser::Payload::End(_) => {
+                depth = depth.saturating_sub(1);
+                false
+            }
             wasmparser::Payload::ExportSection(exports)
                 if kind == WasmKind::Module && depth == 0 =>
             {
-                if exports.into_iter().flatten().any(|e| {
-                    e.name == name && e.kind == wasmparser::ExternalKind::Func
-                }) {
-                    return true;
-                }
+                exports
+                    .into_iter()
+                    .flatten()
+                    .any(|e| e.name == name && e.kind == wasmparser::ExternalKind::Func)
             }
             wasmparser::Payload::ComponentExportSection(exports)
                 if kind == WasmKind::Component && depth == 0 =>
             {
-                if exports.into_iter().flatten().any(|e| {
+                exports.into_iter().flatten().any(|e| {
                     e.name.name == name && e.kind == wasmparser::ComponentExternalKind::Func
-                }) {
-                    return true;
-                }
+                })
             }
-            _ => {}
+            _ => false,
+        };
+        if found {
+            return true;
         }
     }
     false

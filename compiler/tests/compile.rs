@@ -40,7 +40,11 @@ fn output_is_byte_identical_across_builds() {
     for (a, b) in first.artifacts.iter().zip(&second.artifacts) {
         assert_eq!(a.target, b.target);
         assert_eq!(a.fingerprint, b.fingerprint);
-        assert_eq!(a.blake3, b.blake3, "{} artifact differs between builds", a.target);
+        assert_eq!(
+            a.blake3, b.blake3,
+            "{} artifact differs between builds",
+            a.target
+        );
         assert!(a.bytes == b.bytes);
     }
 }
@@ -53,7 +57,11 @@ fn components_with_and_without_init_function() {
     assert_eq!(hello.preinitialized, hello.source);
     assert_eq!(hello.artifacts.len(), 2);
 
-    let heavy = compile(&guest_bytes("init-heavy-http.wasm"), &CompileOptions::default()).unwrap();
+    let heavy = compile(
+        &guest_bytes("init-heavy-http.wasm"),
+        &CompileOptions::default(),
+    )
+    .unwrap();
     assert_eq!(heavy.kind, WasmKind::Component);
     assert_eq!(heavy.init_func.as_deref(), Some("wizer-initialize"));
     assert!(heavy.preinitialized.len() > heavy.source.len() + (4 << 20));
@@ -75,7 +83,11 @@ fn no_wizer_skips_preinitialization() {
 
 #[test]
 fn random_bytes_are_not_wasm() {
-    let err = compile(&[0x13, 0x37, 0xAB, 0xCD, 1, 2, 3], &CompileOptions::default()).unwrap_err();
+    let err = compile(
+        &[0x13, 0x37, 0xAB, 0xCD, 1, 2, 3],
+        &CompileOptions::default(),
+    )
+    .unwrap_err();
     assert!(matches!(err, CompileError::NotWasm(_)), "{err}");
     assert!(err.to_string().contains("\\0asm"), "{err}");
 }
@@ -90,12 +102,19 @@ fn invalid_module_names_reason_and_offset() {
     };
     assert_eq!(*kind, WasmKind::Module);
     assert!(reason.contains("offset"), "{reason}");
-    assert!(reason.contains("type index out of bounds") || reason.contains("type"), "{reason}");
+    assert!(
+        reason.contains("type index out of bounds") || reason.contains("type"),
+        "{reason}"
+    );
 }
 
 #[test]
 fn init_that_calls_an_import_is_refused_naming_it() {
-    let err = compile(&guest_bytes("init-calls-import.wat"), &CompileOptions::default()).unwrap_err();
+    let err = compile(
+        &guest_bytes("init-calls-import.wat"),
+        &CompileOptions::default(),
+    )
+    .unwrap_err();
     match &err {
         CompileError::InitCalledImport { init, import } => {
             assert_eq!(init, "wizer-initialize");
@@ -103,7 +122,10 @@ fn init_that_calls_an_import_is_refused_naming_it() {
         }
         other => panic!("expected InitCalledImport, got {other}"),
     }
-    assert!(err.to_string().contains("not available during pre-initialization"));
+    assert!(
+        err.to_string()
+            .contains("not available during pre-initialization")
+    );
 }
 
 #[test]
@@ -113,7 +135,10 @@ fn explicit_init_function_must_exist() {
         ..CompileOptions::default()
     };
     let err = compile(&guest_bytes("init-heavy-p1.wasm"), &options).unwrap_err();
-    assert!(matches!(&err, CompileError::MissingInitFunc(f) if f == "setup"), "{err}");
+    assert!(
+        matches!(&err, CompileError::MissingInitFunc(f) if f == "setup"),
+        "{err}"
+    );
 }
 
 #[test]

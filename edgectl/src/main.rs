@@ -12,7 +12,11 @@ use edged_compiler::{CompileOptions, InitPolicy, Target};
 use edged_snapshots::Manifest;
 
 #[derive(Parser)]
-#[command(name = "edgectl", version, about = "Build and manage edged deployments")]
+#[command(
+    name = "edgectl",
+    version,
+    about = "Build and manage edged deployments"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -72,8 +76,8 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 fn build(args: BuildArgs) -> Result<()> {
-    let input = std::fs::read(&args.input)
-        .with_context(|| format!("reading {}", args.input.display()))?;
+    let input =
+        std::fs::read(&args.input).with_context(|| format!("reading {}", args.input.display()))?;
     let name = match &args.name {
         Some(name) => name.clone(),
         None => args
@@ -138,7 +142,12 @@ fn build(args: BuildArgs) -> Result<()> {
         "source", manifest.source.blake3, manifest.source.size
     );
     for a in &manifest.artifacts {
-        println!("  {:<27} {:<66} {:>10}", a.target.triple(), a.blake3, a.size);
+        println!(
+            "  {:<27} {:<66} {:>10}",
+            a.target.triple(),
+            a.blake3,
+            a.size
+        );
     }
     println!("  steps:");
     for (step, took) in &compiled.timings.0 {

@@ -81,7 +81,10 @@ mod tests {
     #[test]
     fn refuses_other_arch() {
         let err = check_artifact(&header(EM_AARCH64, 0, 0), Target::X86_64Linux).unwrap_err();
-        assert_eq!(err, "compiled for aarch64, not for x86_64-unknown-linux-gnu");
+        assert_eq!(
+            err,
+            "compiled for aarch64, not for x86_64-unknown-linux-gnu"
+        );
     }
 
     #[test]

@@ -18,7 +18,7 @@ pub mod store;
 pub use artifact_check::check_artifact;
 pub use manifest::{ArtifactRef, BlobRef, Manifest};
 pub use restore::{
-    LoadPath, Linkers, PoolSettings, Prepared, RestoreError, Restorer, RuntimeSettings,
+    Linkers, LoadPath, PoolSettings, Prepared, RestoreError, Restorer, RuntimeSettings,
     runtime_engine,
 };
 pub use store::{BlobKind, BlobMeta, GcReport, Store, StoreError, VerifyReport};

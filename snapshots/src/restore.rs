@@ -172,7 +172,10 @@ impl<T: 'static> Restorer<T> {
 
     /// The prepared form of `manifest` for this host: from the cache, from its artifact for this
     /// engine, or compiled from its source when it has none (or that one is damaged).
-    pub fn prepare(&self, manifest: &Manifest) -> Result<(Arc<Prepared<T>>, LoadPath), RestoreError> {
+    pub fn prepare(
+        &self,
+        manifest: &Manifest,
+    ) -> Result<(Arc<Prepared<T>>, LoadPath), RestoreError> {
         let shipped = manifest
             .artifact_for(self.target, &self.fingerprint)
             .map(|a| a.blake3.clone());
@@ -226,7 +229,7 @@ impl<T: 'static> Restorer<T> {
             BlobKind::Artifact { .. } => {}
             BlobKind::Source => return Err(refuse("it is a source blob, not an artifact".into())),
         }
-        self.load_file(&path, kind).map_err(|reason| refuse(reason))
+        self.load_file(&path, kind).map_err(refuse)
     }
 
     /// Maps an artifact file the store has just verified (content hash, ELF target, length).
@@ -275,7 +278,8 @@ impl<T: 'static> Restorer<T> {
             ..CompileOptions::default()
         };
         tracing::info!(manifest = %manifest.id(), "compiling from source for this engine");
-        let compiled = edged_compiler::compile(&source, &options).map_err(|e| fail(e.to_string()))?;
+        let compiled =
+            edged_compiler::compile(&source, &options).map_err(|e| fail(e.to_string()))?;
         let artifact = compiled
             .artifacts
             .into_iter()

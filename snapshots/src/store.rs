@@ -220,7 +220,9 @@ impl Store {
             });
         }
         let kind_problem = match &kind {
-            BlobKind::Source => edged_compiler::to_binary(bytes).err().map(|e| e.to_string()),
+            BlobKind::Source => edged_compiler::to_binary(bytes)
+                .err()
+                .map(|e| e.to_string()),
             BlobKind::Artifact { target, .. } => check_artifact(bytes, *target).err(),
         };
         if let Some(reason) = kind_problem {
@@ -323,9 +325,12 @@ impl Store {
             reason,
         };
         validate_name(&manifest.name).map_err(&refuse)?;
-        let source = self
-            .blob_meta(&manifest.source.blake3)?
-            .ok_or_else(|| refuse(format!("source blob {} is not stored", manifest.source.blake3)))?;
+        let source = self.blob_meta(&manifest.source.blake3)?.ok_or_else(|| {
+            refuse(format!(
+                "source blob {} is not stored",
+                manifest.source.blake3
+            ))
+        })?;
         if source.kind != BlobKind::Source || source.size != manifest.source.size {
             return Err(refuse(format!(
                 "source blob {} is stored as {:?} of {} bytes, manifest says source of {} bytes",
@@ -333,9 +338,9 @@ impl Store {
             )));
         }
         for artifact in &manifest.artifacts {
-            let meta = self
-                .blob_meta(&artifact.blake3)?
-                .ok_or_else(|| refuse(format!("artifact blob {} is not stored", artifact.blake3)))?;
+            let meta = self.blob_meta(&artifact.blake3)?.ok_or_else(|| {
+                refuse(format!("artifact blob {} is not stored", artifact.blake3))
+            })?;
             let expected = BlobKind::Artifact {
                 target: artifact.target,
                 fingerprint: artifact.fingerprint.clone(),
@@ -349,7 +354,10 @@ impl Store {
         }
         let key = manifest_key(&manifest.name, manifest.version);
         let encoded = serde_json::to_vec(manifest).expect("Manifest serializes");
-        match self.manifests.compare_and_swap(&key, None as Option<&[u8]>, Some(encoded))? {
+        match self
+            .manifests
+            .compare_and_swap(&key, None as Option<&[u8]>, Some(encoded))?
+        {
             Ok(()) => {}
             Err(existing) => {
                 let existing: Manifest =
@@ -389,7 +397,8 @@ impl Store {
         if self.manifest(name, version)?.is_none() {
             return Err(StoreError::NoManifest(format!("{name}@{version}")));
         }
-        self.active.insert(name.as_bytes(), &version.to_be_bytes())?;
+        self.active
+            .insert(name.as_bytes(), &version.to_be_bytes())?;
         self.db.flush()?;
         Ok(())
     }
@@ -416,7 +425,11 @@ impl Store {
                 "{name}@{version} is active; activate another version first"
             )));
         }
-        if self.manifests.remove(manifest_key(name, version))?.is_none() {
+        if self
+            .manifests
+            .remove(manifest_key(name, version))?
+            .is_none()
+        {
             return Err(StoreError::NoManifest(format!("{name}@{version}")));
         }
         self.db.flush()?;
@@ -473,7 +486,9 @@ impl Store {
             let source = key.split('\0').next().unwrap_or_default();
             if let Some(owners) = source_owners.get(source) {
                 let artifact = String::from_utf8_lossy(&v).into_owned();
-                refs.entry(artifact).or_default().extend(owners.iter().cloned());
+                refs.entry(artifact)
+                    .or_default()
+                    .extend(owners.iter().cloned());
             }
         }
         Ok(refs)
@@ -558,18 +573,20 @@ impl Store {
                         report.problems.push(e.to_string());
                     }
                 }
-                Err(e) => report
-                    .problems
-                    .push(format!("blob {hash}: indexed but unreadable at {}: {e}", path.display())),
+                Err(e) => report.problems.push(format!(
+                    "blob {hash}: indexed but unreadable at {}: {e}",
+                    path.display()
+                )),
             }
         }
         for manifest in self.manifests()? {
             report.manifests_checked += 1;
             for hash in manifest.blob_hashes() {
                 if !self.blobs.contains_key(hash.as_bytes())? {
-                    report
-                        .problems
-                        .push(format!("manifest {} names blob {hash}, which is not indexed", manifest.id()));
+                    report.problems.push(format!(
+                        "manifest {} names blob {hash}, which is not indexed",
+                        manifest.id()
+                    ));
                 }
             }
         }
@@ -578,18 +595,18 @@ impl Store {
             let name = String::from_utf8_lossy(&k).into_owned();
             let version = u64::from_be_bytes(v.as_ref().try_into().unwrap_or_default());
             if self.manifest(&name, version)?.is_none() {
-                report
-                    .problems
-                    .push(format!("{name} is active at version {version}, which is not stored"));
+                report.problems.push(format!(
+                    "{name} is active at version {version}, which is not stored"
+                ));
             }
         }
         for entry in self.compiled.iter() {
             let (_, v) = entry?;
             let artifact = String::from_utf8_lossy(&v).into_owned();
             if !self.blobs.contains_key(v)? {
-                report
-                    .problems
-                    .push(format!("compiled artifact {artifact} is recorded but not indexed"));
+                report.problems.push(format!(
+                    "compiled artifact {artifact} is recorded but not indexed"
+                ));
             }
         }
         report.stray_files = self.stray_files()?;

@@ -34,7 +34,13 @@ fn churn(dir: &str) -> ! {
     let store = Store::open(dir).unwrap();
     // Versions must keep increasing across kills; the newest manifest is always active, so
     // it survives removals.
-    let start = store.manifests().unwrap().iter().map(|m| m.version).max().unwrap_or(0);
+    let start = store
+        .manifests()
+        .unwrap()
+        .iter()
+        .map(|m| m.version)
+        .max()
+        .unwrap_or(0);
     for seq in start.. {
         let name = format!("app{}", seq % 3);
         let source = wat::parse_bytes(&source_for(seq)).unwrap().into_owned();
@@ -124,7 +130,10 @@ fn store_survives_sigkill_at_any_point() {
         for manifest in store.manifests().unwrap() {
             for hash in manifest.blob_hashes() {
                 store.read_blob(hash).unwrap_or_else(|e| {
-                    panic!("round {round}: manifest {} blob unreadable: {e}", manifest.id())
+                    panic!(
+                        "round {round}: manifest {} blob unreadable: {e}",
+                        manifest.id()
+                    )
                 });
             }
             saw_progress = true;
@@ -135,5 +144,8 @@ fn store_survives_sigkill_at_any_point() {
             }
         }
     }
-    assert!(saw_progress, "the child never got a manifest in; the test proved nothing");
+    assert!(
+        saw_progress,
+        "the child never got a manifest in; the test proved nothing"
+    );
 }

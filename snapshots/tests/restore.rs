@@ -26,7 +26,14 @@ fn restorer(store: Arc<Store>, settings: RuntimeSettings) -> Restorer<Guest> {
         module,
         component: wasmtime::component::Linker::new(&engine),
     };
-    Restorer::new(engine, settings, linkers, store, NonZeroUsize::new(8).unwrap()).unwrap()
+    Restorer::new(
+        engine,
+        settings,
+        linkers,
+        store,
+        NonZeroUsize::new(8).unwrap(),
+    )
+    .unwrap()
 }
 
 /// Runs a p1 command from `prepared` in a fresh store, returning its stdout.
@@ -86,7 +93,11 @@ async fn reference_output(query: &str) -> String {
 async fn preinitialized_guest_restores_and_answers_like_a_cold_one() {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(Store::open(dir.path()).unwrap());
-    let compiled = compile(&guest_bytes("init-heavy-p1.wasm"), &CompileOptions::default()).unwrap();
+    let compiled = compile(
+        &guest_bytes("init-heavy-p1.wasm"),
+        &CompileOptions::default(),
+    )
+    .unwrap();
     let manifest = Manifest::from_compiled("heavy", 1, 0, &compiled);
     put_all(&store, &manifest, &compiled);
 
@@ -103,14 +114,27 @@ async fn preinitialized_guest_restores_and_answers_like_a_cold_one() {
     for _ in 0..3 {
         assert_eq!(run(&restorer, &prepared, "key=4242").await, expected);
     }
-    assert!(store.compiled(&manifest.source.blake3, Some("wizer-initialize"), restorer.fingerprint()).unwrap().is_none());
+    assert!(
+        store
+            .compiled(
+                &manifest.source.blake3,
+                Some("wizer-initialize"),
+                restorer.fingerprint()
+            )
+            .unwrap()
+            .is_none()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn foreign_arch_artifact_is_refused_by_the_loader() {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(Store::open(dir.path()).unwrap());
-    let compiled = compile(&guest_bytes("init-heavy-p1.wasm"), &CompileOptions::default()).unwrap();
+    let compiled = compile(
+        &guest_bytes("init-heavy-p1.wasm"),
+        &CompileOptions::default(),
+    )
+    .unwrap();
     let manifest = Manifest::from_compiled("heavy", 1, 0, &compiled);
     put_all(&store, &manifest, &compiled);
     let restorer = restorer(store.clone(), RuntimeSettings::default());
@@ -160,7 +184,11 @@ async fn fingerprint_mismatch_recompiles_from_source_once() {
     let expected = reference_output("key=7").await;
     assert_eq!(run(&restorer_a, &prepared, "key=7").await, expected);
     let recorded = store
-        .compiled(&manifest.source.blake3, Some("wizer-initialize"), restorer_a.fingerprint())
+        .compiled(
+            &manifest.source.blake3,
+            Some("wizer-initialize"),
+            restorer_a.fingerprint(),
+        )
         .unwrap()
         .expect("the local compile is recorded");
 
@@ -178,7 +206,11 @@ async fn fingerprint_mismatch_recompiles_from_source_once() {
 async fn corrupt_artifact_falls_back_to_source() {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(Store::open(dir.path()).unwrap());
-    let compiled = compile(&guest_bytes("init-heavy-p1.wasm"), &CompileOptions::default()).unwrap();
+    let compiled = compile(
+        &guest_bytes("init-heavy-p1.wasm"),
+        &CompileOptions::default(),
+    )
+    .unwrap();
     let manifest = Manifest::from_compiled("heavy", 1, 0, &compiled);
     put_all(&store, &manifest, &compiled);
     let restorer = restorer(store.clone(), RuntimeSettings::default());

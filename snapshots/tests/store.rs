@@ -9,7 +9,11 @@ use edged_testkit::guest_bytes;
 
 /// Compiles the init-heavy guest and stores it as `name@version`.
 fn deploy(store: &Store, name: &str, version: u64) -> Manifest {
-    let compiled = compile(&guest_bytes("init-heavy-p1.wasm"), &CompileOptions::default()).unwrap();
+    let compiled = compile(
+        &guest_bytes("init-heavy-p1.wasm"),
+        &CompileOptions::default(),
+    )
+    .unwrap();
     store_compiled(store, name, version, &compiled)
 }
 
@@ -21,7 +25,11 @@ fn store_compiled(
 ) -> Manifest {
     let manifest = Manifest::from_compiled(name, version, 0, compiled);
     store
-        .put_blob(&compiled.source, BlobKind::Source, Some(&manifest.source.blake3))
+        .put_blob(
+            &compiled.source,
+            BlobKind::Source,
+            Some(&manifest.source.blake3),
+        )
         .unwrap();
     for a in &compiled.artifacts {
         let kind = BlobKind::Artifact {
@@ -35,7 +43,11 @@ fn store_compiled(
 }
 
 fn artifact_kind(manifest: &Manifest, target: Target) -> BlobKind {
-    let a = manifest.artifacts.iter().find(|a| a.target == target).unwrap();
+    let a = manifest
+        .artifacts
+        .iter()
+        .find(|a| a.target == target)
+        .unwrap();
     BlobKind::Artifact {
         target,
         fingerprint: a.fingerprint.clone(),
@@ -52,11 +64,18 @@ fn put_get_activate_and_reopen() {
         m
     };
     let store = Store::open(dir.path()).unwrap();
-    assert_eq!(store.active_manifest("app").unwrap(), Some(manifest.clone()));
+    assert_eq!(
+        store.active_manifest("app").unwrap(),
+        Some(manifest.clone())
+    );
     for hash in manifest.blob_hashes() {
         let bytes = store.read_blob(hash).unwrap();
         assert_eq!(edged_compiler::content_hash(&bytes), hash);
-        assert!(store.blob_path(hash).starts_with(dir.path().join("blobs").join(&hash[..2])));
+        assert!(
+            store
+                .blob_path(hash)
+                .starts_with(dir.path().join("blobs").join(&hash[..2]))
+        );
     }
     let report = store.verify().unwrap();
     assert!(report.is_ok(), "{:?}", report.problems);
@@ -105,23 +124,36 @@ fn refusals_leave_the_store_untouched() {
 
     // Random bytes as an artifact.
     let err = store
-        .put_blob(&[0x5A; 4096], artifact_kind(&manifest, Target::X86_64Linux), None)
+        .put_blob(
+            &[0x5A; 4096],
+            artifact_kind(&manifest, Target::X86_64Linux),
+            None,
+        )
         .unwrap_err();
     assert!(err.to_string().contains("no ELF header"), "{err}");
 
     // A truncated artifact.
     let truncated = &x86_bytes[..x86_bytes.len() / 2];
     let err = store
-        .put_blob(truncated, artifact_kind(&manifest, Target::X86_64Linux), None)
+        .put_blob(
+            truncated,
+            artifact_kind(&manifest, Target::X86_64Linux),
+            None,
+        )
         .unwrap_err();
     assert!(err.to_string().contains("truncated"), "{err}");
 
     // The aarch64 artifact claiming to be for x86_64.
     let err = store
-        .put_blob(&arm_bytes, artifact_kind(&manifest, Target::X86_64Linux), None)
+        .put_blob(
+            &arm_bytes,
+            artifact_kind(&manifest, Target::X86_64Linux),
+            None,
+        )
         .unwrap_err();
     assert!(
-        err.to_string().contains("compiled for aarch64, not for x86_64"),
+        err.to_string()
+            .contains("compiled for aarch64, not for x86_64"),
         "{err}"
     );
 
@@ -149,7 +181,10 @@ fn refusals_leave_the_store_untouched() {
     assert_eq!(report.blobs_checked, 3);
     assert_eq!(store.read_blob(&x86.blake3).unwrap(), x86_bytes);
     assert_eq!(store.active_manifest("app").unwrap(), Some(manifest));
-    assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+        0
+    );
 }
 
 #[test]
@@ -183,7 +218,11 @@ fn gc_removes_only_unreferenced_blobs() {
     let v2 = store_compiled(&store, "app", 2, &trap);
     store.activate("app", 2).unwrap();
     // A blob with no manifest, as an interrupted push leaves behind.
-    let orphan = compile(&guest_bytes("infinite-loop.wat"), &CompileOptions::default()).unwrap();
+    let orphan = compile(
+        &guest_bytes("infinite-loop.wat"),
+        &CompileOptions::default(),
+    )
+    .unwrap();
     let orphan_hash = store
         .put_blob(&orphan.source, BlobKind::Source, None)
         .unwrap();
@@ -204,7 +243,10 @@ fn gc_removes_only_unreferenced_blobs() {
     assert!(!store.blob_path(&orphan_hash).exists());
 
     store.remove_manifest("app", 1).unwrap();
-    assert!(store.remove_manifest("app", 2).is_err(), "active version must stay");
+    assert!(
+        store.remove_manifest("app", 2).is_err(),
+        "active version must stay"
+    );
     let report = store.gc(Duration::ZERO).unwrap();
     assert_eq!(report.blobs_removed.len(), 3);
     for hash in v1.blob_hashes() {
@@ -214,5 +256,8 @@ fn gc_removes_only_unreferenced_blobs() {
         store.read_blob(hash).unwrap();
     }
     let verify = store.verify().unwrap();
-    assert!(verify.is_ok() && verify.stray_files.is_empty(), "{verify:?}");
+    assert!(
+        verify.is_ok() && verify.stray_files.is_empty(),
+        "{verify:?}"
+    );
 }

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The project's test command (README, CI). Installs what the tests need, idempotently, then runs
+# the whole workspace's tests: unit tests, and end-to-end tests against real processes, real
+# sockets and real guests built from guests/.
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root"
+scripts/install-wasm-targets.sh
+scripts/build-guests.sh
+cargo test --workspace --locked "$@"
