@@ -1,1 +1,78 @@
-fn main() {}
+//! `edged`: the edge node daemon.
+//!
+//! `edged [--config FILE]` serves the functions the config declares (the embedded dev default
+//! when no file is given); `edged check-config FILE` validates a config and exits.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use edged::node::Node;
+use edged_node_config::NodeConfig;
+
+#[derive(Parser)]
+#[command(name = "edged", version, about = "Serve pre-initialized WebAssembly at the edge")]
+struct Cli {
+    /// Node configuration (TOML). Without it edged runs on the embedded dev default.
+    #[arg(long, short, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate a config file (syntax, values, referenced files) and exit.
+    CheckConfig { file: PathBuf },
+}
+
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_env("EDGED_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        // journald adds its own timestamps and cannot render colours.
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    if let Some(Command::CheckConfig { file }) = &cli.command {
+        return match NodeConfig::load(file) {
+            Ok(config) => {
+                println!(
+                    "{}: ok ({} function{})",
+                    file.display(),
+                    config.functions.len(),
+                    if config.functions.len() == 1 { "" } else { "s" }
+                );
+                Ok(())
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                std::process::exit(1);
+            }
+        };
+    }
+    init_logging();
+    let config = match &cli.config {
+        Some(path) => NodeConfig::load(path)?,
+        None => NodeConfig::dev_default(&std::env::current_dir()?),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let node = Node::open(config, cli.config.clone())?;
+        node.serve(|addr| {
+            // A stable line on stdout for scripts and tests to find the bound port.
+            println!("edged listening on http://{addr}");
+            let _ = std::io::stdout().flush();
+        })
+        .await
+    })
+}

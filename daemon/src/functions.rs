@@ -1,0 +1,218 @@
+//! The set of functions a node serves: deploying config-declared `.wasm` files into the store,
+//! preparing each active version, and routing requests to them.
+//!
+//! A set is immutable once built; reload builds a new one and swaps it in atomically, so a
+//! request always sees one consistent set.
+
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use edged_compiler::{CompileOptions, EngineSettings, InitPolicy, Target, content_hash};
+use edged_node_config::{FunctionConfig, InitSetting};
+use edged_snapshots::{BlobKind, LoadPath, Manifest, Prepared, Restorer, Store};
+use tokio::sync::Semaphore;
+use wasmtime_wasi_http::p2::bindings::ProxyPre;
+
+use crate::host::{GuestState, OutboundPolicy};
+use crate::metrics::{LoadLabels, Metrics};
+
+/// One servable function: its configuration and its prepared active deployment.
+pub struct Function {
+    pub config: FunctionConfig,
+    pub manifest: Manifest,
+    pub prepared: Arc<Prepared<GuestState>>,
+    /// Typed `wasi:http/proxy` view of `prepared`, for components.
+    pub proxy: Option<ProxyPre<GuestState>>,
+    /// One permit per concurrent instance allowed.
+    pub permits: Arc<Semaphore>,
+    pub outbound: OutboundPolicy,
+}
+
+#[derive(Default)]
+pub struct FunctionSet {
+    /// Longest route first, so the first match is the most specific.
+    functions: Vec<Arc<Function>>,
+}
+
+impl FunctionSet {
+    pub fn new(mut functions: Vec<Arc<Function>>) -> FunctionSet {
+        functions.sort_by_key(|f| std::cmp::Reverse(f.config.route.len()));
+        FunctionSet { functions }
+    }
+
+    pub fn len(&self) -> usize {
+        self.functions.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.functions.is_empty()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Function>> {
+        self.functions.iter()
+    }
+
+    /// The function serving `path` on `host` (the Host header without port), if any.
+    pub fn route(&self, host: Option<&str>, path: &str) -> Option<Arc<Function>> {
+        self.functions
+            .iter()
+            .find(|f| {
+                let host_ok = match (&f.config.host, host) {
+                    (None, _) => true,
+                    (Some(want), Some(got)) => want.eq_ignore_ascii_case(got),
+                    (Some(_), None) => false,
+                };
+                host_ok && route_matches(&f.config.route, path)
+            })
+            .cloned()
+    }
+}
+
+/// `/api` serves `/api`, `/api/` and `/api/x`, but not `/apix`.
+fn route_matches(route: &str, path: &str) -> bool {
+    let route = route.trim_end_matches('/');
+    if route.is_empty() {
+        return true;
+    }
+    match path.strip_prefix(route) {
+        Some(rest) => rest.is_empty() || rest.starts_with('/'),
+        None => false,
+    }
+}
+
+fn init_policy(setting: &InitSetting) -> InitPolicy {
+    match setting {
+        InitSetting::Auto => InitPolicy::IfExported,
+        InitSetting::Func(f) => InitPolicy::Required(f.clone()),
+        InitSetting::Off => InitPolicy::Skip,
+    }
+}
+
+/// Makes sure the store holds and activates a deployment of `function`'s `.wasm`: reuses a
+/// stored version built from the same bytes with the same init setting, else compiles and
+/// stores a new version. Returns the active manifest.
+pub fn ensure_deployed(
+    store: &Store,
+    engine: &EngineSettings,
+    function: &FunctionConfig,
+) -> Result<Manifest> {
+    let input = std::fs::read(&function.wasm)
+        .with_context(|| format!("reading {}", function.wasm.display()))?;
+    let (_, binary) = edged_compiler::to_binary(&input)
+        .with_context(|| format!("{} is not usable", function.wasm.display()))?;
+    let source_hash = content_hash(&binary);
+    let versions: Vec<Manifest> = store
+        .manifests()?
+        .into_iter()
+        .filter(|m| m.name == function.name)
+        .collect();
+    let reusable = versions.iter().rev().find(|m| {
+        m.source.blake3 == source_hash
+            && match &function.init {
+                InitSetting::Auto => true,
+                InitSetting::Func(f) => m.init_func.as_deref() == Some(f),
+                InitSetting::Off => m.init_func.is_none(),
+            }
+    });
+    let manifest = match reusable {
+        Some(m) => m.clone(),
+        None => {
+            let host = Target::host().context("this host has no edged target")?;
+            let options = CompileOptions {
+                init: init_policy(&function.init),
+                targets: vec![host],
+                engine: engine.clone(),
+                ..CompileOptions::default()
+            };
+            let compiled = edged_compiler::compile(&binary, &options)
+                .with_context(|| format!("compiling {}", function.wasm.display()))?;
+            let version = versions.iter().map(|m| m.version).max().unwrap_or(0) + 1;
+            let created_at = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            let manifest = Manifest::from_compiled(&function.name, version, created_at, &compiled);
+            store.put_blob(&compiled.source, BlobKind::Source, Some(&manifest.source.blake3))?;
+            for artifact in &compiled.artifacts {
+                let kind = BlobKind::Artifact {
+                    target: artifact.target,
+                    fingerprint: artifact.fingerprint.clone(),
+                };
+                store.put_blob(&artifact.bytes, kind, Some(&artifact.blake3))?;
+            }
+            store.put_manifest(&manifest)?;
+            tracing::info!(function = %function.name, version, "compiled and stored");
+            manifest
+        }
+    };
+    if store.active_version(&manifest.name)? != Some(manifest.version) {
+        store.activate(&manifest.name, manifest.version)?;
+    }
+    Ok(manifest)
+}
+
+/// Deploys (if needed) and prepares one function. Blocking: compiles and maps files.
+pub fn prepare_function(
+    restorer: &Restorer<GuestState>,
+    engine: &EngineSettings,
+    metrics: &Metrics,
+    config: &FunctionConfig,
+) -> Result<Function> {
+    let manifest = ensure_deployed(restorer.store(), engine, config)
+        .with_context(|| format!("function `{}`", config.name))?;
+    let (prepared, how) = restorer
+        .prepare(&manifest)
+        .with_context(|| format!("function `{}`: preparing {}", config.name, manifest.id()))?;
+    if how != LoadPath::Cached {
+        metrics
+            .cold_loads
+            .get_or_create(&LoadLabels {
+                function: config.name.clone(),
+                path: match how {
+                    LoadPath::Recompiled => "recompiled",
+                    _ => "loaded",
+                }
+                .into(),
+            })
+            .inc();
+    }
+    let proxy = match prepared.as_ref() {
+        Prepared::Component(pre) => Some(ProxyPre::new(pre.clone()).map_err(anyhow::Error::from).with_context(|| {
+            format!(
+                "function `{}`: component does not export wasi:http/incoming-handler",
+                config.name
+            )
+        })?),
+        Prepared::Module(_) => None,
+    };
+    tracing::info!(
+        function = %config.name,
+        deployment = %manifest.id(),
+        route = %config.route,
+        kind = %manifest.kind,
+        load = ?how,
+        "function ready"
+    );
+    Ok(Function {
+        config: config.clone(),
+        manifest,
+        prepared,
+        proxy,
+        permits: Arc::new(Semaphore::new(config.limits.max_concurrency)),
+        outbound: OutboundPolicy::new(config.outbound_hosts.clone()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::route_matches;
+
+    #[test]
+    fn prefix_routes_respect_segments() {
+        assert!(route_matches("/api", "/api"));
+        assert!(route_matches("/api", "/api/"));
+        assert!(route_matches("/api/", "/api/v1"));
+        assert!(!route_matches("/api", "/apix"));
+        assert!(route_matches("/", "/anything"));
+    }
+}

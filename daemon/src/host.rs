@@ -1,0 +1,172 @@
+//! What a guest instance sees of the host: its store state, the WASI and `wasi:http` imports it
+//! is linked against, and the capabilities granted to it (denied by default).
+
+use std::sync::Arc;
+
+use edged_node_config::FunctionConfig;
+use edged_snapshots::Linkers;
+use wasmtime::component::ResourceTable;
+use wasmtime::{Engine, StoreLimits, StoreLimitsBuilder};
+use wasmtime_wasi::p1::WasiP1Ctx;
+use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
+
+/// Per-instance store data. Modules get a WASI p1 context, components a WASI 0.2 + `wasi:http`
+/// one; each is linked only against its own kind's imports.
+pub struct GuestState {
+    wasi: GuestWasi,
+    pub limits: StoreLimits,
+}
+
+enum GuestWasi {
+    P1(WasiP1Ctx),
+    P2 {
+        ctx: WasiCtx,
+        table: ResourceTable,
+        http: WasiHttpCtx,
+        outbound: OutboundPolicy,
+    },
+}
+
+impl GuestState {
+    pub fn p1(ctx: WasiP1Ctx, memory_bytes: usize) -> GuestState {
+        GuestState {
+            wasi: GuestWasi::P1(ctx),
+            limits: memory_limits(memory_bytes),
+        }
+    }
+
+    pub fn p2(ctx: WasiCtx, outbound: OutboundPolicy, memory_bytes: usize) -> GuestState {
+        GuestState {
+            wasi: GuestWasi::P2 {
+                ctx,
+                table: ResourceTable::new(),
+                http: WasiHttpCtx::new(),
+                outbound,
+            },
+            limits: memory_limits(memory_bytes),
+        }
+    }
+
+    fn p1_ctx(&mut self) -> &mut WasiP1Ctx {
+        match &mut self.wasi {
+            GuestWasi::P1(ctx) => ctx,
+            GuestWasi::P2 { .. } => unreachable!("WASI p1 imports are linked only into modules"),
+        }
+    }
+}
+
+fn memory_limits(memory_bytes: usize) -> StoreLimits {
+    StoreLimitsBuilder::new()
+        .memory_size(memory_bytes)
+        // A guest that grows past its cap is faulted, rather than handed -1 to ignore.
+        .trap_on_grow_failure(true)
+        .build()
+}
+
+impl WasiView for GuestState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        match &mut self.wasi {
+            GuestWasi::P2 { ctx, table, .. } => WasiCtxView { ctx, table },
+            GuestWasi::P1(_) => unreachable!("WASI 0.2 imports are linked only into components"),
+        }
+    }
+}
+
+impl WasiHttpView for GuestState {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        match &mut self.wasi {
+            GuestWasi::P2 {
+                table,
+                http,
+                outbound,
+                ..
+            } => WasiHttpCtxView {
+                ctx: http,
+                table,
+                hooks: outbound,
+            },
+            GuestWasi::P1(_) => unreachable!("wasi:http imports are linked only into components"),
+        }
+    }
+}
+
+/// Which hosts a `wasi:http` guest may send requests to. Anything else fails inside the guest
+/// with `HTTP-request-denied`.
+#[derive(Clone, Default)]
+pub struct OutboundPolicy {
+    allowed_hosts: Arc<Vec<String>>,
+}
+
+impl OutboundPolicy {
+    pub fn new(allowed_hosts: Vec<String>) -> OutboundPolicy {
+        OutboundPolicy {
+            allowed_hosts: Arc::new(allowed_hosts),
+        }
+    }
+
+    pub fn allows(&self, host: &str) -> bool {
+        let host = host.to_ascii_lowercase();
+        self.allowed_hosts.iter().any(|h| *h == host)
+    }
+}
+
+type SendRequestFuture = Box<
+    dyn Future<
+            Output = wasmtime_wasi_http::Result<(
+                http::Response<wasmtime_wasi_http::WasiBody>,
+                Box<dyn Future<Output = wasmtime_wasi_http::Result<()>> + Send>,
+            )>,
+        > + Send,
+>;
+
+impl WasiHttpHooks for OutboundPolicy {
+    fn send_request(
+        &mut self,
+        request: http::Request<wasmtime_wasi_http::WasiBody>,
+        options: Option<wasmtime_wasi_http::RequestOptions>,
+        _fut: Box<dyn Future<Output = wasmtime_wasi_http::Result<()>> + Send>,
+    ) -> SendRequestFuture {
+        let host = request.uri().host().unwrap_or_default().to_string();
+        if !self.allows(&host) {
+            tracing::info!(%host, "outbound request denied: host not in outbound_hosts");
+            return Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) });
+        }
+        Box::new(async move {
+            use http_body_util::BodyExt;
+            let (response, io) = wasmtime_wasi_http::default_send_request(request, options).await?;
+            Ok((
+                response.map(BodyExt::boxed_unsync),
+                Box::new(io) as Box<dyn Future<Output = _> + Send>,
+            ))
+        })
+    }
+}
+
+/// A WASI context builder with the function's granted environment and directories, nothing
+/// inherited from the daemon.
+pub fn wasi_builder(function: &FunctionConfig) -> anyhow::Result<WasiCtxBuilder> {
+    let mut builder = WasiCtxBuilder::new();
+    for (key, value) in &function.env {
+        builder.env(key, value);
+    }
+    for dir in &function.dirs {
+        let perms = if dir.writable {
+            FsPerms::ReadWrite
+        } else {
+            FsPerms::ReadOnly
+        };
+        builder.preopened_dir(&dir.host, &dir.guest, perms)?;
+    }
+    Ok(builder)
+}
+
+/// Linkers for both guest kinds on `engine`.
+pub fn linkers(engine: &Engine) -> anyhow::Result<Linkers<GuestState>> {
+    let mut module = wasmtime::Linker::new(engine);
+    wasmtime_wasi::p1::add_to_linker_async(&mut module, GuestState::p1_ctx)?;
+    let mut component = wasmtime::component::Linker::new(engine);
+    wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut component)?;
+    wasmtime_wasi::p2::add_to_linker_async(&mut component)?;
+    Ok(Linkers { module, component })
+}

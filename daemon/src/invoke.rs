@@ -1,0 +1,328 @@
+//! Running one request in a fresh instance: WASI p1 commands CGI-style, `wasi:http/proxy`
+//! components natively. Every instance gets the function's memory cap and an epoch deadline;
+//! whatever the guest does wrong ends as a [`Fault`] for this request only.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
+use wasmtime::{Engine, Store, Trap};
+use wasmtime_wasi::I32Exit;
+use wasmtime_wasi::p2::pipe::{MemoryInputPipe, MemoryOutputPipe};
+use wasmtime_wasi_http::WasiHttpView;
+use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
+
+use crate::functions::Function;
+use crate::host::{GuestState, wasi_builder};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type ResponseBody = UnsyncBoxBody<Bytes, BoxError>;
+
+/// Largest CGI response a p1 guest may write to stdout.
+const MAX_CGI_OUTPUT: usize = 16 << 20;
+/// Guest stderr kept for the log line of a fault.
+const MAX_STDERR: usize = 4 << 10;
+
+/// Why a request did not get a response from its guest.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Fault {
+    #[error("deadline of {0:?} exceeded")]
+    Deadline(Duration),
+    #[error("memory limit exceeded: {0}")]
+    OutOfMemory(String),
+    #[error("stack overflow")]
+    StackOverflow,
+    #[error("trap: {0}")]
+    Trap(String),
+    #[error("guest exited with status {0}")]
+    Exit(i32),
+    #[error("guest returned no response: {0}")]
+    NoResponse(String),
+    #[error("host error: {0}")]
+    Host(String),
+}
+
+impl Fault {
+    /// Short label for metrics and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Fault::Deadline(_) => "deadline",
+            Fault::OutOfMemory(_) => "oom",
+            Fault::StackOverflow => "stack_overflow",
+            Fault::Trap(_) => "trap",
+            Fault::Exit(_) => "exit",
+            Fault::NoResponse(_) => "no_response",
+            Fault::Host(_) => "host",
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Fault::Deadline(_) => StatusCode::GATEWAY_TIMEOUT,
+            Fault::Host(_) => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn classify(error: wasmtime::Error, deadline: Duration) -> Fault {
+        if let Some(trap) = error.downcast_ref::<Trap>() {
+            return match trap {
+                Trap::Interrupt => Fault::Deadline(deadline),
+                Trap::StackOverflow => Fault::StackOverflow,
+                other => Fault::Trap(other.to_string()),
+            };
+        }
+        if let Some(exit) = error.downcast_ref::<I32Exit>() {
+            return Fault::Exit(exit.0);
+        }
+        // Keep log lines to one line: the wasm backtrace goes to debug logs only.
+        tracing::debug!(error = ?error, "guest error");
+        let message = format!("{error:#}");
+        if let Some(line) = message.lines().find(|l| l.contains("forcing trap when growing memory")) {
+            let detail = line.rsplit(": ").next().unwrap_or(line).trim();
+            return Fault::OutOfMemory(detail.to_string());
+        }
+        Fault::Trap(message.lines().next().unwrap_or_default().to_string())
+    }
+}
+
+pub fn full_body(bytes: impl Into<Bytes>) -> ResponseBody {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+/// Timing of one invocation, for metrics.
+pub struct Timing {
+    pub instantiate: Duration,
+}
+
+fn new_store(engine: &Engine, state: GuestState, timeout: Duration, tick: Duration) -> Store<GuestState> {
+    let mut store = Store::new(engine, state);
+    store.limiter(|s| &mut s.limits);
+    // The deadline is counted in epoch ticks; one extra tick because the current tick may be
+    // almost over already.
+    let ticks = timeout.as_nanos().div_ceil(tick.as_nanos().max(1)) as u64 + 1;
+    store.set_epoch_deadline(ticks);
+    store
+}
+
+/// Runs a WASI p1 command for `request` (body already collected), CGI-style.
+pub async fn run_cgi(
+    engine: &Engine,
+    tick: Duration,
+    function: &Function,
+    pre: &wasmtime::InstancePre<GuestState>,
+    request: Request<Bytes>,
+    timing: &mut Timing,
+) -> Result<Response<ResponseBody>, Fault> {
+    let limits = function.config.limits;
+    let stdout = MemoryOutputPipe::new(MAX_CGI_OUTPUT);
+    let stderr = MemoryOutputPipe::new(MAX_STDERR);
+    let mut builder = wasi_builder(&function.config).map_err(|e| Fault::Host(format!("{e:#}")))?;
+    for (key, value) in cgi_environment(&function.config.route, &request) {
+        builder.env(key, value);
+    }
+    builder
+        .stdin(MemoryInputPipe::new(request.into_body()))
+        .stdout(stdout.clone())
+        .stderr(stderr.clone());
+    let state = GuestState::p1(builder.build_p1(), limits.memory_bytes);
+    let mut store = new_store(engine, state, limits.timeout, tick);
+
+    let started = Instant::now();
+    let result = async {
+        let instance = pre.instantiate_async(&mut store).await?;
+        timing.instantiate = started.elapsed();
+        let start = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
+        start.call_async(&mut store, ()).await
+    }
+    .await;
+    drop(store);
+    match result {
+        Ok(()) => {}
+        Err(e) if e.downcast_ref::<I32Exit>().is_some_and(|exit| exit.0 == 0) => {}
+        Err(e) => {
+            let stderr = stderr.contents();
+            if !stderr.is_empty() {
+                tracing::info!(stderr = %String::from_utf8_lossy(&stderr), "guest stderr");
+            }
+            return Err(Fault::classify(e, limits.timeout));
+        }
+    }
+    Ok(parse_cgi_output(stdout.contents()))
+}
+
+/// CGI/1.1 meta-variables (RFC 3875) for `request` routed by `route`.
+fn cgi_environment(route: &str, request: &Request<Bytes>) -> Vec<(String, String)> {
+    let uri = request.uri();
+    let path = uri.path();
+    let script = route.trim_end_matches('/');
+    let mut env = vec![
+        ("GATEWAY_INTERFACE".into(), "CGI/1.1".into()),
+        ("SERVER_SOFTWARE".into(), concat!("edged/", env!("CARGO_PKG_VERSION")).into()),
+        ("SERVER_PROTOCOL".into(), format!("{:?}", request.version())),
+        ("REQUEST_METHOD".into(), request.method().to_string()),
+        ("REQUEST_URI".into(), uri.path_and_query().map(|p| p.to_string()).unwrap_or_default()),
+        ("SCRIPT_NAME".into(), script.to_string()),
+        ("PATH_INFO".into(), path.strip_prefix(script).unwrap_or(path).to_string()),
+        ("QUERY_STRING".into(), uri.query().unwrap_or_default().to_string()),
+        ("CONTENT_LENGTH".into(), request.body().len().to_string()),
+    ];
+    for (name, value) in request.headers() {
+        let Ok(value) = value.to_str() else { continue };
+        if name == http::header::CONTENT_TYPE {
+            env.push(("CONTENT_TYPE".into(), value.to_string()));
+            continue;
+        }
+        let key = format!("HTTP_{}", name.as_str().to_ascii_uppercase().replace('-', "_"));
+        env.push((key, value.to_string()));
+    }
+    env
+}
+
+/// Splits CGI output into status, headers and body. Output without a header block is all body.
+fn parse_cgi_output(output: Bytes) -> Response<ResponseBody> {
+    let split = find_header_end(&output);
+    let mut status = StatusCode::OK;
+    let mut headers = HeaderMap::new();
+    let body = match split {
+        Some((head_end, body_start)) => {
+            let head = String::from_utf8_lossy(&output[..head_end]).into_owned();
+            let mut parsed = Vec::new();
+            let mut valid = true;
+            for line in head.lines().filter(|l| !l.is_empty()) {
+                match line.split_once(':') {
+                    Some((name, value)) => parsed.push((name.trim().to_string(), value.trim().to_string())),
+                    None => valid = false,
+                }
+            }
+            if valid && !parsed.is_empty() {
+                for (name, value) in parsed {
+                    if name.eq_ignore_ascii_case("status") {
+                        let code = value.split_whitespace().next().unwrap_or_default();
+                        status = code.parse::<u16>().ok().and_then(|c| StatusCode::from_u16(c).ok()).unwrap_or(StatusCode::BAD_GATEWAY);
+                    } else if let (Ok(n), Ok(v)) = (HeaderName::try_from(name.as_str()), HeaderValue::try_from(value.as_str())) {
+                        headers.append(n, v);
+                    }
+                }
+                output.slice(body_start..)
+            } else {
+                output
+            }
+        }
+        None => output,
+    };
+    if !headers.contains_key(http::header::CONTENT_TYPE) {
+        headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    }
+    let mut response = Response::new(full_body(body));
+    *response.status_mut() = status;
+    *response.headers_mut() = headers;
+    response
+}
+
+/// End of the header block and start of the body: `\r\n\r\n` or `\n\n`.
+fn find_header_end(output: &[u8]) -> Option<(usize, usize)> {
+    let crlf = output.windows(4).position(|w| w == b"\r\n\r\n").map(|i| (i, i + 4));
+    let lf = output.windows(2).position(|w| w == b"\n\n").map(|i| (i, i + 2));
+    match (crlf, lf) {
+        (Some(a), Some(b)) => Some(if a.0 <= b.0 { a } else { b }),
+        (a, b) => a.or(b),
+    }
+}
+
+/// Runs a `wasi:http/proxy` component for `request`. The handler runs in its own task so it can
+/// keep streaming the body after the response head is sent; `on_done` is called with its
+/// outcome when it finishes (to log faults and release the concurrency permit).
+pub async fn run_proxy(
+    engine: &Engine,
+    tick: Duration,
+    function: &Function,
+    request: Request<Bytes>,
+    timing: &mut Timing,
+    on_done: impl FnOnce(Option<Fault>) + Send + 'static,
+) -> Result<Response<ResponseBody>, Fault> {
+    let limits = function.config.limits;
+    let proxy = function
+        .proxy
+        .clone()
+        .ok_or_else(|| Fault::Host("component has no wasi:http/proxy view".into()))?;
+    let ctx = wasi_builder(&function.config)
+        .map_err(|e| Fault::Host(format!("{e:#}")))?
+        .build();
+    let state = GuestState::p2(ctx, function.outbound.clone(), limits.memory_bytes);
+    let mut store = new_store(engine, state, limits.timeout, tick);
+    let (sender, receiver) = tokio::sync::oneshot::channel();
+    let request = request.map(|body| {
+        Full::new(body).map_err(|never: std::convert::Infallible| -> wasmtime_wasi_http::Error {
+            match never {}
+        })
+    });
+    let incoming = store
+        .data_mut()
+        .http()
+        .new_incoming_request(Scheme::Http, request)
+        .map_err(|e| Fault::Host(format!("{e:#}")))?;
+    let outparam = store
+        .data_mut()
+        .http()
+        .new_response_outparam(sender)
+        .map_err(|e| Fault::Host(format!("{e:#}")))?;
+
+    let (instantiated_tx, instantiated_rx) = tokio::sync::oneshot::channel();
+    let timeout = limits.timeout;
+    let task = tokio::spawn(async move {
+        let started = Instant::now();
+        let result = async {
+            let guest = proxy.instantiate_async(&mut store).await?;
+            let _ = instantiated_tx.send(started.elapsed());
+            guest
+                .wasi_http_incoming_handler()
+                .call_handle(&mut store, incoming, outparam)
+                .await
+        }
+        .await;
+        let fault = result.err().map(|e| Fault::classify(e, timeout));
+        on_done(fault.clone());
+        fault
+    });
+
+    let response = receiver.await;
+    if let Ok(elapsed) = instantiated_rx.await {
+        timing.instantiate = elapsed;
+    }
+    match response {
+        Ok(Ok(response)) => Ok(response.map(|body| body.map_err(|e| Box::new(e) as BoxError).boxed_unsync())),
+        Ok(Err(code)) => Err(Fault::NoResponse(format!("guest answered with error {code:?}"))),
+        Err(_) => match task.await {
+            Ok(Some(fault)) => Err(fault),
+            Ok(None) => Err(Fault::NoResponse("handler returned without setting a response".into())),
+            Err(join) => Err(Fault::Host(format!("guest task failed: {join}"))),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn cgi_output_with_status_and_headers() {
+        let out = Bytes::from_static(b"Status: 404 Not Found\r\nContent-Type: text/plain\r\nX-A: b\r\n\r\nmissing");
+        let response = parse_cgi_output(out);
+        assert_eq!(response.status(), StatusCode::NOT_FOUND);
+        assert_eq!(response.headers()["x-a"], "b");
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, "missing");
+    }
+
+    #[tokio::test]
+    async fn cgi_output_without_headers_is_body() {
+        let response = parse_cgi_output(Bytes::from_static(b"just text\n\nmore"));
+        assert_eq!(response.status(), StatusCode::OK);
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, "just text\n\nmore");
+    }
+}

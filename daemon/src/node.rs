@@ -1,0 +1,410 @@
+//! The running node: store, engine, function set, HTTP ingress, and its lifecycle (start,
+//! SIGHUP reload, SIGTERM drain).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::num::NonZeroUsize;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use arc_swap::ArcSwap;
+use edged_compiler::EngineSettings;
+use edged_node_config::NodeConfig;
+use edged_snapshots::{PoolSettings, Prepared, Restorer, RuntimeSettings, Store, runtime_engine};
+use http::{HeaderValue, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::functions::{Function, FunctionSet, prepare_function};
+use crate::host::{GuestState, linkers};
+use crate::invoke::{Fault, ResponseBody, Timing, full_body, run_cgi, run_proxy};
+use crate::metrics::{FaultLabels, Metrics, ReloadLabels, RequestLabels};
+use crate::notify;
+
+pub struct Node {
+    config: ArcSwap<NodeConfig>,
+    config_path: Option<PathBuf>,
+    restorer: Arc<Restorer<GuestState>>,
+    engine_settings: EngineSettings,
+    pub metrics: Arc<Metrics>,
+    functions: ArcSwap<FunctionSet>,
+    ready: AtomicBool,
+    request_seq: AtomicU64,
+    /// Guest tasks that may outlive their response head (streaming components).
+    guest_tasks: TaskTracker,
+}
+
+fn runtime_settings(config: &NodeConfig) -> RuntimeSettings {
+    RuntimeSettings {
+        engine: EngineSettings {
+            memory_reservation: config.engine.memory_reservation_bytes,
+            memory_guard_size: config.engine.memory_guard_bytes,
+        },
+        pool: PoolSettings {
+            total_instances: config.engine.total_instances,
+            total_memories: config.engine.total_memories,
+            max_memory_bytes: config.engine.max_memory_bytes,
+            ..PoolSettings::default()
+        },
+    }
+}
+
+impl Node {
+    /// Opens the store and builds the engine. Does not deploy functions yet.
+    pub fn open(config: NodeConfig, config_path: Option<PathBuf>) -> Result<Arc<Node>> {
+        let store = Arc::new(
+            Store::open(&config.state_dir)
+                .with_context(|| format!("opening the store in {}", config.state_dir.display()))?,
+        );
+        let settings = runtime_settings(&config);
+        let (engine, _) = runtime_engine(&settings)?;
+        let linkers = linkers(&engine)?;
+        let capacity = NonZeroUsize::new(config.cache_capacity).unwrap_or(NonZeroUsize::MIN);
+        let engine_settings = settings.engine.clone();
+        let restorer = Arc::new(Restorer::new(engine, settings, linkers, store, capacity)?);
+        Ok(Arc::new(Node {
+            config: ArcSwap::from_pointee(config),
+            config_path,
+            restorer,
+            engine_settings,
+            metrics: Arc::new(Metrics::default()),
+            functions: ArcSwap::from_pointee(FunctionSet::default()),
+            ready: AtomicBool::new(false),
+            request_seq: AtomicU64::new(0),
+            guest_tasks: TaskTracker::new(),
+        }))
+    }
+
+    pub fn functions(&self) -> Arc<FunctionSet> {
+        self.functions.load_full()
+    }
+
+    /// Deploys and prepares every function `config` declares; all or nothing.
+    async fn build_functions(self: &Arc<Self>, config: &NodeConfig) -> Result<FunctionSet> {
+        let mut prepared = Vec::with_capacity(config.functions.len());
+        for function in &config.functions {
+            let node = self.clone();
+            let function = function.clone();
+            let built = tokio::task::spawn_blocking(move || {
+                prepare_function(&node.restorer, &node.engine_settings, &node.metrics, &function)
+            })
+            .await
+            .context("deploy task panicked")??;
+            prepared.push(Arc::new(built));
+        }
+        Ok(FunctionSet::new(prepared))
+    }
+
+    /// Re-reads the config file and swaps in the new function set. A config that does not
+    /// parse, or a function that fails to deploy, leaves the running set untouched.
+    pub async fn reload(self: &Arc<Self>) -> Result<()> {
+        let Some(path) = &self.config_path else {
+            anyhow::bail!("running on the embedded default config; nothing to reload");
+        };
+        let result = async {
+            let new = NodeConfig::load(path)?;
+            let old = self.config.load();
+            if new.http_listen != old.http_listen
+                || new.state_dir != old.state_dir
+                || new.engine != old.engine
+            {
+                tracing::warn!(
+                    "http_listen, state_dir and [engine] changes take effect only after a restart"
+                );
+            }
+            let set = self.build_functions(&new).await?;
+            self.functions.store(Arc::new(set));
+            self.config.store(Arc::new(new));
+            anyhow::Ok(())
+        }
+        .await;
+        let outcome = if result.is_ok() { "ok" } else { "refused" };
+        self.metrics
+            .reloads
+            .get_or_create(&ReloadLabels { outcome: outcome.into() })
+            .inc();
+        result
+    }
+
+    fn epoch_ticker(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let engine = self.restorer.engine().clone();
+        let tick = self.config.load().epoch_tick;
+        tokio::spawn(async move {
+            let mut interval = tokio::time::interval(tick);
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                interval.tick().await;
+                engine.increment_epoch();
+            }
+        })
+    }
+
+    /// Serves until SIGTERM/SIGINT, then drains. `on_listening` gets the bound address.
+    pub async fn serve(self: Arc<Self>, on_listening: impl FnOnce(SocketAddr)) -> Result<()> {
+        let config = self.config.load_full();
+        let set = self.build_functions(&config).await?;
+        self.functions.store(Arc::new(set));
+        let ticker = self.epoch_ticker();
+        let listener = TcpListener::bind(config.http_listen)
+            .await
+            .with_context(|| format!("binding HTTP on {}", config.http_listen))?;
+        let addr = listener.local_addr()?;
+        self.ready.store(true, Ordering::SeqCst);
+        tracing::info!(%addr, functions = self.functions().len(), "edged serving");
+        on_listening(addr);
+        notify::ready();
+        let watchdog = notify::spawn_watchdog(self.clone(), addr);
+
+        let graceful = GracefulShutdown::new();
+        let mut sigterm = signal(SignalKind::terminate())?;
+        let mut sigint = signal(SignalKind::interrupt())?;
+        let mut sighup = signal(SignalKind::hangup())?;
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => {
+                    let (stream, peer) = match accepted {
+                        Ok(conn) => conn,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "accept failed");
+                            continue;
+                        }
+                    };
+                    let node = self.clone();
+                    let service = hyper::service::service_fn(move |req| {
+                        let node = node.clone();
+                        async move { Ok::<_, Infallible>(node.handle(req, peer).await) }
+                    });
+                    let conn = hyper::server::conn::http1::Builder::new()
+                        .keep_alive(true)
+                        .serve_connection(TokioIo::new(stream), service);
+                    let conn = graceful.watch(conn);
+                    tokio::spawn(async move {
+                        if let Err(e) = conn.await {
+                            tracing::debug!(%peer, error = %e, "connection ended with error");
+                        }
+                    });
+                }
+                _ = sighup.recv() => {
+                    notify::reloading();
+                    match self.reload().await {
+                        Ok(()) => tracing::info!(functions = self.functions().len(), "config reloaded"),
+                        Err(e) => tracing::error!(error = %format!("{e:#}"), "reload refused; keeping the running config"),
+                    }
+                    notify::ready();
+                }
+                _ = sigterm.recv() => break,
+                _ = sigint.recv() => break,
+            }
+        }
+
+        notify::stopping();
+        self.ready.store(false, Ordering::SeqCst);
+        drop(listener);
+        let drain = config.drain_timeout;
+        tracing::info!(?drain, "draining in-flight requests");
+        let started = Instant::now();
+        let drained = tokio::time::timeout(drain, async {
+            graceful.shutdown().await;
+            self.guest_tasks.close();
+            self.guest_tasks.wait().await;
+        })
+        .await;
+        match drained {
+            Ok(()) => tracing::info!(took = ?started.elapsed(), "drained; exiting"),
+            Err(_) => tracing::warn!("drain timeout reached; exiting with requests in flight"),
+        }
+        watchdog.abort();
+        ticker.abort();
+        Ok(())
+    }
+
+    /// One HTTP request, start to finish. Never fails: every problem is a status code.
+    async fn handle(self: Arc<Self>, request: Request<Incoming>, peer: SocketAddr) -> Response<ResponseBody> {
+        let id = self.request_seq.fetch_add(1, Ordering::Relaxed) + 1;
+        let span = tracing::info_span!(
+            "request",
+            id,
+            %peer,
+            method = %request.method(),
+            path = %request.uri().path(),
+            function = tracing::field::Empty,
+        );
+        let mut response = self.dispatch(request).instrument(span).await;
+        if let Ok(value) = HeaderValue::from_str(&id.to_string()) {
+            response.headers_mut().insert("x-request-id", value);
+        }
+        response
+    }
+
+    async fn dispatch(self: &Arc<Self>, request: Request<Incoming>) -> Response<ResponseBody> {
+        match request.uri().path() {
+            "/metrics" => {
+                let mut response = Response::new(full_body(self.metrics.encode()));
+                response.headers_mut().insert(
+                    http::header::CONTENT_TYPE,
+                    HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                );
+                return response;
+            }
+            "/healthz" => return text(StatusCode::OK, "ok\n"),
+            "/readyz" => {
+                return if self.ready.load(Ordering::SeqCst) {
+                    text(StatusCode::OK, "ready\n")
+                } else {
+                    text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+                };
+            }
+            _ => {}
+        }
+        let host = request
+            .headers()
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(|h| h.rsplit_once(':').map_or(h, |(name, _)| name).to_string());
+        let Some(function) = self.functions().route(host.as_deref(), request.uri().path()) else {
+            return text(StatusCode::NOT_FOUND, "no function serves this path\n");
+        };
+        tracing::Span::current().record("function", function.config.name.as_str());
+        let started = Instant::now();
+        let response = self.invoke(&function, request).await;
+        let name = &function.config.name;
+        self.metrics
+            .requests
+            .get_or_create(&RequestLabels {
+                function: name.clone(),
+                status: response.status().as_u16(),
+            })
+            .inc();
+        self.metrics
+            .request_seconds
+            .get_or_create(&Metrics::function(name))
+            .observe(started.elapsed().as_secs_f64());
+        response
+    }
+
+    fn reject(&self, function: &Function, kind: &str, status: StatusCode, message: &str) -> Response<ResponseBody> {
+        self.metrics
+            .rejected
+            .get_or_create(&FaultLabels {
+                function: function.config.name.clone(),
+                kind: kind.into(),
+            })
+            .inc();
+        tracing::info!(function = %function.config.name, %status, "{message}");
+        text(status, &format!("{message}\n"))
+    }
+
+    async fn invoke(self: &Arc<Self>, function: &Arc<Function>, request: Request<Incoming>) -> Response<ResponseBody> {
+        let limits = function.config.limits;
+        let declared = request
+            .headers()
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|len| len > limits.max_body_bytes as u64) {
+            return self.reject(function, "body_too_large", StatusCode::PAYLOAD_TOO_LARGE, "request body exceeds the function's limit");
+        }
+        // Overload is answered at once: no unbounded queue in front of the guests.
+        let Ok(permit) = function.permits.clone().try_acquire_owned() else {
+            return self.reject(function, "overloaded", StatusCode::SERVICE_UNAVAILABLE, "function is at its concurrency limit");
+        };
+        let (parts, body) = request.into_parts();
+        let body = match Limited::new(body, limits.max_body_bytes).collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+                return self.reject(function, "body_too_large", StatusCode::PAYLOAD_TOO_LARGE, "request body exceeds the function's limit");
+            }
+            Err(e) => return text(StatusCode::BAD_REQUEST, &format!("reading request body: {e}\n")),
+        };
+        let request = Request::from_parts(parts, body);
+
+        let label = Metrics::function(&function.config.name);
+        let in_flight = self.metrics.in_flight.get_or_create(&label).clone();
+        in_flight.inc();
+        let engine = self.restorer.engine().clone();
+        let tick = self.config.load().epoch_tick;
+        let mut timing = Timing { instantiate: Duration::ZERO };
+        let result = match function.prepared.as_ref() {
+            Prepared::Module(pre) => {
+                let result = run_cgi(&engine, tick, function, pre, request, &mut timing).await;
+                if let Err(fault) = &result {
+                    self.record_fault(function, fault);
+                }
+                in_flight.dec();
+                drop(permit);
+                result
+            }
+            Prepared::Component(_) => {
+                let node = self.clone();
+                let function_for_done = function.clone();
+                let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+                // The permit and in-flight count are held until the guest task ends, which may
+                // be after the response head (streaming bodies).
+                let on_done = move |fault: Option<Fault>| {
+                    if let Some(fault) = &fault {
+                        node.record_fault(&function_for_done, fault);
+                    }
+                    in_flight.dec();
+                    drop(permit);
+                    let _ = done_tx.send(());
+                };
+                self.guest_tasks.spawn(async move {
+                    let _ = done_rx.await;
+                });
+                run_proxy(&engine, tick, function, request, &mut timing, on_done).await
+            }
+        };
+        if timing.instantiate > Duration::ZERO {
+            self.metrics
+                .instantiate_seconds
+                .get_or_create(&label)
+                .observe(timing.instantiate.as_secs_f64());
+        }
+        match result {
+            Ok(response) => response,
+            // Details stay in the log line; the client learns the kind only.
+            Err(fault) => text(fault.status(), &format!("guest fault: {}\n", fault.kind())),
+        }
+    }
+
+    fn record_fault(&self, function: &Function, fault: &Fault) {
+        self.metrics
+            .faults
+            .get_or_create(&FaultLabels {
+                function: function.config.name.clone(),
+                kind: fault.kind().into(),
+            })
+            .inc();
+        tracing::warn!(
+            function = %function.config.name,
+            deployment = %function.manifest.id(),
+            fault = fault.kind(),
+            status = fault.status().as_u16(),
+            "guest fault: {fault}"
+        );
+    }
+
+    /// The serving path is alive: a function set is loaded and the engine's epoch ticks.
+    pub fn is_healthy(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
+    }
+}
+
+fn text(status: StatusCode, body: &str) -> Response<ResponseBody> {
+    let mut response = Response::new(full_body(body.to_string()));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
