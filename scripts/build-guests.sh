@@ -6,8 +6,8 @@ set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 "$root/scripts/install-wasm-targets.sh"
 cd "$root/guests"
-cargo build --quiet --release --target wasm32-wasip1 -p init-heavy-p1
-cargo build --quiet --release --target wasm32-wasip2 -p hello-http -p init-heavy-http
+cargo build --quiet --release --target wasm32-wasip1 -p init-heavy-p1 -p probe-p1
+cargo build --quiet --release --target wasm32-wasip2 -p hello-http -p init-heavy-http -p outbound-http
 out="$root/guests/out"
 mkdir -p "$out"
 place() { # place SRC NAME: atomic copy into $out
@@ -18,8 +18,10 @@ place() { # place SRC NAME: atomic copy into $out
   mv -f "$tmp" "$out/$2"
 }
 place target/wasm32-wasip1/release/init-heavy-p1.wasm init-heavy-p1.wasm
+place target/wasm32-wasip1/release/probe-p1.wasm probe-p1.wasm
 place target/wasm32-wasip2/release/hello_http.wasm hello-http.wasm
 place target/wasm32-wasip2/release/init_heavy_http.wasm init-heavy-http.wasm
+place target/wasm32-wasip2/release/outbound_http.wasm outbound-http.wasm
 for wat in wat/*.wat; do
   place "$wat" "$(basename "$wat")"
 done

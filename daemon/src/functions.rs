@@ -132,7 +132,11 @@ pub fn ensure_deployed(
                 .map(|d| d.as_secs())
                 .unwrap_or(0);
             let manifest = Manifest::from_compiled(&function.name, version, created_at, &compiled);
-            store.put_blob(&compiled.source, BlobKind::Source, Some(&manifest.source.blake3))?;
+            store.put_blob(
+                &compiled.source,
+                BlobKind::Source,
+                Some(&manifest.source.blake3),
+            )?;
             for artifact in &compiled.artifacts {
                 let kind = BlobKind::Artifact {
                     target: artifact.target,
@@ -177,12 +181,16 @@ pub fn prepare_function(
             .inc();
     }
     let proxy = match prepared.as_ref() {
-        Prepared::Component(pre) => Some(ProxyPre::new(pre.clone()).map_err(anyhow::Error::from).with_context(|| {
-            format!(
-                "function `{}`: component does not export wasi:http/incoming-handler",
-                config.name
-            )
-        })?),
+        Prepared::Component(pre) => Some(
+            ProxyPre::new(pre.clone())
+                .map_err(anyhow::Error::from)
+                .with_context(|| {
+                    format!(
+                        "function `{}`: component does not export wasi:http/incoming-handler",
+                        config.name
+                    )
+                })?,
+        ),
         Prepared::Module(_) => None,
     };
     tracing::info!(

@@ -107,7 +107,7 @@ impl OutboundPolicy {
 
     pub fn allows(&self, host: &str) -> bool {
         let host = host.to_ascii_lowercase();
-        self.allowed_hosts.iter().any(|h| *h == host)
+        self.allowed_hosts.contains(&host)
     }
 }
 

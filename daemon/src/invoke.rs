@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
-use wasmtime::{Engine, Store, Trap};
+use wasmtime::{Engine, Store, Trap, UpdateDeadline};
 use wasmtime_wasi::I32Exit;
 use wasmtime_wasi::p2::pipe::{MemoryInputPipe, MemoryOutputPipe};
 use wasmtime_wasi_http::WasiHttpView;
@@ -79,7 +79,10 @@ impl Fault {
         // Keep log lines to one line: the wasm backtrace goes to debug logs only.
         tracing::debug!(error = ?error, "guest error");
         let message = format!("{error:#}");
-        if let Some(line) = message.lines().find(|l| l.contains("forcing trap when growing memory")) {
+        if let Some(line) = message
+            .lines()
+            .find(|l| l.contains("forcing trap when growing memory"))
+        {
             let detail = line.rsplit(": ").next().unwrap_or(line).trim();
             return Fault::OutOfMemory(detail.to_string());
         }
@@ -98,20 +101,30 @@ pub struct Timing {
     pub instantiate: Duration,
 }
 
-fn new_store(engine: &Engine, state: GuestState, timeout: Duration, tick: Duration) -> Store<GuestState> {
+/// A store with the function's memory cap and deadline. Every epoch tick the guest yields to
+/// the executor (so a busy guest cannot starve other requests on its worker thread), and once
+/// `timeout` has passed the next tick interrupts it.
+fn new_store(engine: &Engine, state: GuestState, timeout: Duration) -> Store<GuestState> {
     let mut store = Store::new(engine, state);
     store.limiter(|s| &mut s.limits);
-    // The deadline is counted in epoch ticks; one extra tick because the current tick may be
-    // almost over already.
-    let ticks = timeout.as_nanos().div_ceil(tick.as_nanos().max(1)) as u64 + 1;
-    store.set_epoch_deadline(ticks);
+    let started = Instant::now();
+    store.set_epoch_deadline(1);
+    store.epoch_deadline_callback(move |_| {
+        if started.elapsed() >= timeout {
+            Ok(UpdateDeadline::Interrupt)
+        } else {
+            Ok(UpdateDeadline::YieldCustom(
+                1,
+                Box::pin(tokio::task::yield_now()),
+            ))
+        }
+    });
     store
 }
 
 /// Runs a WASI p1 command for `request` (body already collected), CGI-style.
 pub async fn run_cgi(
     engine: &Engine,
-    tick: Duration,
     function: &Function,
     pre: &wasmtime::InstancePre<GuestState>,
     request: Request<Bytes>,
@@ -129,7 +142,7 @@ pub async fn run_cgi(
         .stdout(stdout.clone())
         .stderr(stderr.clone());
     let state = GuestState::p1(builder.build_p1(), limits.memory_bytes);
-    let mut store = new_store(engine, state, limits.timeout, tick);
+    let mut store = new_store(engine, state, limits.timeout);
 
     let started = Instant::now();
     let result = async {
@@ -161,13 +174,27 @@ fn cgi_environment(route: &str, request: &Request<Bytes>) -> Vec<(String, String
     let script = route.trim_end_matches('/');
     let mut env = vec![
         ("GATEWAY_INTERFACE".into(), "CGI/1.1".into()),
-        ("SERVER_SOFTWARE".into(), concat!("edged/", env!("CARGO_PKG_VERSION")).into()),
+        (
+            "SERVER_SOFTWARE".into(),
+            concat!("edged/", env!("CARGO_PKG_VERSION")).into(),
+        ),
         ("SERVER_PROTOCOL".into(), format!("{:?}", request.version())),
         ("REQUEST_METHOD".into(), request.method().to_string()),
-        ("REQUEST_URI".into(), uri.path_and_query().map(|p| p.to_string()).unwrap_or_default()),
+        (
+            "REQUEST_URI".into(),
+            uri.path_and_query()
+                .map(|p| p.to_string())
+                .unwrap_or_default(),
+        ),
         ("SCRIPT_NAME".into(), script.to_string()),
-        ("PATH_INFO".into(), path.strip_prefix(script).unwrap_or(path).to_string()),
-        ("QUERY_STRING".into(), uri.query().unwrap_or_default().to_string()),
+        (
+            "PATH_INFO".into(),
+            path.strip_prefix(script).unwrap_or(path).to_string(),
+        ),
+        (
+            "QUERY_STRING".into(),
+            uri.query().unwrap_or_default().to_string(),
+        ),
         ("CONTENT_LENGTH".into(), request.body().len().to_string()),
     ];
     for (name, value) in request.headers() {
@@ -176,7 +203,10 @@ fn cgi_environment(route: &str, request: &Request<Bytes>) -> Vec<(String, String
             env.push(("CONTENT_TYPE".into(), value.to_string()));
             continue;
         }
-        let key = format!("HTTP_{}", name.as_str().to_ascii_uppercase().replace('-', "_"));
+        let key = format!(
+            "HTTP_{}",
+            name.as_str().to_ascii_uppercase().replace('-', "_")
+        );
         env.push((key, value.to_string()));
     }
     env
@@ -194,7 +224,9 @@ fn parse_cgi_output(output: Bytes) -> Response<ResponseBody> {
             let mut valid = true;
             for line in head.lines().filter(|l| !l.is_empty()) {
                 match line.split_once(':') {
-                    Some((name, value)) => parsed.push((name.trim().to_string(), value.trim().to_string())),
+                    Some((name, value)) => {
+                        parsed.push((name.trim().to_string(), value.trim().to_string()))
+                    }
                     None => valid = false,
                 }
             }
@@ -202,8 +234,15 @@ fn parse_cgi_output(output: Bytes) -> Response<ResponseBody> {
                 for (name, value) in parsed {
                     if name.eq_ignore_ascii_case("status") {
                         let code = value.split_whitespace().next().unwrap_or_default();
-                        status = code.parse::<u16>().ok().and_then(|c| StatusCode::from_u16(c).ok()).unwrap_or(StatusCode::BAD_GATEWAY);
-                    } else if let (Ok(n), Ok(v)) = (HeaderName::try_from(name.as_str()), HeaderValue::try_from(value.as_str())) {
+                        status = code
+                            .parse::<u16>()
+                            .ok()
+                            .and_then(|c| StatusCode::from_u16(c).ok())
+                            .unwrap_or(StatusCode::BAD_GATEWAY);
+                    } else if let (Ok(n), Ok(v)) = (
+                        HeaderName::try_from(name.as_str()),
+                        HeaderValue::try_from(value.as_str()),
+                    ) {
                         headers.append(n, v);
                     }
                 }
@@ -215,7 +254,10 @@ fn parse_cgi_output(output: Bytes) -> Response<ResponseBody> {
         None => output,
     };
     if !headers.contains_key(http::header::CONTENT_TYPE) {
-        headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/octet-stream"),
+        );
     }
     let mut response = Response::new(full_body(body));
     *response.status_mut() = status;
@@ -225,8 +267,14 @@ fn parse_cgi_output(output: Bytes) -> Response<ResponseBody> {
 
 /// End of the header block and start of the body: `\r\n\r\n` or `\n\n`.
 fn find_header_end(output: &[u8]) -> Option<(usize, usize)> {
-    let crlf = output.windows(4).position(|w| w == b"\r\n\r\n").map(|i| (i, i + 4));
-    let lf = output.windows(2).position(|w| w == b"\n\n").map(|i| (i, i + 2));
+    let crlf = output
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|i| (i, i + 4));
+    let lf = output
+        .windows(2)
+        .position(|w| w == b"\n\n")
+        .map(|i| (i, i + 2));
     match (crlf, lf) {
         (Some(a), Some(b)) => Some(if a.0 <= b.0 { a } else { b }),
         (a, b) => a.or(b),
@@ -238,7 +286,6 @@ fn find_header_end(output: &[u8]) -> Option<(usize, usize)> {
 /// outcome when it finishes (to log faults and release the concurrency permit).
 pub async fn run_proxy(
     engine: &Engine,
-    tick: Duration,
     function: &Function,
     request: Request<Bytes>,
     timing: &mut Timing,
@@ -253,12 +300,12 @@ pub async fn run_proxy(
         .map_err(|e| Fault::Host(format!("{e:#}")))?
         .build();
     let state = GuestState::p2(ctx, function.outbound.clone(), limits.memory_bytes);
-    let mut store = new_store(engine, state, limits.timeout, tick);
+    let mut store = new_store(engine, state, limits.timeout);
     let (sender, receiver) = tokio::sync::oneshot::channel();
     let request = request.map(|body| {
-        Full::new(body).map_err(|never: std::convert::Infallible| -> wasmtime_wasi_http::Error {
-            match never {}
-        })
+        Full::new(body).map_err(
+            |never: std::convert::Infallible| -> wasmtime_wasi_http::Error { match never {} },
+        )
     });
     let incoming = store
         .data_mut()
@@ -294,11 +341,17 @@ pub async fn run_proxy(
         timing.instantiate = elapsed;
     }
     match response {
-        Ok(Ok(response)) => Ok(response.map(|body| body.map_err(|e| Box::new(e) as BoxError).boxed_unsync())),
-        Ok(Err(code)) => Err(Fault::NoResponse(format!("guest answered with error {code:?}"))),
+        Ok(Ok(response)) => {
+            Ok(response.map(|body| body.map_err(|e| Box::new(e) as BoxError).boxed_unsync()))
+        }
+        Ok(Err(code)) => Err(Fault::NoResponse(format!(
+            "guest answered with error {code:?}"
+        ))),
         Err(_) => match task.await {
             Ok(Some(fault)) => Err(fault),
-            Ok(None) => Err(Fault::NoResponse("handler returned without setting a response".into())),
+            Ok(None) => Err(Fault::NoResponse(
+                "handler returned without setting a response".into(),
+            )),
             Err(join) => Err(Fault::Host(format!("guest task failed: {join}"))),
         },
     }
@@ -310,7 +363,9 @@ mod tests {
 
     #[tokio::test]
     async fn cgi_output_with_status_and_headers() {
-        let out = Bytes::from_static(b"Status: 404 Not Found\r\nContent-Type: text/plain\r\nX-A: b\r\n\r\nmissing");
+        let out = Bytes::from_static(
+            b"Status: 404 Not Found\r\nContent-Type: text/plain\r\nX-A: b\r\n\r\nmissing",
+        );
         let response = parse_cgi_output(out);
         assert_eq!(response.status(), StatusCode::NOT_FOUND);
         assert_eq!(response.headers()["x-a"], "b");

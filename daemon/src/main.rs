@@ -12,7 +12,11 @@ use edged::node::Node;
 use edged_node_config::NodeConfig;
 
 #[derive(Parser)]
-#[command(name = "edged", version, about = "Serve pre-initialized WebAssembly at the edge")]
+#[command(
+    name = "edged",
+    version,
+    about = "Serve pre-initialized WebAssembly at the edge"
+)]
 struct Cli {
     /// Node configuration (TOML). Without it edged runs on the embedded dev default.
     #[arg(long, short, global = true)]

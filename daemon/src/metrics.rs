@@ -66,7 +66,11 @@ impl Default for Metrics {
         let in_flight = Family::<FunctionLabel, Gauge>::default();
         let rejected = Family::<FaultLabels, Counter>::default();
         let reloads = Family::<ReloadLabels, Counter>::default();
-        registry.register("requests", "HTTP requests served, by function and status", requests.clone());
+        registry.register(
+            "requests",
+            "HTTP requests served, by function and status",
+            requests.clone(),
+        );
         registry.register(
             "request_seconds",
             "Request latency inside edged, from routing to response head",
@@ -83,13 +87,21 @@ impl Default for Metrics {
             cold_loads.clone(),
         );
         registry.register("faults", "Guest faults, by kind", faults.clone());
-        registry.register("in_flight", "Requests currently running in a guest", in_flight.clone());
+        registry.register(
+            "in_flight",
+            "Requests currently running in a guest",
+            in_flight.clone(),
+        );
         registry.register(
             "rejected",
             "Requests refused before reaching a guest (overload, body too large)",
             rejected.clone(),
         );
-        registry.register("reloads", "Configuration reloads, by outcome", reloads.clone());
+        registry.register(
+            "reloads",
+            "Configuration reloads, by outcome",
+            reloads.clone(),
+        );
         Metrics {
             registry,
             requests,

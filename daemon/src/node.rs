@@ -95,7 +95,12 @@ impl Node {
             let node = self.clone();
             let function = function.clone();
             let built = tokio::task::spawn_blocking(move || {
-                prepare_function(&node.restorer, &node.engine_settings, &node.metrics, &function)
+                prepare_function(
+                    &node.restorer,
+                    &node.engine_settings,
+                    &node.metrics,
+                    &function,
+                )
             })
             .await
             .context("deploy task panicked")??;
@@ -130,22 +135,18 @@ impl Node {
         let outcome = if result.is_ok() { "ok" } else { "refused" };
         self.metrics
             .reloads
-            .get_or_create(&ReloadLabels { outcome: outcome.into() })
+            .get_or_create(&ReloadLabels {
+                outcome: outcome.into(),
+            })
             .inc();
         result
     }
 
-    fn epoch_ticker(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
-        let engine = self.restorer.engine().clone();
-        let tick = self.config.load().epoch_tick;
-        tokio::spawn(async move {
-            let mut interval = tokio::time::interval(tick);
-            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                interval.tick().await;
-                engine.increment_epoch();
-            }
-        })
+    fn epoch_ticker(&self) -> EpochTicker {
+        EpochTicker::start(
+            self.restorer.engine().clone(),
+            self.config.load().epoch_tick,
+        )
     }
 
     /// Serves until SIGTERM/SIGINT, then drains. `on_listening` gets the bound address.
@@ -223,12 +224,16 @@ impl Node {
             Err(_) => tracing::warn!("drain timeout reached; exiting with requests in flight"),
         }
         watchdog.abort();
-        ticker.abort();
+        ticker.stop();
         Ok(())
     }
 
     /// One HTTP request, start to finish. Never fails: every problem is a status code.
-    async fn handle(self: Arc<Self>, request: Request<Incoming>, peer: SocketAddr) -> Response<ResponseBody> {
+    async fn handle(
+        self: Arc<Self>,
+        request: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Response<ResponseBody> {
         let id = self.request_seq.fetch_add(1, Ordering::Relaxed) + 1;
         let span = tracing::info_span!(
             "request",
@@ -270,7 +275,10 @@ impl Node {
             .get(http::header::HOST)
             .and_then(|h| h.to_str().ok())
             .map(|h| h.rsplit_once(':').map_or(h, |(name, _)| name).to_string());
-        let Some(function) = self.functions().route(host.as_deref(), request.uri().path()) else {
+        let Some(function) = self
+            .functions()
+            .route(host.as_deref(), request.uri().path())
+        else {
             return text(StatusCode::NOT_FOUND, "no function serves this path\n");
         };
         tracing::Span::current().record("function", function.config.name.as_str());
@@ -291,7 +299,13 @@ impl Node {
         response
     }
 
-    fn reject(&self, function: &Function, kind: &str, status: StatusCode, message: &str) -> Response<ResponseBody> {
+    fn reject(
+        &self,
+        function: &Function,
+        kind: &str,
+        status: StatusCode,
+        message: &str,
+    ) -> Response<ResponseBody> {
         self.metrics
             .rejected
             .get_or_create(&FaultLabels {
@@ -303,7 +317,11 @@ impl Node {
         text(status, &format!("{message}\n"))
     }
 
-    async fn invoke(self: &Arc<Self>, function: &Arc<Function>, request: Request<Incoming>) -> Response<ResponseBody> {
+    async fn invoke(
+        self: &Arc<Self>,
+        function: &Arc<Function>,
+        request: Request<Incoming>,
+    ) -> Response<ResponseBody> {
         let limits = function.config.limits;
         let declared = request
             .headers()
@@ -311,19 +329,42 @@ impl Node {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         if declared.is_some_and(|len| len > limits.max_body_bytes as u64) {
-            return self.reject(function, "body_too_large", StatusCode::PAYLOAD_TOO_LARGE, "request body exceeds the function's limit");
+            return self.reject(
+                function,
+                "body_too_large",
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request body exceeds the function's limit",
+            );
         }
         // Overload is answered at once: no unbounded queue in front of the guests.
         let Ok(permit) = function.permits.clone().try_acquire_owned() else {
-            return self.reject(function, "overloaded", StatusCode::SERVICE_UNAVAILABLE, "function is at its concurrency limit");
+            return self.reject(
+                function,
+                "overloaded",
+                StatusCode::SERVICE_UNAVAILABLE,
+                "function is at its concurrency limit",
+            );
         };
         let (parts, body) = request.into_parts();
         let body = match Limited::new(body, limits.max_body_bytes).collect().await {
             Ok(collected) => collected.to_bytes(),
-            Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
-                return self.reject(function, "body_too_large", StatusCode::PAYLOAD_TOO_LARGE, "request body exceeds the function's limit");
+            Err(e)
+                if e.downcast_ref::<http_body_util::LengthLimitError>()
+                    .is_some() =>
+            {
+                return self.reject(
+                    function,
+                    "body_too_large",
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "request body exceeds the function's limit",
+                );
             }
-            Err(e) => return text(StatusCode::BAD_REQUEST, &format!("reading request body: {e}\n")),
+            Err(e) => {
+                return text(
+                    StatusCode::BAD_REQUEST,
+                    &format!("reading request body: {e}\n"),
+                );
+            }
         };
         let request = Request::from_parts(parts, body);
 
@@ -331,11 +372,12 @@ impl Node {
         let in_flight = self.metrics.in_flight.get_or_create(&label).clone();
         in_flight.inc();
         let engine = self.restorer.engine().clone();
-        let tick = self.config.load().epoch_tick;
-        let mut timing = Timing { instantiate: Duration::ZERO };
+        let mut timing = Timing {
+            instantiate: Duration::ZERO,
+        };
         let result = match function.prepared.as_ref() {
             Prepared::Module(pre) => {
-                let result = run_cgi(&engine, tick, function, pre, request, &mut timing).await;
+                let result = run_cgi(&engine, function, pre, request, &mut timing).await;
                 if let Err(fault) = &result {
                     self.record_fault(function, fault);
                 }
@@ -360,7 +402,7 @@ impl Node {
                 self.guest_tasks.spawn(async move {
                     let _ = done_rx.await;
                 });
-                run_proxy(&engine, tick, function, request, &mut timing, on_done).await
+                run_proxy(&engine, function, request, &mut timing, on_done).await
             }
         };
         if timing.instantiate > Duration::ZERO {
@@ -396,6 +438,40 @@ impl Node {
     /// The serving path is alive: a function set is loaded and the engine's epoch ticks.
     pub fn is_healthy(&self) -> bool {
         self.ready.load(Ordering::SeqCst)
+    }
+}
+
+/// Advances the engine's epoch from a dedicated OS thread. A tokio task could be starved by
+/// the very guest whose deadline it is supposed to enforce.
+struct EpochTicker {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl EpochTicker {
+    fn start(engine: wasmtime::Engine, tick: Duration) -> EpochTicker {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("epoch-ticker".into())
+            .spawn(move || {
+                while !flag.load(Ordering::Relaxed) {
+                    std::thread::sleep(tick);
+                    engine.increment_epoch();
+                }
+            })
+            .expect("spawning the epoch ticker thread");
+        EpochTicker {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn stop(mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }
 

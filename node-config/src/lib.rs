@@ -245,12 +245,16 @@ impl NodeConfig {
         };
 
         let node = &raw.node;
-        let http_listen = node.http_listen.get_ref().parse::<SocketAddr>().map_err(|e| {
-            err_at(
-                node.http_listen.span(),
-                format!("http_listen `{}`: {e}", node.http_listen.get_ref()),
-            )
-        })?;
+        let http_listen = node
+            .http_listen
+            .get_ref()
+            .parse::<SocketAddr>()
+            .map_err(|e| {
+                err_at(
+                    node.http_listen.span(),
+                    format!("http_listen `{}`: {e}", node.http_listen.get_ref()),
+                )
+            })?;
         if *node.epoch_tick_ms.get_ref() == 0 || *node.epoch_tick_ms.get_ref() > 1000 {
             return Err(err_at(
                 node.epoch_tick_ms.span(),
@@ -276,7 +280,10 @@ impl NodeConfig {
                 ),
             ));
         }
-        for (field, value) in [("total_instances", &e.total_instances), ("total_memories", &e.total_memories)] {
+        for (field, value) in [
+            ("total_instances", &e.total_instances),
+            ("total_memories", &e.total_memories),
+        ] {
             if *value.get_ref() == 0 {
                 return Err(err_at(value.span(), format!("{field} must be at least 1")));
             }
@@ -284,7 +291,9 @@ impl NodeConfig {
 
         let mut functions: Vec<FunctionConfig> = Vec::new();
         for f in &raw.functions {
-            functions.push(validate_function(f, &functions, max_memory, &err_at, &resolve)?);
+            functions.push(validate_function(
+                f, &functions, max_memory, &err_at, &resolve,
+            )?);
         }
         Ok(NodeConfig {
             state_dir: resolve(node.state_dir.get_ref()),
@@ -324,7 +333,10 @@ fn validate_function(
         ));
     }
     if earlier.iter().any(|g| &g.name == name) {
-        return Err(err_at(f.name.span(), format!("function `{name}` is declared twice")));
+        return Err(err_at(
+            f.name.span(),
+            format!("function `{name}` is declared twice"),
+        ));
     }
     let route = f.route.get_ref();
     if !route.starts_with('/') || route.contains(char::is_whitespace) {
@@ -340,11 +352,17 @@ fn validate_function(
     {
         return Err(err_at(
             f.route.span(),
-            format!("route `{route}` is already served by function `{}`", other.name),
+            format!(
+                "route `{route}` is already served by function `{}`",
+                other.name
+            ),
         ));
     }
     if matches!(route.as_str(), "/metrics" | "/healthz" | "/readyz") {
-        return Err(err_at(f.route.span(), format!("route `{route}` is reserved by edged")));
+        return Err(err_at(
+            f.route.span(),
+            format!("route `{route}` is reserved by edged"),
+        ));
     }
     let wasm = resolve(f.wasm.get_ref());
     if !wasm.is_file() {
@@ -365,7 +383,10 @@ fn validate_function(
         ));
     }
     if *l.timeout_ms.get_ref() == 0 {
-        return Err(err_at(l.timeout_ms.span(), "limits.timeout_ms must be at least 1".into()));
+        return Err(err_at(
+            l.timeout_ms.span(),
+            "limits.timeout_ms must be at least 1".into(),
+        ));
     }
     if *l.max_concurrency.get_ref() == 0 {
         return Err(err_at(
@@ -413,7 +434,11 @@ fn validate_function(
         },
         env: f.env.clone(),
         dirs,
-        outbound_hosts: f.outbound_hosts.iter().map(|h| h.to_ascii_lowercase()).collect(),
+        outbound_hosts: f
+            .outbound_hosts
+            .iter()
+            .map(|h| h.to_ascii_lowercase())
+            .collect(),
     })
 }
 
@@ -471,7 +496,10 @@ mod tests {
                     [[function]]\nname = \"b\"\nwasm = \"Cargo.toml\"\nroute = \"/a/\"\n";
         let err = parse(text).unwrap_err();
         assert_eq!(err.line, Some(8), "{err}");
-        assert!(err.reason.contains("already served by function `a`"), "{err}");
+        assert!(
+            err.reason.contains("already served by function `a`"),
+            "{err}"
+        );
 
         let err = parse("[[function]]\nname = \"a\"\nwasm = \"nope.wasm\"\nroute = \"/a\"\n")
             .unwrap_err();

@@ -1,0 +1,137 @@
+//! A real `edged` process on a loopback port, for end-to-end tests.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+pub struct Edged {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub dir: tempfile::TempDir,
+    pub config_path: PathBuf,
+}
+
+/// `guests/out/<file>` as a TOML string literal.
+pub fn guest(file: &str) -> String {
+    format!("{:?}", edged_testkit::guest(file).display().to_string())
+}
+
+impl Edged {
+    /// Starts `edged --config` with `functions` (TOML `[[function]]` tables) appended to a
+    /// node section on an ephemeral port. Waits until it prints its address.
+    pub fn start(functions: &str) -> Edged {
+        Edged::start_with_env(functions, &[])
+    }
+
+    pub fn start_with_env(functions: &str, env: &[(&str, &str)]) -> Edged {
+        let dir = tempfile::tempdir().unwrap();
+        let config_path = dir.path().join("edged.toml");
+        std::fs::write(&config_path, config_text(functions)).unwrap();
+        let stderr = std::fs::File::create(dir.path().join("edged.log")).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_edged"))
+            .arg("--config")
+            .arg(&config_path)
+            .envs(env.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(addr) = line.strip_prefix("edged listening on http://") {
+                    let _ = tx.send(addr.parse::<SocketAddr>().unwrap());
+                }
+            }
+        });
+        let addr = match rx.recv_timeout(Duration::from_secs(120)) {
+            Ok(addr) => addr,
+            Err(_) => {
+                let _ = child.kill();
+                panic!(
+                    "edged did not start:\n{}",
+                    std::fs::read_to_string(dir.path().join("edged.log")).unwrap_or_default()
+                );
+            }
+        };
+        Edged {
+            child,
+            addr,
+            dir,
+            config_path,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("edged.log")).unwrap_or_default()
+    }
+
+    pub fn rewrite_config(&self, functions: &str) {
+        std::fs::write(&self.config_path, config_text(functions)).unwrap();
+    }
+
+    pub fn write_raw_config(&self, text: &str) {
+        std::fs::write(&self.config_path, text).unwrap();
+    }
+
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: plain kill(2) on our own child's pid.
+        let rc = unsafe { libc::kill(self.child.id() as i32, signal) };
+        assert_eq!(rc, 0, "kill failed");
+    }
+
+    pub fn state_dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Edged {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn config_text(functions: &str) -> String {
+    format!(
+        "[node]\nstate_dir = \"state\"\nhttp_listen = \"127.0.0.1:0\"\ndrain_timeout_ms = 5000\n\n{functions}"
+    )
+}
+
+pub async fn get(url: &str) -> (u16, String) {
+    let response = reqwest::get(url).await.unwrap();
+    let status = response.status().as_u16();
+    (status, response.text().await.unwrap())
+}
+
+pub async fn get_with_host(url: &str, host: &str) -> (u16, String) {
+    let response = reqwest::Client::new()
+        .get(url)
+        .header("host", host)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.text().await.unwrap())
+}
+
+pub async fn post(url: &str, body: Vec<u8>) -> (u16, String) {
+    let response = reqwest::Client::new()
+        .post(url)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.text().await.unwrap())
+}
