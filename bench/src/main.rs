@@ -1,27 +1,32 @@
 //! # bench
 //!
-//! The cold-start harness. Measures every phase of DESIGN.md's cold-start table in one run,
-//! against a raw-wasmtime floor and a JIT baseline measured in the same run, prints p50/p99/max
-//! and the ratios, and writes `results.json` and `coldstart.svg`.
+//! The performance harness. Measures DESIGN.md's cold-start phases and the HTTP path in one
+//! run, each against a baseline measured in the same run (raw wasmtime, a JIT baseline, a bare
+//! hyper server), prints p50/p99/max and the ratios, and writes `results.json` and
+//! `bench.svg`. Absolute times drift between machines; quote the ratios.
 //!
-//! `cargo run -p bench --release -- [--guest FILE] [--iterations N] [--out DIR]`
+//! `cargo build --release -p edged -p bench && target/release/bench [--phases coldstart,http]`
 
 mod coldstart;
+mod http;
 mod report;
 mod stats;
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Parser;
 
 #[derive(Parser)]
-#[command(about = "edged cold-start benchmark")]
+#[command(about = "edged benchmark: cold start and HTTP")]
 struct Args {
-    /// WASI p1 command guest to measure (default: the init-heavy sample, built from source).
+    /// Which phases to run.
+    #[arg(long, value_delimiter = ',', default_values_t = ["coldstart".to_string(), "http".to_string()])]
+    phases: Vec<String>,
+    /// WASI p1 command guest for the cold-start phases (default: the init-heavy sample).
     #[arg(long)]
     guest: Option<PathBuf>,
-    /// Samples per fast phase.
+    /// Samples per fast cold-start phase.
     #[arg(long, default_value_t = 2000)]
     iterations: usize,
     /// Samples of the load phase.
@@ -30,7 +35,16 @@ struct Args {
     /// Samples of the JIT baseline (each takes a while).
     #[arg(long, default_value_t = 10)]
     baseline_iterations: usize,
-    /// Where to write results.json and coldstart.svg.
+    /// The edged binary for the HTTP phase (default: next to this binary).
+    #[arg(long)]
+    edged: Option<PathBuf>,
+    /// Concurrent keep-alive connections of the HTTP load generator.
+    #[arg(long, default_value_t = 8)]
+    connections: usize,
+    /// Requests per HTTP target.
+    #[arg(long, default_value_t = 4000)]
+    requests: usize,
+    /// Where to write results.json and bench.svg.
     #[arg(long, default_value = "bench/out")]
     out: PathBuf,
 }
@@ -38,18 +52,43 @@ struct Args {
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
+    std::fs::create_dir_all(&args.out)?;
+    let work = tempfile::tempdir()?;
+    let mut phases = Vec::new();
+    let mut ratios = Vec::new();
+    let mut figures = Vec::new();
     let guest = match &args.guest {
         Some(path) => path.clone(),
         None => edged_testkit::guest("init-heavy-p1.wasm"),
     };
-    std::fs::create_dir_all(&args.out)?;
-    let work = tempfile::tempdir()?;
-    let params = coldstart::Params {
-        iterations: args.iterations,
-        load_iterations: args.load_iterations,
-        baseline_iterations: args.baseline_iterations,
-    };
-    let (phases, ratios) = coldstart::run(&guest, &params, work.path()).await?;
+    if args.phases.iter().any(|p| p == "coldstart") {
+        let params = coldstart::Params {
+            iterations: args.iterations,
+            load_iterations: args.load_iterations,
+            baseline_iterations: args.baseline_iterations,
+        };
+        let (p, r) = coldstart::run(&guest, &params, work.path()).await?;
+        phases.extend(p);
+        ratios.extend(r);
+    }
+    if args.phases.iter().any(|p| p == "http") {
+        let edged = match &args.edged {
+            Some(path) => path.clone(),
+            None => std::env::current_exe()?
+                .parent()
+                .context("bench binary has no directory")?
+                .join("edged"),
+        };
+        let params = http::Params {
+            edged,
+            connections: args.connections,
+            requests: args.requests,
+        };
+        let (p, r, f) = http::run(&params, work.path()).await?;
+        phases.extend(p);
+        ratios.extend(r);
+        figures.extend(f);
+    }
     let report = report::Report {
         guest: guest
             .file_name()
@@ -69,10 +108,11 @@ async fn main() -> Result<()> {
         },
         phases,
         ratios,
+        figures,
     };
     report::print(&report);
     let json = args.out.join("results.json");
-    let svg = args.out.join("coldstart.svg");
+    let svg = args.out.join("bench.svg");
     report::write_json(&report, &json)?;
     report::write_svg(&report, &svg)?;
     println!("\nwrote {} and {}", json.display(), svg.display());

@@ -17,6 +17,25 @@ pub struct Ratio {
     pub met: bool,
 }
 
+impl Ratio {
+    pub fn new(name: &str, value: f64, goal: &str, met: impl Fn(f64) -> bool) -> Ratio {
+        Ratio {
+            name: name.to_string(),
+            value,
+            goal: goal.to_string(),
+            met: met(value),
+        }
+    }
+}
+
+/// A single figure that is not a latency distribution (throughput, memory).
+#[derive(Debug, Serialize)]
+pub struct Figure {
+    pub name: String,
+    pub value: f64,
+    pub unit: String,
+}
+
 #[derive(Debug, Serialize)]
 pub struct Report {
     pub guest: String,
@@ -24,6 +43,7 @@ pub struct Report {
     pub note: String,
     pub phases: Vec<Summary>,
     pub ratios: Vec<Ratio>,
+    pub figures: Vec<Figure>,
 }
 
 pub fn print(report: &Report) {
@@ -47,6 +67,10 @@ pub fn print(report: &Report) {
             format_us(p.p99_us),
             format_us(p.max_us)
         );
+    }
+    println!();
+    for f in &report.figures {
+        println!("{:<58} {:>10.1} {}", f.name, f.value, f.unit);
     }
     println!();
     for r in &report.ratios {
@@ -85,7 +109,7 @@ pub fn write_svg(report: &Report, path: &Path) -> Result<()> {
         .max(0.1);
     let mut chart = ChartBuilder::on(&root)
         .caption(
-            format!("edged cold start — {} (µs, log scale)", report.guest),
+            format!("edged — {} (p50 bar, p99 outline; µs, log scale)", report.guest),
             ("sans-serif", 20),
         )
         .margin(15)

@@ -179,6 +179,11 @@ impl Node {
                             continue;
                         }
                     };
+                    // Responses are often several small writes (head, chunks, trailer);
+                    // Nagle plus delayed ACKs would add ~40 ms to each.
+                    if let Err(e) = stream.set_nodelay(true) {
+                        tracing::debug!(%peer, error = %e, "set_nodelay failed");
+                    }
                     let node = self.clone();
                     let service = hyper::service::service_fn(move |req| {
                         let node = node.clone();
