@@ -6,5 +6,6 @@ set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 scripts/install-wasm-targets.sh
+scripts/install-test-deps.sh
 scripts/build-guests.sh
 cargo test --workspace --locked "$@"

@@ -34,7 +34,11 @@ impl Drop for EdgedProcess {
     }
 }
 
-fn start_edged(binary: &Path, work: &Path, guests: &[(&str, &str, PathBuf)]) -> Result<EdgedProcess> {
+fn start_edged(
+    binary: &Path,
+    work: &Path,
+    guests: &[(&str, &str, PathBuf)],
+) -> Result<EdgedProcess> {
     use std::fmt::Write as _;
     let mut config = format!(
         "[node]\nstate_dir = {:?}\nhttp_listen = \"127.0.0.1:0\"\n",
@@ -66,7 +70,10 @@ fn start_edged(binary: &Path, work: &Path, guests: &[(&str, &str, PathBuf)]) -> 
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         use std::io::BufRead;
-        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
             if let Some(addr) = line.strip_prefix("edged listening on http://") {
                 let _ = tx.send(addr.to_string());
             }
@@ -104,7 +111,9 @@ fn start_floor_server() -> Result<SocketAddr> {
         runtime.block_on(async move {
             let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
             loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
                 let _ = stream.set_nodelay(true);
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(|_req| async {
@@ -124,7 +133,12 @@ fn start_floor_server() -> Result<SocketAddr> {
 
 /// Latencies of `requests` GETs of `path`, spread over `connections` keep-alive connections,
 /// and the achieved requests per second.
-async fn load(addr: SocketAddr, path: &str, connections: usize, requests: usize) -> Result<(Vec<Duration>, f64)> {
+async fn load(
+    addr: SocketAddr,
+    path: &str,
+    connections: usize,
+    requests: usize,
+) -> Result<(Vec<Duration>, f64)> {
     let per_connection = requests.div_ceil(connections);
     let started = Instant::now();
     let mut workers = Vec::new();
@@ -133,7 +147,8 @@ async fn load(addr: SocketAddr, path: &str, connections: usize, requests: usize)
         workers.push(tokio::spawn(async move {
             let stream = tokio::net::TcpStream::connect(addr).await?;
             stream.set_nodelay(true)?;
-            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+            let (mut sender, conn) =
+                hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
             tokio::spawn(conn);
             let mut samples = Vec::with_capacity(per_connection);
             for _ in 0..per_connection {
@@ -146,7 +161,10 @@ async fn load(addr: SocketAddr, path: &str, connections: usize, requests: usize)
                 let body = response.into_body().collect().await?.to_bytes();
                 samples.push(start.elapsed());
                 if !status.is_success() {
-                    bail!("{path}: status {status}: {}", String::from_utf8_lossy(&body));
+                    bail!(
+                        "{path}: status {status}: {}",
+                        String::from_utf8_lossy(&body)
+                    );
                 }
             }
             anyhow::Ok(samples)
@@ -163,7 +181,11 @@ async fn load(addr: SocketAddr, path: &str, connections: usize, requests: usize)
 pub async fn run(params: &Params, work: &Path) -> Result<(Vec<Summary>, Vec<Ratio>, Vec<Figure>)> {
     let guests = [
         ("hello", "/hello", edged_testkit::guest("hello-http.wasm")),
-        ("heavy", "/heavy", edged_testkit::guest("init-heavy-http.wasm")),
+        (
+            "heavy",
+            "/heavy",
+            edged_testkit::guest("init-heavy-http.wasm"),
+        ),
         ("cgi", "/cgi", edged_testkit::guest("init-heavy-p1.wasm")),
     ];
     let edged = start_edged(&params.edged, work, &guests)?;
@@ -175,8 +197,16 @@ pub async fn run(params: &Params, work: &Path) -> Result<(Vec<Summary>, Vec<Rati
     let targets = [
         ("http: bare hyper floor", floor, "/"),
         ("http: hello component", edged.addr, "/hello"),
-        ("http: init-heavy component (Wizer)", edged.addr, "/heavy?key=4242"),
-        ("http: init-heavy p1 CGI (Wizer)", edged.addr, "/cgi?key=4242"),
+        (
+            "http: init-heavy component (Wizer)",
+            edged.addr,
+            "/heavy?key=4242",
+        ),
+        (
+            "http: init-heavy p1 CGI (Wizer)",
+            edged.addr,
+            "/cgi?key=4242",
+        ),
     ];
     let mut phases = Vec::new();
     let mut figures = Vec::new();
@@ -200,9 +230,24 @@ pub async fn run(params: &Params, work: &Path) -> Result<(Vec<Summary>, Vec<Rati
     }
     let p50 = |i: usize| phases[i].p50_us;
     let ratios = vec![
-        Ratio::new("http p50: hello / bare-hyper floor", p50(1) / p50(0), "<= 1.5", |v| v <= 1.5),
-        Ratio::new("http p50: init-heavy component / hello", p50(2) / p50(1), "<= 2.0", |v| v <= 2.0),
-        Ratio::new("http p50: init-heavy p1 CGI / hello", p50(3) / p50(1), "info", |_| true),
+        Ratio::new(
+            "http p50: hello / bare-hyper floor",
+            p50(1) / p50(0),
+            "<= 1.5",
+            |v| v <= 1.5,
+        ),
+        Ratio::new(
+            "http p50: init-heavy component / hello",
+            p50(2) / p50(1),
+            "<= 2.0",
+            |v| v <= 2.0,
+        ),
+        Ratio::new(
+            "http p50: init-heavy p1 CGI / hello",
+            p50(3) / p50(1),
+            "info",
+            |_| true,
+        ),
     ];
     Ok((phases, ratios, figures))
 }

@@ -109,7 +109,10 @@ pub fn write_svg(report: &Report, path: &Path) -> Result<()> {
         .max(0.1);
     let mut chart = ChartBuilder::on(&root)
         .caption(
-            format!("edged — {} (p50 bar, p99 outline; µs, log scale)", report.guest),
+            format!(
+                "edged — {} (p50 bar, p99 outline; µs, log scale)",
+                report.guest
+            ),
             ("sans-serif", 20),
         )
         .margin(15)
