@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use edged_compiler::{CompileOptions, EngineSettings, InitPolicy, Target, content_hash};
-use edged_node_config::{FunctionConfig, InitSetting};
+use edged_node_config::{FunctionConfig, InitSetting, Limits};
 use edged_snapshots::{BlobKind, LoadPath, Manifest, Prepared, Restorer, Store};
 use tokio::sync::Semaphore;
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
@@ -155,8 +155,41 @@ pub fn ensure_deployed(
     Ok(manifest)
 }
 
-/// Deploys (if needed) and prepares one function. Blocking: compiles and maps files.
-pub fn prepare_function(
+/// The function a pushed deployment becomes: its route and limits from the manifest, and no
+/// capabilities (pushed functions get no preopens, environment or outbound hosts).
+pub fn pushed_function_config(manifest: &Manifest) -> FunctionConfig {
+    let limits = match manifest.limits {
+        Some(l) => Limits {
+            memory_bytes: (l.memory_mib << 20) as usize,
+            timeout: std::time::Duration::from_millis(l.timeout_ms),
+            max_concurrency: l.max_concurrency.max(1),
+            max_body_bytes: (l.max_body_kib * 1024) as usize,
+        },
+        None => Limits::default(),
+    };
+    FunctionConfig {
+        name: manifest.name.clone(),
+        wasm: std::path::PathBuf::new(),
+        route: route_of(manifest),
+        host: None,
+        init: InitSetting::Auto,
+        limits,
+        env: Default::default(),
+        dirs: Vec::new(),
+        outbound_hosts: Vec::new(),
+    }
+}
+
+/// The route a pushed deployment serves.
+pub fn route_of(manifest: &Manifest) -> String {
+    manifest
+        .route
+        .clone()
+        .unwrap_or_else(|| format!("/{}", manifest.name))
+}
+
+/// Deploys (if needed) and prepares a config-declared function. Blocking: compiles and maps.
+pub fn prepare_declared(
     restorer: &Restorer<GuestState>,
     engine: &EngineSettings,
     metrics: &Metrics,
@@ -164,6 +197,16 @@ pub fn prepare_function(
 ) -> Result<Function> {
     let manifest = ensure_deployed(restorer.store(), engine, config)
         .with_context(|| format!("function `{}`", config.name))?;
+    prepare(restorer, metrics, config, manifest)
+}
+
+/// Prepares `manifest` as the function `config`. Blocking: maps (or compiles) the artifact.
+pub fn prepare(
+    restorer: &Restorer<GuestState>,
+    metrics: &Metrics,
+    config: &FunctionConfig,
+    manifest: Manifest,
+) -> Result<Function> {
     let (prepared, how) = restorer
         .prepare(&manifest)
         .with_context(|| format!("function `{}`: preparing {}", config.name, manifest.id()))?;
@@ -193,14 +236,16 @@ pub fn prepare_function(
         ),
         Prepared::Module(_) => None,
     };
-    tracing::info!(
-        function = %config.name,
-        deployment = %manifest.id(),
-        route = %config.route,
-        kind = %manifest.kind,
-        load = ?how,
-        "function ready"
-    );
+    if how != LoadPath::Cached {
+        tracing::info!(
+            function = %config.name,
+            deployment = %manifest.id(),
+            route = %config.route,
+            kind = %manifest.kind,
+            load = ?how,
+            "function ready"
+        );
+    }
     Ok(Function {
         config: config.clone(),
         manifest,

@@ -12,6 +12,7 @@
 //! - [`metrics`]: Prometheus metrics;
 //! - [`notify`]: the systemd notify protocol and watchdog.
 
+pub mod control;
 pub mod functions;
 pub mod host;
 pub mod invoke;

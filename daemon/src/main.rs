@@ -72,9 +72,12 @@ fn main() -> Result<()> {
         .build()?;
     runtime.block_on(async {
         let node = Node::open(config, cli.config.clone())?;
-        node.serve(|addr| {
-            // A stable line on stdout for scripts and tests to find the bound port.
-            println!("edged listening on http://{addr}");
+        node.serve(|http, control| {
+            // Stable lines on stdout for scripts and tests to find the bound ports.
+            if let Some(control) = control {
+                println!("edged control on quic://{control}");
+            }
+            println!("edged listening on http://{http}");
             let _ = std::io::stdout().flush();
         })
         .await

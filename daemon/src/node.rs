@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use arc_swap::ArcSwap;
+use bytes::Bytes;
 use edged_compiler::EngineSettings;
 use edged_node_config::NodeConfig;
 use edged_snapshots::{PoolSettings, Prepared, Restorer, RuntimeSettings, Store, runtime_engine};
@@ -24,7 +25,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::functions::{Function, FunctionSet, prepare_function};
+use crate::functions::{Function, FunctionSet, prepare, prepare_declared, pushed_function_config};
 use crate::host::{GuestState, linkers};
 use crate::invoke::{Fault, ResponseBody, Timing, full_body, run_cgi, run_proxy};
 use crate::metrics::{FaultLabels, Metrics, ReloadLabels, RequestLabels};
@@ -41,6 +42,8 @@ pub struct Node {
     request_seq: AtomicU64,
     /// Guest tasks that may outlive their response head (streaming components).
     guest_tasks: TaskTracker,
+    /// Function-set rebuilds (reload, activation) run one at a time.
+    refresh_lock: tokio::sync::Mutex<()>,
 }
 
 fn runtime_settings(config: &NodeConfig) -> RuntimeSettings {
@@ -81,6 +84,7 @@ impl Node {
             ready: AtomicBool::new(false),
             request_seq: AtomicU64::new(0),
             guest_tasks: TaskTracker::new(),
+            refresh_lock: tokio::sync::Mutex::new(()),
         }))
     }
 
@@ -88,25 +92,111 @@ impl Node {
         self.functions.load_full()
     }
 
-    /// Deploys and prepares every function `config` declares; all or nothing.
+    /// Deploys and prepares every function `config` declares, plus the active version of every
+    /// pushed deployment (a name declared in the config wins); all or nothing.
     async fn build_functions(self: &Arc<Self>, config: &NodeConfig) -> Result<FunctionSet> {
-        let mut prepared = Vec::with_capacity(config.functions.len());
-        for function in &config.functions {
-            let node = self.clone();
-            let function = function.clone();
-            let built = tokio::task::spawn_blocking(move || {
-                prepare_function(
+        let node = self.clone();
+        let config = config.clone();
+        let functions = tokio::task::spawn_blocking(move || -> Result<Vec<Arc<Function>>> {
+            let mut functions = Vec::new();
+            for declared in &config.functions {
+                functions.push(Arc::new(prepare_declared(
                     &node.restorer,
                     &node.engine_settings,
                     &node.metrics,
-                    &function,
-                )
-            })
-            .await
-            .context("deploy task panicked")??;
-            prepared.push(Arc::new(built));
+                    declared,
+                )?));
+            }
+            let store = node.restorer.store();
+            let mut names: Vec<String> = store.manifests()?.into_iter().map(|m| m.name).collect();
+            names.dedup();
+            for name in names {
+                if config.functions.iter().any(|f| f.name == name) {
+                    continue;
+                }
+                let Some(manifest) = store.active_manifest(&name)? else { continue };
+                let function_config = pushed_function_config(&manifest);
+                match prepare(&node.restorer, &node.metrics, &function_config, manifest) {
+                    Ok(function) => functions.push(Arc::new(function)),
+                    // One bad pushed deployment must not take the others (or the node) down.
+                    Err(e) => tracing::error!(function = %name, error = %format!("{e:#}"), "cannot serve pushed deployment"),
+                }
+            }
+            Ok(functions)
+        })
+        .await
+        .context("deploy task panicked")??;
+        Ok(FunctionSet::new(functions))
+    }
+
+    /// Rebuilds the function set from the current config and store, and swaps it in.
+    pub async fn refresh_functions(self: &Arc<Self>) -> Result<()> {
+        let _serialized = self.refresh_lock.lock().await;
+        let config = self.config.load_full();
+        let set = self.build_functions(&config).await?;
+        self.functions.store(Arc::new(set));
+        Ok(())
+    }
+
+    /// Activates `name@version` in the store and starts serving it.
+    pub async fn activate(self: &Arc<Self>, name: &str, version: u64) -> Result<()> {
+        self.restorer.store().activate(name, version)?;
+        self.refresh_functions().await?;
+        tracing::info!(deployment = %format!("{name}@{version}"), "activated");
+        Ok(())
+    }
+
+    pub fn store(&self) -> &Arc<edged_snapshots::Store> {
+        self.restorer.store()
+    }
+
+    pub fn target(&self) -> edged_compiler::Target {
+        self.restorer.target()
+    }
+
+    pub fn fingerprint(&self) -> &str {
+        self.restorer.fingerprint()
+    }
+
+    /// The route `manifest` is (or would be) served on.
+    pub fn route_of(&self, manifest: &edged_snapshots::Manifest) -> String {
+        let config = self.config.load();
+        match config.functions.iter().find(|f| f.name == manifest.name) {
+            Some(declared) => declared.route.clone(),
+            None => crate::functions::route_of(manifest),
         }
-        Ok(FunctionSet::new(prepared))
+    }
+
+    /// Runs one request against the function `name`, as `edgectl invoke` does.
+    pub async fn invoke_by_name(
+        self: &Arc<Self>,
+        name: &str,
+        method: &str,
+        path: &str,
+        body: Vec<u8>,
+    ) -> Result<edged_control::wire::Response> {
+        let function = self
+            .functions()
+            .iter()
+            .find(|f| f.config.name == name)
+            .cloned()
+            .ok_or_else(|| anyhow::anyhow!("no function `{name}` is being served"))?;
+        let request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(http::header::HOST, "localhost")
+            .body(Bytes::from(body))
+            .context("building the request")?;
+        let response = self.invoke_collected(&function, request).await;
+        let status = response.status().as_u16();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| anyhow::anyhow!("reading the response: {e}"))?
+            .to_bytes()
+            .to_vec();
+        Ok(edged_control::wire::Response::Invoked { status, body })
     }
 
     /// Re-reads the config file and swaps in the new function set. A config that does not
@@ -126,6 +216,7 @@ impl Node {
                     "http_listen, state_dir and [engine] changes take effect only after a restart"
                 );
             }
+            let _serialized = self.refresh_lock.lock().await;
             let set = self.build_functions(&new).await?;
             self.functions.store(Arc::new(set));
             self.config.store(Arc::new(new));
@@ -149,11 +240,23 @@ impl Node {
         )
     }
 
-    /// Serves until SIGTERM/SIGINT, then drains. `on_listening` gets the bound address.
-    pub async fn serve(self: Arc<Self>, on_listening: impl FnOnce(SocketAddr)) -> Result<()> {
+    /// Serves until SIGTERM/SIGINT, then drains. `on_listening` gets the bound HTTP address
+    /// and, when the control plane is on, its QUIC address.
+    pub async fn serve(
+        self: Arc<Self>,
+        on_listening: impl FnOnce(SocketAddr, Option<SocketAddr>),
+    ) -> Result<()> {
         let config = self.config.load_full();
-        let set = self.build_functions(&config).await?;
-        self.functions.store(Arc::new(set));
+        self.refresh_functions().await?;
+        let control = match &config.control {
+            Some(control_config) => {
+                let (endpoint, plane) = crate::control::bind(self.clone(), control_config)?;
+                let addr = endpoint.local_addr()?;
+                tokio::spawn(plane.serve(endpoint.clone()));
+                Some((endpoint, addr))
+            }
+            None => None,
+        };
         let ticker = self.epoch_ticker();
         let listener = TcpListener::bind(config.http_listen)
             .await
@@ -161,7 +264,7 @@ impl Node {
         let addr = listener.local_addr()?;
         self.ready.store(true, Ordering::SeqCst);
         tracing::info!(%addr, functions = self.functions().len(), "edged serving");
-        on_listening(addr);
+        on_listening(addr, control.as_ref().map(|(_, a)| *a));
         notify::ready();
         let watchdog = notify::spawn_watchdog(self.clone(), addr);
 
@@ -215,6 +318,9 @@ impl Node {
         notify::stopping();
         self.ready.store(false, Ordering::SeqCst);
         drop(listener);
+        if let Some((endpoint, _)) = &control {
+            endpoint.close(0u32.into(), b"node stopping");
+        }
         let drain = config.drain_timeout;
         tracing::info!(?drain, "draining in-flight requests");
         let started = Instant::now();
@@ -371,8 +477,41 @@ impl Node {
                 );
             }
         };
-        let request = Request::from_parts(parts, body);
+        self.run_guest(function, Request::from_parts(parts, body), permit)
+            .await
+    }
 
+    /// Like the HTTP path, for a request whose body is already in memory.
+    async fn invoke_collected(
+        self: &Arc<Self>,
+        function: &Arc<Function>,
+        request: Request<Bytes>,
+    ) -> Response<ResponseBody> {
+        if request.body().len() > function.config.limits.max_body_bytes {
+            return self.reject(
+                function,
+                "body_too_large",
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request body exceeds the function's limit",
+            );
+        }
+        let Ok(permit) = function.permits.clone().try_acquire_owned() else {
+            return self.reject(
+                function,
+                "overloaded",
+                StatusCode::SERVICE_UNAVAILABLE,
+                "function is at its concurrency limit",
+            );
+        };
+        self.run_guest(function, request, permit).await
+    }
+
+    async fn run_guest(
+        self: &Arc<Self>,
+        function: &Arc<Function>,
+        request: Request<Bytes>,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) -> Response<ResponseBody> {
         let label = Metrics::function(&function.config.name);
         let in_flight = self.metrics.in_flight.get_or_create(&label).clone();
         in_flight.inc();

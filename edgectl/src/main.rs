@@ -1,23 +1,27 @@
 //! `edgectl`: the operator's command line for edged.
 //!
-//! `edgectl build` runs the compiler pipeline locally (validate → Wizer → AOT for every target)
-//! and writes the artifacts and their manifest to a directory.
+//! - `build` runs the compiler pipeline locally and writes artifacts and a manifest;
+//! - `init` / `issue-node` create the fleet identity (CA, certificates, signing key);
+//! - `push`, `ls`, `status`, `activate`, `rollback`, `invoke`, `rm` talk to a node over QUIC.
 
-use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+mod build;
+mod remote;
 
-use anyhow::{Context, Result};
+use std::path::PathBuf;
+
+use anyhow::Result;
 use clap::{Parser, Subcommand};
-use edged_compiler::{CompileOptions, InitPolicy, Target};
-use edged_snapshots::Manifest;
+use edged_control::wire::Request;
 
 #[derive(Parser)]
 #[command(
     name = "edgectl",
     version,
-    about = "Build and manage edged deployments"
+    about = "Build, push and manage edged deployments"
 )]
 struct Cli {
+    #[command(flatten)]
+    target: remote::Target,
     #[command(subcommand)]
     command: Command,
 }
@@ -26,133 +30,98 @@ struct Cli {
 enum Command {
     /// Pre-initialize and AOT-compile a .wasm (or .wat) for every target; write artifacts and a
     /// manifest to the output directory.
-    Build(BuildArgs),
-}
-
-#[derive(clap::Args)]
-struct BuildArgs {
-    /// The core module (WASI preview 1) or component (WASI 0.2) to build.
-    input: PathBuf,
-    /// Output directory (created if missing).
-    #[arg(short, long, default_value = "out")]
-    out: PathBuf,
-    /// Deployment name; defaults to the input's file stem.
-    #[arg(long)]
-    name: Option<String>,
-    /// Deployment version (monotonic per name).
-    #[arg(long, default_value_t = 1)]
-    version: u64,
-    /// Init function to pre-initialize with (default: `wizer-initialize` when exported).
-    #[arg(long, conflicts_with = "no_wizer")]
-    init_func: Option<String>,
-    /// Do not pre-initialize, even if the input exports an init function.
-    #[arg(long)]
-    no_wizer: bool,
-    /// Targets to compile for (default: all).
-    #[arg(long = "target", value_name = "TRIPLE")]
-    targets: Vec<String>,
-    /// Print the manifest as JSON instead of a table.
-    #[arg(long)]
-    json: bool,
+    Build(build::BuildArgs),
+    /// Create a fleet: CA, operator certificate and signing key (refuses to overwrite).
+    Init {
+        /// Operator name in the certificate.
+        #[arg(long, default_value = "operator")]
+        operator: String,
+    },
+    /// Issue a node certificate from the fleet CA (for a node's identity_dir).
+    IssueNode {
+        name: String,
+        /// Where to write `<name>.pem`, `<name>.key`, `ca.pem` and `signing.pub`.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Compile for every target, sign, upload what the node lacks, and activate.
+    Push(remote::PushArgs),
+    /// Deployments the node holds.
+    Ls,
+    /// The node's identity, target, engine fingerprint and store.
+    Status,
+    /// Serve NAME@VERSION (one the node already holds).
+    Activate { id: String },
+    /// Serve the version before the active one (instant; no upload).
+    Rollback { name: String },
+    /// Run one request through a function on the node.
+    Invoke {
+        name: String,
+        /// Path (with query) the function sees.
+        #[arg(long, default_value = "/")]
+        path: String,
+        #[arg(long, default_value = "GET")]
+        method: String,
+        /// Request body.
+        #[arg(long)]
+        data: Option<String>,
+    },
+    /// Remove NAME@VERSION from the node (not the active one).
+    Rm { id: String },
 }
 
 fn main() -> Result<()> {
-    match Cli::parse().command {
-        Command::Build(args) => build(args),
-    }
-}
-
-/// Writes `bytes` to `path` via a temp file, fsync and rename, so a crash never leaves half a file.
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)
-        .with_context(|| format!("creating a temp file in {}", dir.display()))?;
-    tmp.write_all(bytes)?;
-    tmp.as_file().sync_all()?;
-    tmp.persist(path)
-        .with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
-}
-
-fn build(args: BuildArgs) -> Result<()> {
-    let input =
-        std::fs::read(&args.input).with_context(|| format!("reading {}", args.input.display()))?;
-    let name = match &args.name {
-        Some(name) => name.clone(),
-        None => args
-            .input
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .context("cannot derive a name from the input path; pass --name")?,
+    let cli = Cli::parse();
+    let target = cli.target;
+    let runtime = || {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
     };
-    edged_snapshots::manifest::validate_name(&name).map_err(anyhow::Error::msg)?;
-    let targets = if args.targets.is_empty() {
-        Target::ALL.to_vec()
-    } else {
-        args.targets
-            .iter()
-            .map(|t| t.parse::<Target>())
-            .collect::<Result<Vec<_>, _>>()?
-    };
-    let options = CompileOptions {
-        init: match (&args.init_func, args.no_wizer) {
-            (_, true) => InitPolicy::Skip,
-            (Some(init), false) => InitPolicy::Required(init.clone()),
-            (None, false) => InitPolicy::IfExported,
-        },
-        targets,
-        ..CompileOptions::default()
-    };
-    let compiled = edged_compiler::compile(&input, &options)
-        .with_context(|| format!("building {}", args.input.display()))?;
-    let created_at = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or(Duration::ZERO)
-        .as_secs();
-    let manifest = Manifest::from_compiled(&name, args.version, created_at, &compiled);
-
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("creating {}", args.out.display()))?;
-    write_atomically(&args.out.join("source.wasm"), &compiled.source)?;
-    for artifact in &compiled.artifacts {
-        let file = args.out.join(format!("{}.cwasm", artifact.target));
-        write_atomically(&file, &artifact.bytes)?;
-    }
-    let manifest_json = serde_json::to_string_pretty(&manifest)?;
-    write_atomically(&args.out.join("manifest.json"), manifest_json.as_bytes())?;
-
-    if args.json {
-        println!("{manifest_json}");
-        return Ok(());
-    }
-    println!(
-        "{} v{} ({}, {})",
-        manifest.name,
-        manifest.version,
-        compiled.kind,
-        match &compiled.init_func {
-            Some(init) => format!("pre-initialized with `{init}`"),
-            None => "not pre-initialized".to_string(),
+    match cli.command {
+        Command::Build(args) => build::build(args),
+        Command::Init { operator } => {
+            let dir = remote::identity_dir(target.identity.as_deref());
+            edged_control::identity::init_operator_dir(&dir, &operator)?;
+            println!(
+                "created fleet identity in {} (keys are 0600; keep ca.key offline)",
+                dir.display()
+            );
+            Ok(())
         }
-    );
-    println!("  {:<27} {:<66} {:>10}", "target", "blake3", "bytes");
-    println!(
-        "  {:<27} {:<66} {:>10}",
-        "source", manifest.source.blake3, manifest.source.size
-    );
-    for a in &manifest.artifacts {
-        println!(
-            "  {:<27} {:<66} {:>10}",
-            a.target.triple(),
-            a.blake3,
-            a.size
-        );
+        Command::IssueNode { name, out } => {
+            let dir = remote::identity_dir(target.identity.as_deref());
+            edged_control::identity::issue_node_files(&dir, &name, &out)?;
+            println!("issued node certificate {name} into {}", out.display());
+            Ok(())
+        }
+        Command::Push(args) => runtime()?.block_on(remote::push(&target, args)),
+        Command::Ls => runtime()?.block_on(remote::simple(&target, Request::List)),
+        Command::Status => runtime()?.block_on(remote::simple(&target, Request::Status)),
+        Command::Activate { id } => {
+            let (name, version) = remote::parse_id(&id)?;
+            runtime()?.block_on(remote::simple(&target, Request::Activate { name, version }))
+        }
+        Command::Rollback { name } => {
+            runtime()?.block_on(remote::simple(&target, Request::Rollback { name }))
+        }
+        Command::Invoke {
+            name,
+            path,
+            method,
+            data,
+        } => runtime()?.block_on(remote::simple(
+            &target,
+            Request::Invoke {
+                name,
+                method,
+                path,
+                body: data.unwrap_or_default().into_bytes(),
+            },
+        )),
+        Command::Rm { id } => {
+            let (name, version) = remote::parse_id(&id)?;
+            runtime()?.block_on(remote::simple(&target, Request::Remove { name, version }))
+        }
     }
-    println!("  steps:");
-    for (step, took) in &compiled.timings.0 {
-        println!("    {step:<40} {:>9.1} ms", took.as_secs_f64() * 1e3);
-    }
-    println!("  wrote {}", args.out.display());
-    Ok(())
 }

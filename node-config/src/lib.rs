@@ -48,6 +48,21 @@ pub struct NodeConfig {
     pub cache_capacity: usize,
     pub engine: EngineConfig,
     pub functions: Vec<FunctionConfig>,
+    /// The QUIC control plane; off when the file has no `[control]` table.
+    pub control: Option<ControlConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ControlConfig {
+    pub listen: SocketAddr,
+    /// Holds `ca.pem` and `<node_name>.pem` / `<node_name>.key`.
+    pub identity_dir: PathBuf,
+    pub node_name: String,
+    /// Operator public keys (`signing.pub` files) whose signatures this node accepts.
+    pub trusted_keys: Vec<PathBuf>,
+    /// Generate a throwaway fleet (CA, node and operator certificates, signing key) in
+    /// `identity_dir` if it is empty. For local development only.
+    pub dev_identity: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -94,6 +109,19 @@ pub struct Limits {
     pub max_body_bytes: usize,
 }
 
+impl Default for Limits {
+    /// The limits a function gets when it does not set its own.
+    fn default() -> Self {
+        let raw = RawLimits::default();
+        Limits {
+            memory_bytes: (*raw.memory_mib.get_ref() * MIB) as usize,
+            timeout: Duration::from_millis(*raw.timeout_ms.get_ref()),
+            max_concurrency: *raw.max_concurrency.get_ref(),
+            max_body_bytes: (raw.max_body_kib * 1024) as usize,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DirGrant {
     pub host: PathBuf,
@@ -112,6 +140,24 @@ struct RawConfig {
     engine: RawEngine,
     #[serde(default, rename = "function")]
     functions: Vec<RawFunction>,
+    control: Option<RawControl>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawControl {
+    listen: Spanned<String>,
+    identity_dir: String,
+    #[serde(default = "default_node_name")]
+    node_name: String,
+    #[serde(default)]
+    trusted_keys: Vec<String>,
+    #[serde(default)]
+    dev_identity: bool,
+}
+
+fn default_node_name() -> String {
+    "node".into()
 }
 
 #[derive(Deserialize)]
@@ -295,6 +341,30 @@ impl NodeConfig {
                 f, &functions, max_memory, &err_at, &resolve,
             )?);
         }
+        let control = match &raw.control {
+            None => None,
+            Some(c) => {
+                let listen = c.listen.get_ref().parse::<SocketAddr>().map_err(|e| {
+                    err_at(
+                        c.listen.span(),
+                        format!("control.listen `{}`: {e}", c.listen.get_ref()),
+                    )
+                })?;
+                let identity_dir = resolve(&c.identity_dir);
+                let mut trusted_keys: Vec<PathBuf> =
+                    c.trusted_keys.iter().map(|k| resolve(k)).collect();
+                if c.dev_identity && trusted_keys.is_empty() {
+                    trusted_keys.push(identity_dir.join("signing.pub"));
+                }
+                Some(ControlConfig {
+                    listen,
+                    identity_dir,
+                    node_name: c.node_name.clone(),
+                    trusted_keys,
+                    dev_identity: c.dev_identity,
+                })
+            }
+        };
         Ok(NodeConfig {
             state_dir: resolve(node.state_dir.get_ref()),
             http_listen,
@@ -309,6 +379,7 @@ impl NodeConfig {
                 max_memory_bytes: max_memory as usize,
             },
             functions,
+            control,
         })
     }
 }
@@ -456,6 +527,12 @@ mod tests {
         assert_eq!(c.http_listen, "127.0.0.1:8080".parse().unwrap());
         assert_eq!(c.state_dir, PathBuf::from("/tmp/x/.edged-dev"));
         assert!(c.functions.is_empty());
+        let control = c.control.unwrap();
+        assert!(control.dev_identity);
+        assert_eq!(
+            control.trusted_keys,
+            vec![PathBuf::from("/tmp/x/.edged-dev/identity/signing.pub")]
+        );
     }
 
     #[test]

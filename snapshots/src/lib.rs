@@ -16,7 +16,7 @@ pub mod restore;
 pub mod store;
 
 pub use artifact_check::check_artifact;
-pub use manifest::{ArtifactRef, BlobRef, Manifest};
+pub use manifest::{ArtifactRef, BlobRef, DeploymentLimits, Manifest};
 pub use restore::{
     Linkers, LoadPath, PoolSettings, Prepared, RestoreError, Restorer, RuntimeSettings,
     runtime_engine,

@@ -36,6 +36,21 @@ pub struct Manifest {
     /// The Wizer init function applied before compiling, if any.
     pub init_func: Option<String>,
     pub artifacts: Vec<ArtifactRef>,
+    /// Path prefix the deployment serves (default `/<name>`).
+    #[serde(default)]
+    pub route: Option<String>,
+    /// Per-request limits (default: the node's defaults).
+    #[serde(default)]
+    pub limits: Option<DeploymentLimits>,
+}
+
+/// Per-request limits a deployment asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeploymentLimits {
+    pub memory_mib: u64,
+    pub timeout_ms: u64,
+    pub max_concurrency: usize,
+    pub max_body_kib: u64,
 }
 
 impl Manifest {
@@ -101,6 +116,8 @@ impl Manifest {
                     size: a.bytes.len() as u64,
                 })
                 .collect(),
+            route: None,
+            limits: None,
         }
     }
 }

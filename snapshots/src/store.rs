@@ -14,6 +14,9 @@
 //!
 //! Blob references are not stored: they are derived from the manifests (and the locally
 //! compiled artifacts of their sources) whenever needed, so they cannot drift from them.
+//!
+//! A manifest is indexed only when its source blob is stored; artifacts for other targets than
+//! this node's may be named without being held (a node keeps its own target's `.cwasm`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File};
@@ -117,6 +120,12 @@ pub struct Store {
     active: sled::Tree,
     /// `source hash \0 init \0 fingerprint` → artifact hash, for artifacts this node compiled.
     compiled: sled::Tree,
+    /// name → newest version ever indexed, kept after removals so old versions cannot be
+    /// replayed.
+    seen: sled::Tree,
+    /// `name \0 version` → the operator signature a manifest arrived with (JSON), so it can be
+    /// shown and forwarded to peers.
+    signatures: sled::Tree,
     /// Held by put (rename → index) and gc, so gc never sees a renamed-but-unindexed blob as
     /// stray and deletes it under a put.
     blob_lock: Mutex<()>,
@@ -137,6 +146,10 @@ fn manifest_key(name: &str, version: u64) -> Vec<u8> {
     key.push(0);
     key.extend_from_slice(&version.to_be_bytes());
     key
+}
+
+fn decode_version(bytes: &[u8]) -> u64 {
+    u64::from_be_bytes(bytes.try_into().unwrap_or_default())
 }
 
 fn compiled_key(source: &str, init: Option<&str>, fingerprint: &str) -> Vec<u8> {
@@ -185,6 +198,8 @@ impl Store {
             manifests: db.open_tree("manifests")?,
             active: db.open_tree("active")?,
             compiled: db.open_tree("compiled")?,
+            seen: db.open_tree("seen")?,
+            signatures: db.open_tree("signatures")?,
             db,
             root,
             blob_lock: Mutex::new(()),
@@ -337,10 +352,13 @@ impl Store {
                 manifest.source.blake3, source.kind, source.size, manifest.source.size
             )));
         }
+        // A node holds the source and the artifacts for its own target; the other targets'
+        // artifacts are named (so peers can fetch them) but need not be here. Those that are
+        // here must be what the manifest says they are.
         for artifact in &manifest.artifacts {
-            let meta = self.blob_meta(&artifact.blake3)?.ok_or_else(|| {
-                refuse(format!("artifact blob {} is not stored", artifact.blake3))
-            })?;
+            let Some(meta) = self.blob_meta(&artifact.blake3)? else {
+                continue;
+            };
             let expected = BlobKind::Artifact {
                 target: artifact.target,
                 fingerprint: artifact.fingerprint.clone(),
@@ -354,6 +372,11 @@ impl Store {
         }
         let key = manifest_key(&manifest.name, manifest.version);
         let encoded = serde_json::to_vec(manifest).expect("Manifest serializes");
+        self.seen
+            .fetch_and_update(manifest.name.as_bytes(), |old| {
+                let old = old.map(decode_version).unwrap_or(0);
+                Some(old.max(manifest.version).to_be_bytes().to_vec())
+            })?;
         match self
             .manifests
             .compare_and_swap(&key, None as Option<&[u8]>, Some(encoded))?
@@ -371,6 +394,35 @@ impl Store {
         }
         self.db.flush()?;
         Ok(())
+    }
+
+    /// Records the signature `name@version` arrived with (opaque to the store).
+    pub fn put_signature(
+        &self,
+        name: &str,
+        version: u64,
+        signature: &[u8],
+    ) -> Result<(), StoreError> {
+        self.signatures
+            .insert(manifest_key(name, version), signature)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    pub fn signature(&self, name: &str, version: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self
+            .signatures
+            .get(manifest_key(name, version))?
+            .map(|v| v.to_vec()))
+    }
+
+    /// The newest version of `name` this store has ever indexed (0 if none), removed or not.
+    pub fn newest_version_seen(&self, name: &str) -> Result<u64, StoreError> {
+        Ok(self
+            .seen
+            .get(name.as_bytes())?
+            .map(|v| decode_version(&v))
+            .unwrap_or(0))
     }
 
     pub fn manifest(&self, name: &str, version: u64) -> Result<Option<Manifest>, StoreError> {
@@ -404,10 +456,10 @@ impl Store {
     }
 
     pub fn active_version(&self, name: &str) -> Result<Option<u64>, StoreError> {
-        Ok(self.active.get(name.as_bytes())?.map(|v| {
-            let bytes: [u8; 8] = v.as_ref().try_into().unwrap_or_default();
-            u64::from_be_bytes(bytes)
-        }))
+        Ok(self
+            .active
+            .get(name.as_bytes())?
+            .map(|v| decode_version(&v)))
     }
 
     pub fn active_manifest(&self, name: &str) -> Result<Option<Manifest>, StoreError> {
@@ -581,19 +633,18 @@ impl Store {
         }
         for manifest in self.manifests()? {
             report.manifests_checked += 1;
-            for hash in manifest.blob_hashes() {
-                if !self.blobs.contains_key(hash.as_bytes())? {
-                    report.problems.push(format!(
-                        "manifest {} names blob {hash}, which is not indexed",
-                        manifest.id()
-                    ));
-                }
+            let source = &manifest.source.blake3;
+            if !self.blobs.contains_key(source.as_bytes())? {
+                report.problems.push(format!(
+                    "manifest {} names source blob {source}, which is not indexed",
+                    manifest.id()
+                ));
             }
         }
         for entry in self.active.iter() {
             let (k, v) = entry?;
             let name = String::from_utf8_lossy(&k).into_owned();
-            let version = u64::from_be_bytes(v.as_ref().try_into().unwrap_or_default());
+            let version = decode_version(&v);
             if self.manifest(&name, version)?.is_none() {
                 report.problems.push(format!(
                     "{name} is active at version {version}, which is not stored"

@@ -68,6 +68,8 @@ fn churn(dir: &str) -> ! {
                 blake3: artifact_hash,
                 size: artifact.len() as u64,
             }],
+            route: None,
+            limits: None,
         };
         store.put_manifest(&manifest).unwrap();
         store.activate(&name, version).unwrap();

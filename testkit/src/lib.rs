@@ -48,3 +48,30 @@ pub fn guest(file: &str) -> PathBuf {
 pub fn guest_bytes(file: &str) -> Vec<u8> {
     std::fs::read(guest(file)).expect("guest is readable")
 }
+
+/// A binary of this workspace, built in the same profile as the running test (built on demand
+/// when the test was run on its own, e.g. `cargo test -p edged`). For binaries of *another*
+/// package; a package's own binaries are `env!("CARGO_BIN_EXE_<name>")`.
+pub fn workspace_binary(name: &str) -> PathBuf {
+    static BUILD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> → target/<profile>/<name>
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("tests run from target/<profile>/deps");
+    let path = profile_dir.join(name);
+    let _guard = BUILD.lock().unwrap_or_else(|p| p.into_inner());
+    if !path.exists() {
+        let mut cargo = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        cargo
+            .current_dir(workspace_root())
+            .args(["build", "--bin", name]);
+        if profile_dir.file_name().is_some_and(|p| p == "release") {
+            cargo.arg("--release");
+        }
+        let status = cargo.status().expect("cargo runs");
+        assert!(status.success(), "building {name} failed");
+    }
+    path
+}

@@ -12,6 +12,8 @@ use std::time::Duration;
 pub struct Edged {
     pub child: Child,
     pub addr: SocketAddr,
+    /// The QUIC control address, when the config has a `[control]` table.
+    pub control: Option<SocketAddr>,
     pub dir: tempfile::TempDir,
     pub config_path: PathBuf,
 }
@@ -44,14 +46,18 @@ impl Edged {
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
+            let mut control = None;
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(addr) = line.strip_prefix("edged control on quic://") {
+                    control = Some(addr.parse::<SocketAddr>().unwrap());
+                }
                 if let Some(addr) = line.strip_prefix("edged listening on http://") {
-                    let _ = tx.send(addr.parse::<SocketAddr>().unwrap());
+                    let _ = tx.send((addr.parse::<SocketAddr>().unwrap(), control));
                 }
             }
         });
-        let addr = match rx.recv_timeout(Duration::from_secs(120)) {
-            Ok(addr) => addr,
+        let (addr, control) = match rx.recv_timeout(Duration::from_secs(120)) {
+            Ok(addrs) => addrs,
             Err(_) => {
                 let _ = child.kill();
                 panic!(
@@ -63,6 +69,7 @@ impl Edged {
         Edged {
             child,
             addr,
+            control,
             dir,
             config_path,
         }

@@ -1,0 +1,17 @@
+//! # edged-control
+//!
+//! Owns everything `edgectl` and `edged` must agree on to talk to each other:
+//!
+//! - [`wire`]: the sans-IO protocol — message types, length-prefixed framing, size caps;
+//! - [`identity`]: the fleet CA, operator and node certificates (with their role), and the
+//!   mutual-TLS QUIC configurations built from them (ALPN `edge/1`, one crypto provider: ring);
+//! - [`signing`]: ed25519-signed manifests and the trusted-key check;
+//! - [`transport`]: reading and writing frames on QUIC streams.
+
+pub mod identity;
+pub mod signing;
+pub mod transport;
+pub mod wire;
+
+pub use identity::{FleetIdentity, Role};
+pub use signing::{SignedManifest, TrustedKeys};

@@ -1,0 +1,250 @@
+//! The control protocol, without I/O.
+//!
+//! Every request opens a bidirectional QUIC stream and carries one frame: a 4-byte big-endian
+//! length, then that many bytes of JSON. The answer is one frame back. `PutBlob` is the only
+//! request followed by raw bytes (the blob from `offset` on), so large blobs are never framed
+//! or buffered whole by the protocol layer. A frame longer than [`MAX_FRAME`], or one that does
+//! not decode to a known message, is an error, and the connection is closed.
+
+use edged_snapshots::manifest::BlobRef;
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+
+use crate::signing::SignedManifest;
+
+/// The ALPN protocol id of this version of the protocol.
+pub const ALPN: &[u8] = b"edge/1";
+/// Largest frame either side accepts. Manifests and listings are far smaller.
+pub const MAX_FRAME: usize = 1 << 20;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum WireError {
+    #[error("frame of {0} bytes exceeds the {MAX_FRAME}-byte limit")]
+    Oversized(usize),
+    #[error("undecodable message: {0}")]
+    Malformed(String),
+    #[error("stream ended inside a frame")]
+    Truncated,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "request", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// Step 1 of a push: the node checks the signed manifest (signature, trusted key, newer
+    /// version, completeness) and answers which of its blobs it still needs.
+    Offer {
+        manifest: SignedManifest,
+    },
+    /// Step 2: one blob named by an accepted offer, sent from `offset` on (resume).
+    PutBlob {
+        manifest_id: String,
+        hash: String,
+        offset: u64,
+    },
+    /// Step 3: every blob is in; index the manifest and optionally activate it.
+    Commit {
+        manifest_id: String,
+        activate: bool,
+    },
+    List,
+    Status,
+    Activate {
+        name: String,
+        version: u64,
+    },
+    Rollback {
+        name: String,
+    },
+    Remove {
+        name: String,
+        version: u64,
+    },
+    Invoke {
+        name: String,
+        method: String,
+        path: String,
+        #[serde(default)]
+        body: Vec<u8>,
+    },
+}
+
+/// A blob the node still needs, and how many bytes of it already arrived earlier.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NeededBlob {
+    pub blob: BlobRef,
+    pub have: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeploymentInfo {
+    pub name: String,
+    pub version: u64,
+    pub active: bool,
+    pub kind: String,
+    pub route: String,
+    pub init_func: Option<String>,
+    pub signer: Option<String>,
+    pub created_at: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    pub node: String,
+    pub version: String,
+    pub target: String,
+    pub fingerprint: String,
+    pub functions_serving: usize,
+    pub blobs: usize,
+    pub store_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "response", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Response {
+    Needed { blobs: Vec<NeededBlob> },
+    Stored { hash: String },
+    Committed { id: String, active: bool },
+    Deployments { items: Vec<DeploymentInfo> },
+    Status { status: NodeStatus },
+    Done { message: String },
+    Invoked { status: u16, body: Vec<u8> },
+    Error { message: String },
+}
+
+/// `msg` as one frame.
+pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, WireError> {
+    let json = serde_json::to_vec(msg).map_err(|e| WireError::Malformed(e.to_string()))?;
+    if json.len() > MAX_FRAME {
+        return Err(WireError::Oversized(json.len()));
+    }
+    let mut frame = Vec::with_capacity(4 + json.len());
+    frame.extend_from_slice(&(json.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&json);
+    Ok(frame)
+}
+
+/// The payload length announced by a frame header, checked against the cap before anything
+/// is allocated for it.
+pub fn frame_len(header: [u8; 4]) -> Result<usize, WireError> {
+    let len = u32::from_be_bytes(header) as usize;
+    if len > MAX_FRAME {
+        return Err(WireError::Oversized(len));
+    }
+    Ok(len)
+}
+
+pub fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, WireError> {
+    serde_json::from_slice(payload).map_err(|e| WireError::Malformed(e.to_string()))
+}
+
+/// Incremental decoder for callers that receive bytes in arbitrary pieces.
+#[derive(Default)]
+pub struct FrameDecoder {
+    buf: Vec<u8>,
+}
+
+impl FrameDecoder {
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The next complete message, if one has arrived.
+    pub fn next_message<T: DeserializeOwned>(&mut self) -> Result<Option<T>, WireError> {
+        if self.buf.len() < 4 {
+            return Ok(None);
+        }
+        let len = frame_len(self.buf[..4].try_into().expect("4 bytes"))?;
+        if self.buf.len() < 4 + len {
+            return Ok(None);
+        }
+        let msg = decode(&self.buf[4..4 + len]);
+        self.buf.drain(..4 + len);
+        msg.map(Some)
+    }
+
+    /// Call at end of input: leftover bytes mean a frame was cut short.
+    pub fn finish(&self) -> Result<(), WireError> {
+        if self.buf.is_empty() {
+            Ok(())
+        } else {
+            Err(WireError::Truncated)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_in_pieces() {
+        let messages = vec![
+            Request::List,
+            Request::Activate {
+                name: "a".into(),
+                version: 3,
+            },
+            Request::Invoke {
+                name: "a".into(),
+                method: "GET".into(),
+                path: "/x".into(),
+                body: vec![1, 2],
+            },
+        ];
+        let bytes: Vec<u8> = messages.iter().flat_map(|m| encode(m).unwrap()).collect();
+        let mut decoder = FrameDecoder::default();
+        let mut out = Vec::new();
+        for chunk in bytes.chunks(3) {
+            decoder.push(chunk);
+            while let Some(m) = decoder.next_message::<Request>().unwrap() {
+                out.push(m);
+            }
+        }
+        decoder.finish().unwrap();
+        assert_eq!(out, messages);
+    }
+
+    #[test]
+    fn oversized_frame_is_refused_before_allocation() {
+        let mut decoder = FrameDecoder::default();
+        decoder.push(&((MAX_FRAME as u32) + 1).to_be_bytes());
+        assert_eq!(
+            decoder.next_message::<Request>(),
+            Err(WireError::Oversized(MAX_FRAME + 1))
+        );
+        assert_eq!(
+            frame_len(u32::MAX.to_be_bytes()),
+            Err(WireError::Oversized(u32::MAX as usize))
+        );
+    }
+
+    #[test]
+    fn unknown_and_malformed_messages_are_refused() {
+        let unknown = br#"{"request":"format_disk"}"#;
+        let mut frame = (unknown.len() as u32).to_be_bytes().to_vec();
+        frame.extend_from_slice(unknown);
+        let mut decoder = FrameDecoder::default();
+        decoder.push(&frame);
+        assert!(matches!(
+            decoder.next_message::<Request>(),
+            Err(WireError::Malformed(_))
+        ));
+        let extra = br#"{"request":"list","sneaky":1}"#;
+        assert!(matches!(
+            decode::<Request>(extra),
+            Err(WireError::Malformed(_))
+        ));
+        assert!(matches!(
+            decode::<Request>(b"\xff\xfe"),
+            Err(WireError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn truncated_input_is_reported() {
+        let frame = encode(&Request::Status).unwrap();
+        let mut decoder = FrameDecoder::default();
+        decoder.push(&frame[..frame.len() - 1]);
+        assert_eq!(decoder.next_message::<Request>(), Ok(None));
+        assert_eq!(decoder.finish(), Err(WireError::Truncated));
+    }
+}

@@ -1,0 +1,445 @@
+//! The node's side of the QUIC control plane: mutual TLS against the fleet CA, roles from the
+//! peer certificate, and the push protocol (offer → blobs → commit) plus list, status,
+//! activate, rollback, remove and invoke.
+//!
+//! Nothing from a push enters the store before its manifest is verified (signature, trusted
+//! key, version newer than any seen for the name); a blob is accepted only if the verified
+//! manifest names it and its bytes hash to that name. Partial uploads persist in the store's
+//! `tmp/` as `upload-<hash>`, so an interrupted push resumes where it stopped.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context, Result, anyhow, bail};
+use edged_compiler::content_hash;
+use edged_control::identity::{self, Role, role_of};
+use edged_control::signing::SignedManifest;
+use edged_control::transport::{read_frame, write_frame};
+use edged_control::wire::{DeploymentInfo, NeededBlob, NodeStatus, Request, Response};
+use edged_control::{FleetIdentity, TrustedKeys};
+use edged_node_config::ControlConfig;
+use edged_snapshots::BlobKind;
+use edged_snapshots::manifest::BlobRef;
+
+use crate::node::Node;
+
+/// An accepted offer waiting for its blobs.
+struct Pending {
+    signed: SignedManifest,
+    /// Blobs this node needs, by hash, with their kind.
+    needed: BTreeMap<String, (BlobRef, BlobKind)>,
+}
+
+pub struct ControlPlane {
+    node: Arc<Node>,
+    trusted: TrustedKeys,
+    node_name: String,
+    pending: Mutex<HashMap<String, Pending>>,
+}
+
+/// Creates the dev identity (throwaway fleet) if asked and missing.
+pub fn ensure_dev_identity(config: &ControlConfig) -> Result<()> {
+    if config.dev_identity && !config.identity_dir.join("ca.pem").exists() {
+        identity::init_operator_dir(&config.identity_dir, "dev-operator")?;
+        identity::issue_node_files(
+            &config.identity_dir,
+            &config.node_name,
+            &config.identity_dir,
+        )?;
+        tracing::warn!(
+            dir = %config.identity_dir.display(),
+            "generated a throwaway dev fleet identity; do not use it in production"
+        );
+    }
+    Ok(())
+}
+
+/// Binds the control endpoint; returns it with its bound address.
+pub fn bind(
+    node: Arc<Node>,
+    config: &ControlConfig,
+) -> Result<(quinn::Endpoint, Arc<ControlPlane>)> {
+    ensure_dev_identity(config)?;
+    let fleet = FleetIdentity::load(&config.identity_dir, &config.node_name)?;
+    let trusted = identity::trusted_keys(&config.trusted_keys)?;
+    if trusted.is_empty() {
+        tracing::warn!("no trusted operator keys: every push will be refused");
+    }
+    let endpoint = quinn::Endpoint::server(fleet.server_config()?, config.listen)
+        .with_context(|| format!("binding QUIC control on {}", config.listen))?;
+    let plane = Arc::new(ControlPlane {
+        node,
+        trusted,
+        node_name: config.node_name.clone(),
+        pending: Mutex::new(HashMap::new()),
+    });
+    Ok((endpoint, plane))
+}
+
+impl ControlPlane {
+    pub async fn serve(self: Arc<Self>, endpoint: quinn::Endpoint) {
+        while let Some(incoming) = endpoint.accept().await {
+            let plane = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = plane.connection(incoming).await {
+                    tracing::info!(error = %format!("{e:#}"), "control connection ended");
+                }
+            });
+        }
+    }
+
+    async fn connection(self: Arc<Self>, incoming: quinn::Incoming) -> Result<()> {
+        let remote = incoming.remote_address();
+        // The TLS handshake fails here for a client certificate not from the fleet CA.
+        let conn = incoming
+            .await
+            .with_context(|| format!("handshake with {remote} refused"))?;
+        let certs = conn
+            .peer_identity()
+            .and_then(|id| {
+                id.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+                    .ok()
+            })
+            .ok_or_else(|| anyhow!("{remote} presented no certificate"))?;
+        let leaf = certs
+            .first()
+            .ok_or_else(|| anyhow!("{remote}: empty certificate chain"))?;
+        let role = match role_of(leaf) {
+            Ok(role) => role,
+            Err(e) => {
+                conn.close(2u32.into(), b"certificate carries no edged role");
+                bail!("{remote}: {e}");
+            }
+        };
+        let peer = identity::common_name(leaf);
+        tracing::info!(%remote, %peer, %role, "control connection");
+        loop {
+            let (mut send, mut recv) = match conn.accept_bi().await {
+                Ok(streams) => streams,
+                Err(quinn::ConnectionError::ApplicationClosed(_)) => return Ok(()),
+                Err(e) => return Err(e.into()),
+            };
+            let request: Request = match read_frame(&mut recv).await {
+                Ok(request) => request,
+                Err(edged_control::transport::TransportError::Wire(e)) => {
+                    // A protocol violation ends the connection, never the daemon.
+                    tracing::warn!(%peer, error = %e, "bad control frame; closing the connection");
+                    let reason = e.to_string();
+                    conn.close(1u32.into(), reason.as_bytes());
+                    bail!("{peer}: {e}");
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let response = match self.authorize(role, &request) {
+                Ok(()) => self.handle(request, &mut recv, &peer).await,
+                Err(message) => Response::Error { message },
+            };
+            if let Response::Error { message } = &response {
+                tracing::info!(%peer, "control request refused: {message}");
+            }
+            write_frame(&mut send, &response).await?;
+            let _ = send.finish();
+        }
+    }
+
+    fn authorize(&self, role: Role, request: &Request) -> std::result::Result<(), String> {
+        let operator_only = matches!(
+            request,
+            Request::Offer { .. }
+                | Request::PutBlob { .. }
+                | Request::Commit { .. }
+                | Request::Activate { .. }
+                | Request::Rollback { .. }
+                | Request::Remove { .. }
+                | Request::Invoke { .. }
+        );
+        if operator_only && role != Role::Operator {
+            return Err(format!(
+                "{role} certificates may only sync; this needs an operator certificate"
+            ));
+        }
+        Ok(())
+    }
+
+    async fn handle(&self, request: Request, recv: &mut quinn::RecvStream, peer: &str) -> Response {
+        let result = match request {
+            Request::Offer { manifest } => self.offer(manifest),
+            Request::PutBlob {
+                manifest_id,
+                hash,
+                offset,
+            } => self.put_blob(&manifest_id, &hash, offset, recv).await,
+            Request::Commit {
+                manifest_id,
+                activate,
+            } => self.commit(&manifest_id, activate, peer).await,
+            Request::List => self.list(),
+            Request::Status => self.status(),
+            Request::Activate { name, version } => self.activate(&name, version).await,
+            Request::Rollback { name } => self.rollback(&name).await,
+            Request::Remove { name, version } => self.remove(&name, version),
+            Request::Invoke {
+                name,
+                method,
+                path,
+                body,
+            } => self.node.invoke_by_name(&name, &method, &path, body).await,
+        };
+        result.unwrap_or_else(|e| Response::Error {
+            message: format!("{e:#}"),
+        })
+    }
+
+    fn offer(&self, signed: SignedManifest) -> Result<Response> {
+        signed.verify(&self.trusted)?;
+        let manifest = &signed.manifest;
+        let id = manifest.id();
+        edged_snapshots::manifest::validate_name(&manifest.name).map_err(anyhow::Error::msg)?;
+        let store = self.node.store();
+        let already = store.manifest(&manifest.name, manifest.version)?;
+        match already {
+            Some(stored) if &stored == manifest => {}
+            Some(_) => bail!("{id} is already stored with different content"),
+            None => {
+                let newest = store.newest_version_seen(&manifest.name)?;
+                if manifest.version <= newest {
+                    bail!(
+                        "{id} is not newer than version {newest} already seen for `{}`: refused \
+                         (an older signed manifest replayed would roll the function back; use \
+                         `edgectl activate` to go back to a version the node holds)",
+                        manifest.name
+                    );
+                }
+            }
+        }
+        let target = self.node.target();
+        let fingerprint = self.node.fingerprint().to_string();
+        let mut needed = BTreeMap::new();
+        needed.insert(
+            manifest.source.blake3.clone(),
+            (manifest.source.clone(), BlobKind::Source),
+        );
+        for a in &manifest.artifacts {
+            if a.target == target && a.fingerprint == fingerprint {
+                needed.insert(
+                    a.blake3.clone(),
+                    (
+                        BlobRef {
+                            blake3: a.blake3.clone(),
+                            size: a.size,
+                        },
+                        BlobKind::Artifact {
+                            target: a.target,
+                            fingerprint: a.fingerprint.clone(),
+                        },
+                    ),
+                );
+            }
+        }
+        needed.retain(|hash, _| !matches!(store.blob_meta(hash), Ok(Some(_))));
+        let blobs = needed
+            .values()
+            .map(|(blob, _)| NeededBlob {
+                blob: blob.clone(),
+                have: std::fs::metadata(self.partial_path(&blob.blake3))
+                    .map(|m| m.len())
+                    .unwrap_or(0)
+                    .min(blob.size),
+            })
+            .collect();
+        tracing::info!(deployment = %id, signer = %signed.signer, "offer accepted");
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, Pending { signed, needed });
+        Ok(Response::Needed { blobs })
+    }
+
+    fn partial_path(&self, hash: &str) -> PathBuf {
+        self.node
+            .store()
+            .root()
+            .join("tmp")
+            .join(format!("upload-{hash}"))
+    }
+
+    async fn put_blob(
+        &self,
+        manifest_id: &str,
+        hash: &str,
+        offset: u64,
+        recv: &mut quinn::RecvStream,
+    ) -> Result<Response> {
+        let (blob, kind) = {
+            let pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            let offer = pending
+                .get(manifest_id)
+                .ok_or_else(|| anyhow!("no accepted offer for {manifest_id}; offer it first"))?;
+            offer
+                .needed
+                .get(hash)
+                .cloned()
+                .ok_or_else(|| anyhow!("blob {hash} is not one {manifest_id} needs; refused"))?
+        };
+        let partial = self.partial_path(hash);
+        let have = std::fs::metadata(&partial).map(|m| m.len()).unwrap_or(0);
+        if offset != have.min(blob.size) {
+            bail!(
+                "resume offset {offset} for blob {hash} does not match the {have} bytes this node has"
+            );
+        }
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&partial)?;
+        let mut remaining = blob.size - offset;
+        while remaining > 0 {
+            let chunk = recv
+                .read_chunk(remaining.min(1 << 20) as usize, true)
+                .await?
+                .ok_or_else(|| {
+                    anyhow!("stream ended with {remaining} bytes of blob {hash} missing")
+                })?;
+            file.write_all(&chunk.bytes)?;
+            remaining -= chunk.bytes.len() as u64;
+        }
+        file.sync_all()?;
+        drop(file);
+        let bytes = std::fs::read(&partial)?;
+        let actual = content_hash(&bytes);
+        if actual != hash {
+            let _ = std::fs::remove_file(&partial);
+            bail!(
+                "blob bytes hash to {actual}, not to {hash} as the manifest says: refused, nothing stored"
+            );
+        }
+        let store = self.node.store().clone();
+        let (kind_for_put, hash_owned) = (kind, hash.to_string());
+        tokio::task::spawn_blocking(move || {
+            store.put_blob(&bytes, kind_for_put, Some(&hash_owned))
+        })
+        .await??;
+        let _ = std::fs::remove_file(&partial);
+        Ok(Response::Stored {
+            hash: hash.to_string(),
+        })
+    }
+
+    async fn commit(&self, manifest_id: &str, activate: bool, peer: &str) -> Result<Response> {
+        let signed = {
+            let pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            let offer = pending
+                .get(manifest_id)
+                .ok_or_else(|| anyhow!("no accepted offer for {manifest_id}"))?;
+            offer.signed.clone()
+        };
+        let store = self.node.store();
+        let missing: Vec<&str> = signed
+            .manifest
+            .blob_hashes()
+            .filter(|h| {
+                let needed = self
+                    .pending
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(manifest_id)
+                    .is_some_and(|o| o.needed.contains_key(*h));
+                needed && !matches!(store.blob_meta(h), Ok(Some(_)))
+            })
+            .collect();
+        if !missing.is_empty() {
+            bail!("{manifest_id} is missing blobs: {}", missing.join(", "));
+        }
+        let manifest = &signed.manifest;
+        store.put_manifest(manifest)?;
+        store.put_signature(
+            &manifest.name,
+            manifest.version,
+            &serde_json::to_vec(&signed)?,
+        )?;
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(manifest_id);
+        tracing::info!(deployment = %manifest_id, %peer, "deployment stored");
+        if activate {
+            self.node.activate(&manifest.name, manifest.version).await?;
+        }
+        Ok(Response::Committed {
+            id: manifest_id.to_string(),
+            active: activate,
+        })
+    }
+
+    fn list(&self) -> Result<Response> {
+        let store = self.node.store();
+        let mut items = Vec::new();
+        for m in store.manifests()? {
+            let signer = store
+                .signature(&m.name, m.version)?
+                .and_then(|s| serde_json::from_slice::<SignedManifest>(&s).ok())
+                .map(|s| s.signer);
+            items.push(DeploymentInfo {
+                active: store.active_version(&m.name)? == Some(m.version),
+                kind: m.kind.to_string(),
+                route: self.node.route_of(&m),
+                init_func: m.init_func.clone(),
+                signer,
+                created_at: m.created_at,
+                name: m.name,
+                version: m.version,
+            });
+        }
+        Ok(Response::Deployments { items })
+    }
+
+    fn status(&self) -> Result<Response> {
+        let store = self.node.store();
+        let blobs = store.blobs()?;
+        Ok(Response::Status {
+            status: NodeStatus {
+                node: self.node_name.clone(),
+                version: env!("CARGO_PKG_VERSION").into(),
+                target: self.node.target().to_string(),
+                fingerprint: self.node.fingerprint().to_string(),
+                functions_serving: self.node.functions().len(),
+                store_bytes: blobs.iter().map(|(_, m)| m.size).sum(),
+                blobs: blobs.len(),
+            },
+        })
+    }
+
+    async fn activate(&self, name: &str, version: u64) -> Result<Response> {
+        self.node.activate(name, version).await?;
+        Ok(Response::Done {
+            message: format!("{name}@{version} is active"),
+        })
+    }
+
+    async fn rollback(&self, name: &str) -> Result<Response> {
+        let store = self.node.store();
+        let current = store
+            .active_version(name)?
+            .ok_or_else(|| anyhow!("`{name}` has no active version"))?;
+        let previous = store
+            .manifests()?
+            .into_iter()
+            .filter(|m| m.name == name && m.version < current)
+            .map(|m| m.version)
+            .max()
+            .ok_or_else(|| anyhow!("`{name}` has no version older than {current} on this node"))?;
+        self.node.activate(name, previous).await?;
+        Ok(Response::Done {
+            message: format!("{name} rolled back from {current} to {previous}"),
+        })
+    }
+
+    fn remove(&self, name: &str, version: u64) -> Result<Response> {
+        self.node.store().remove_manifest(name, version)?;
+        Ok(Response::Done {
+            message: format!("{name}@{version} removed (its blobs go at the next gc)"),
+        })
+    }
+}

@@ -1,0 +1,546 @@
+//! The QUIC control plane end to end: real `edged` and real `edgectl` processes, real
+//! certificates from `edgectl init`, real guests.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use common::{Edged, get, guest};
+
+fn edgectl_bin() -> PathBuf {
+    edged_testkit::workspace_binary("edgectl")
+}
+
+fn edgectl(identity: &Path, node: &Edged, args: &[&str]) -> Output {
+    Command::new(edgectl_bin())
+        .args(["--identity", identity.to_str().unwrap()])
+        .args([
+            "--node",
+            &node.control.expect("control plane on").to_string(),
+        ])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn ok(output: Output) -> String {
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "edgectl failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
+fn refused(output: Output) -> String {
+    assert!(!output.status.success(), "edgectl should have failed");
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// A fleet (operator identity) and a node identity issued from it.
+struct Fleet {
+    _dir: tempfile::TempDir,
+    operator: PathBuf,
+    node: PathBuf,
+}
+
+fn new_fleet() -> Fleet {
+    let dir = tempfile::tempdir().unwrap();
+    let operator = dir.path().join("operator");
+    let node = dir.path().join("node");
+    let run = |args: &[&str]| {
+        let out = Command::new(edgectl_bin())
+            .args(["--identity", operator.to_str().unwrap()])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&["init"]);
+    run(&["issue-node", "node", "--out", node.to_str().unwrap()]);
+    Fleet {
+        _dir: dir,
+        operator,
+        node,
+    }
+}
+
+fn control_section(fleet: &Fleet) -> String {
+    format!(
+        "[control]\nlisten = \"127.0.0.1:0\"\nidentity_dir = {:?}\nnode_name = \"node\"\ntrusted_keys = [{:?}]\n\n",
+        fleet.node.display().to_string(),
+        fleet.operator.join("signing.pub").display().to_string()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn push_serve_upgrade_and_roll_back_without_dropped_requests() {
+    let fleet = new_fleet();
+    let edged = Edged::start(&control_section(&fleet));
+    let op = fleet.operator.clone();
+
+    let out = ok(edgectl(
+        &op,
+        &edged,
+        &[
+            "push",
+            guest("hello-http.wasm").trim_matches('"'),
+            "--name",
+            "app",
+        ],
+    ));
+    assert!(out.contains("pushed app@1 (active)"), "{out}");
+    assert_eq!(
+        get(&edged.url("/app/x")).await,
+        (200, "hello from edged: /app/x\n".into())
+    );
+
+    // Keep requests flowing through the upgrade and the rollback.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (served, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let load = {
+        let (stop, served, failed, url) = (
+            stop.clone(),
+            served.clone(),
+            failed.clone(),
+            edged.url("/app?key=7"),
+        );
+        tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            while !stop.load(Ordering::Relaxed) {
+                match client.get(&url).send().await {
+                    Ok(r) if r.status() == 200 => served.fetch_add(1, Ordering::Relaxed),
+                    _ => failed.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        })
+    };
+
+    let out = ok(edgectl(
+        &op,
+        &edged,
+        &[
+            "push",
+            guest("init-heavy-http.wasm").trim_matches('"'),
+            "--name",
+            "app",
+        ],
+    ));
+    assert!(out.contains("pushed app@2 (active)"), "{out}");
+    let (status, body) = get(&edged.url("/app?key=7")).await;
+    assert_eq!(status, 200);
+    assert!(body.starts_with("table[7] = "), "{body}");
+
+    let out = ok(edgectl(&op, &edged, &["rollback", "app"]));
+    assert!(out.contains("rolled back from 2 to 1"), "{out}");
+    assert_eq!(
+        get(&edged.url("/app/y")).await,
+        (200, "hello from edged: /app/y\n".into())
+    );
+
+    stop.store(true, Ordering::Relaxed);
+    load.await.unwrap();
+    assert!(served.load(Ordering::Relaxed) > 10, "the load never ran");
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "requests were dropped during the switch"
+    );
+
+    let listing: serde_json::Value =
+        serde_json::from_str(&ok(edgectl(&op, &edged, &["--json", "ls"]))).unwrap();
+    let items = listing["items"].as_array().unwrap();
+    assert_eq!(items.len(), 2);
+    assert!(
+        items
+            .iter()
+            .any(|d| d["version"] == 1 && d["active"] == true)
+    );
+    assert!(items.iter().all(|d| d["signer"].is_string()));
+
+    let out = ok(edgectl(
+        &op,
+        &edged,
+        &["invoke", "app", "--path", "/app/cli"],
+    ));
+    assert_eq!(out, "hello from edged: /app/cli\n");
+    assert!(ok(edgectl(&op, &edged, &["status"])).contains("x86_64-unknown-linux-gnu"));
+    assert!(refused(edgectl(&op, &edged, &["rm", "app@1"])).contains("is active"));
+    ok(edgectl(&op, &edged, &["activate", "app@2"]));
+    ok(edgectl(&op, &edged, &["rm", "app@1"]));
+    let (_, body) = get(&edged.url("/app?key=7")).await;
+    assert!(body.starts_with("table[7] = "), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_identities_and_bad_manifests_are_refused_and_store_nothing() {
+    let fleet = new_fleet();
+    let stranger = new_fleet();
+    let edged = Edged::start(&control_section(&fleet));
+    let hello = guest("hello-http.wasm");
+    let hello = hello.trim_matches('"');
+
+    // A client certificate from another fleet's CA: the handshake fails.
+    let err = refused(edgectl(&stranger.operator, &edged, &["ls"]));
+    assert!(err.contains("connecting to"), "{err}");
+
+    // A node certificate may not push.
+    let as_node = tempfile::tempdir().unwrap();
+    for (from, to) in [
+        ("ca.pem", "ca.pem"),
+        ("node.pem", "operator.pem"),
+        ("node.key", "operator.key"),
+    ] {
+        std::fs::copy(fleet.node.join(from), as_node.path().join(to)).unwrap();
+    }
+    std::fs::copy(
+        fleet.operator.join("signing.key"),
+        as_node.path().join("signing.key"),
+    )
+    .unwrap();
+    let err = refused(edgectl(
+        as_node.path(),
+        &edged,
+        &["push", hello, "--name", "app"],
+    ));
+    assert!(err.contains("node certificates may only sync"), "{err}");
+
+    // A manifest signed by a key the node does not trust.
+    let wrong_key = tempfile::tempdir().unwrap();
+    for file in ["ca.pem", "operator.pem", "operator.key"] {
+        std::fs::copy(fleet.operator.join(file), wrong_key.path().join(file)).unwrap();
+    }
+    std::fs::copy(
+        stranger.operator.join("signing.key"),
+        wrong_key.path().join("signing.key"),
+    )
+    .unwrap();
+    let err = refused(edgectl(
+        wrong_key.path(),
+        &edged,
+        &["push", hello, "--name", "app"],
+    ));
+    assert!(err.contains("does not trust"), "{err}");
+
+    // Rollback attack: an older version than the newest seen.
+    ok(edgectl(
+        &fleet.operator,
+        &edged,
+        &["push", hello, "--name", "app", "--version", "5"],
+    ));
+    let err = refused(edgectl(
+        &fleet.operator,
+        &edged,
+        &["push", hello, "--name", "app", "--version", "3"],
+    ));
+    assert!(err.contains("not newer than version 5"), "{err}");
+
+    // Raw protocol abuse from a legitimate operator connection.
+    let raw = raw::RawClient::connect(&fleet.operator, edged.control.unwrap()).await;
+    let key = edged_control::signing::signing_key_from_hex(
+        &std::fs::read_to_string(fleet.operator.join("signing.key")).unwrap(),
+    )
+    .unwrap();
+    let compiled = edged_compiler::compile(
+        &std::fs::read(guest("trap.wat").trim_matches('"')).unwrap(),
+        &edged_compiler::CompileOptions::default(),
+    )
+    .unwrap();
+    let manifest = edged_snapshots::Manifest::from_compiled("raw", 1, 0, &compiled);
+    let unsigned = edged_control::SignedManifest {
+        manifest: manifest.clone(),
+        signer: String::new(),
+        signature: String::new(),
+    };
+    let answer = raw
+        .call(&edged_control::wire::Request::Offer { manifest: unsigned })
+        .await;
+    assert!(
+        format!("{answer:?}").contains("is not signed"),
+        "{answer:?}"
+    );
+    let mut tampered = edged_control::SignedManifest::sign(manifest.clone(), &key);
+    tampered.manifest.version = 2;
+    let answer = raw
+        .call(&edged_control::wire::Request::Offer { manifest: tampered })
+        .await;
+    assert!(
+        format!("{answer:?}").contains("bad signature"),
+        "{answer:?}"
+    );
+
+    // A blob whose bytes do not match its hash.
+    let signed = edged_control::SignedManifest::sign(manifest.clone(), &key);
+    let answer = raw
+        .call(&edged_control::wire::Request::Offer { manifest: signed })
+        .await;
+    assert!(
+        matches!(answer, edged_control::wire::Response::Needed { .. }),
+        "{answer:?}"
+    );
+    let mut forged = compiled.source.clone();
+    forged.push(0);
+    forged.truncate(compiled.source.len());
+    forged[10] ^= 0xFF;
+    let answer = raw
+        .put_blob("raw@1", &manifest.source.blake3, &forged)
+        .await;
+    assert!(format!("{answer:?}").contains("not to"), "{answer:?}");
+    let answer = raw
+        .call(&edged_control::wire::Request::Commit {
+            manifest_id: "raw@1".into(),
+            activate: true,
+        })
+        .await;
+    assert!(
+        format!("{answer:?}").contains("missing blobs"),
+        "{answer:?}"
+    );
+
+    // An oversized frame closes that connection; the node keeps serving.
+    let reason = raw.send_oversized_frame().await;
+    assert!(reason.contains("exceeds"), "{reason}");
+
+    let listing: serde_json::Value =
+        serde_json::from_str(&ok(edgectl(&fleet.operator, &edged, &["--json", "ls"]))).unwrap();
+    let names: Vec<String> = listing["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| format!("{}@{}", d["name"].as_str().unwrap(), d["version"]))
+        .collect();
+    assert_eq!(names, vec!["app@5"], "only the legitimate push is stored");
+    assert_eq!(get(&edged.url("/app")).await.0, 200);
+    let status: serde_json::Value =
+        serde_json::from_str(&ok(edgectl(&fleet.operator, &edged, &["--json", "status"]))).unwrap();
+    assert_eq!(
+        status["status"]["blobs"], 2,
+        "source + own-target artifact of app@5 only"
+    );
+}
+
+/// A core module with one `size`-byte data segment of pseudo-random bytes: a large artifact.
+fn big_module(size: usize, seed: u64) -> Vec<u8> {
+    fn leb(mut n: u64, out: &mut Vec<u8>) {
+        loop {
+            let byte = (n & 0x7f) as u8;
+            n >>= 7;
+            if n == 0 {
+                out.push(byte);
+                return;
+            }
+            out.push(byte | 0x80);
+        }
+    }
+    let pages = (size as u64).div_ceil(65536) + 1;
+    let mut wasm = b"\0asm\x01\0\0\0".to_vec();
+    // type 0 = [] -> []; func 0 of type 0
+    wasm.extend([1, 4, 1, 0x60, 0, 0]);
+    wasm.extend([3, 2, 1, 0]);
+    let mut memory = vec![1, 0];
+    leb(pages, &mut memory);
+    wasm.push(5);
+    leb(memory.len() as u64, &mut wasm);
+    wasm.extend(memory);
+    // export "_start" = func 0; its body does nothing
+    wasm.extend([7, 10, 1, 6]);
+    wasm.extend(b"_start");
+    wasm.extend([0, 0]);
+    wasm.extend([10, 4, 1, 2, 0, 0x0b]);
+    let mut data = vec![1, 0, 0x41, 0, 0x0b];
+    leb(size as u64, &mut data);
+    let mut x = seed | 1;
+    data.extend((0..size).map(|_| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x as u8
+    }));
+    wasm.push(11);
+    leb(data.len() as u64, &mut wasm);
+    wasm.extend(data);
+    wasm
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn large_push_reports_throughput_and_resumes_after_a_kill() {
+    let fleet = new_fleet();
+    let edged = Edged::start(&control_section(&fleet));
+    let work = tempfile::tempdir().unwrap();
+    let big = work.path().join("big.wasm");
+    std::fs::write(&big, big_module(50 << 20, 1)).unwrap();
+
+    // Uncapped, for the throughput figure.
+    let out = ok(edgectl(
+        &fleet.operator,
+        &edged,
+        &[
+            "--json",
+            "push",
+            big.to_str().unwrap(),
+            "--name",
+            "big",
+            "--target",
+            "x86_64",
+        ],
+    ));
+    let report: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    eprintln!("50 MB push: {report}");
+    assert!(report["sent_bytes"].as_u64().unwrap() > 100 << 20);
+
+    // Capped at 20 MB/s and killed part-way; the second push sends only the rest.
+    let other = work.path().join("other.wasm");
+    std::fs::write(&other, big_module(50 << 20, 2)).unwrap();
+    let mut child = Command::new(edgectl_bin())
+        .args(["--identity", fleet.operator.to_str().unwrap()])
+        .args(["--node", &edged.control.unwrap().to_string()])
+        .args([
+            "--json",
+            "push",
+            other.to_str().unwrap(),
+            "--name",
+            "other",
+            "--target",
+            "x86_64",
+            "--max-rate",
+            "20",
+        ])
+        .spawn()
+        .unwrap();
+    let tmp = edged.state_dir().join("state/tmp");
+    let partial_bytes = || -> u64 {
+        std::fs::read_dir(&tmp)
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| e.file_name().to_string_lossy().starts_with("upload-"))
+                    .map(|e| e.metadata().map(|m| m.len()).unwrap_or(0))
+                    .sum()
+            })
+            .unwrap_or(0)
+    };
+    let mut waited = Duration::ZERO;
+    while partial_bytes() < 10 << 20 {
+        assert!(waited < Duration::from_secs(60), "upload never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        waited += Duration::from_millis(20);
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let kept = partial_bytes();
+    assert!(
+        kept >= 10 << 20,
+        "the partial upload must survive the client's death"
+    );
+
+    let out = ok(edgectl(
+        &fleet.operator,
+        &edged,
+        &[
+            "--json",
+            "push",
+            other.to_str().unwrap(),
+            "--name",
+            "other",
+            "--target",
+            "x86_64",
+        ],
+    ));
+    let report: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    eprintln!("resumed push: {report}");
+    let resumed = report["resumed_bytes"].as_u64().unwrap();
+    assert!(
+        resumed >= kept - (1 << 20),
+        "resumed {resumed} of {kept} partial bytes"
+    );
+    let total = report["sent_bytes"].as_u64().unwrap() + resumed;
+    assert!(total > 100 << 20);
+    assert_eq!(
+        partial_bytes(),
+        0,
+        "completed uploads leave no partial files"
+    );
+    // The resumed deployment is whole: it serves (an empty CGI response) from its 50 MB image.
+    assert_eq!(get(&edged.url("/other")).await, (200, String::new()));
+}
+
+mod raw {
+    //! A hand-driven operator connection, for requests `edgectl` would never send.
+    use std::net::SocketAddr;
+    use std::path::Path;
+
+    use edged_control::FleetIdentity;
+    use edged_control::identity::NODE_SERVER_NAME;
+    use edged_control::transport::{read_frame, write_frame};
+    use edged_control::wire::{Request, Response};
+
+    pub struct RawClient {
+        _endpoint: quinn::Endpoint,
+        conn: quinn::Connection,
+    }
+
+    impl RawClient {
+        pub async fn connect(identity: &Path, addr: SocketAddr) -> RawClient {
+            let fleet = FleetIdentity::load(identity, "operator").unwrap();
+            let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+            endpoint.set_default_client_config(fleet.client_config().unwrap());
+            let conn = endpoint
+                .connect(addr, NODE_SERVER_NAME)
+                .unwrap()
+                .await
+                .unwrap();
+            RawClient {
+                _endpoint: endpoint,
+                conn,
+            }
+        }
+
+        pub async fn call(&self, request: &Request) -> Response {
+            let (mut send, mut recv) = self.conn.open_bi().await.unwrap();
+            write_frame(&mut send, request).await.unwrap();
+            send.finish().unwrap();
+            read_frame(&mut recv).await.unwrap()
+        }
+
+        pub async fn put_blob(&self, manifest_id: &str, hash: &str, bytes: &[u8]) -> Response {
+            let (mut send, mut recv) = self.conn.open_bi().await.unwrap();
+            write_frame(
+                &mut send,
+                &Request::PutBlob {
+                    manifest_id: manifest_id.into(),
+                    hash: hash.into(),
+                    offset: 0,
+                },
+            )
+            .await
+            .unwrap();
+            send.write_all(bytes).await.unwrap();
+            send.finish().unwrap();
+            read_frame(&mut recv).await.unwrap()
+        }
+
+        /// Sends a frame header announcing more than the cap; returns the close reason.
+        pub async fn send_oversized_frame(&self) -> String {
+            let (mut send, mut recv) = self.conn.open_bi().await.unwrap();
+            let len = (edged_control::wire::MAX_FRAME as u32 + 1).to_be_bytes();
+            send.write_all(&len).await.unwrap();
+            let _ = send.finish();
+            let _ = recv.read_to_end(1024).await;
+            match self.conn.closed().await {
+                quinn::ConnectionError::ApplicationClosed(close) => {
+                    String::from_utf8_lossy(&close.reason).into_owned()
+                }
+                other => other.to_string(),
+            }
+        }
+    }
+}

@@ -1,0 +1,343 @@
+//! Talking to a node over the QUIC control plane: push (offer → blobs → commit, resumable,
+//! with a progress bar), list, status, activate, rollback, invoke, remove.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use edged_control::FleetIdentity;
+use edged_control::identity::NODE_SERVER_NAME;
+use edged_control::signing::{SignedManifest, signing_key_from_hex};
+use edged_control::transport::{read_frame, write_frame};
+use edged_control::wire::{Request, Response};
+use edged_snapshots::Manifest;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::build::{CompileArgs, compile_file, deployment_name, now_secs, print_timings};
+
+/// Where to reach a node and who we are.
+#[derive(clap::Args, Clone)]
+pub struct Target {
+    /// Node control address (QUIC).
+    #[arg(
+        long,
+        env = "EDGECTL_NODE",
+        default_value = "127.0.0.1:7443",
+        global = true
+    )]
+    pub node: String,
+    /// Identity directory from `edgectl init` (ca.pem, operator.pem/.key, signing.key).
+    #[arg(long, env = "EDGECTL_IDENTITY", global = true)]
+    pub identity: Option<PathBuf>,
+    /// Machine-readable output.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+pub fn identity_dir(explicit: Option<&Path>) -> PathBuf {
+    match explicit {
+        Some(dir) => dir.to_path_buf(),
+        None => std::env::var_os("HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("."))
+            .join(".config/edgectl"),
+    }
+}
+
+pub struct Client {
+    _endpoint: quinn::Endpoint,
+    conn: quinn::Connection,
+}
+
+impl Client {
+    pub async fn connect(target: &Target) -> Result<Client> {
+        let dir = identity_dir(target.identity.as_deref());
+        let fleet = FleetIdentity::load(&dir, "operator").with_context(|| {
+            format!(
+                "loading the operator identity from {} (edgectl init)",
+                dir.display()
+            )
+        })?;
+        let addr: SocketAddr = tokio::net::lookup_host(&target.node)
+            .await
+            .with_context(|| format!("resolving {}", target.node))?
+            .next()
+            .ok_or_else(|| anyhow!("{} resolves to no address", target.node))?;
+        let bind: SocketAddr = if addr.is_ipv6() {
+            "[::]:0"
+        } else {
+            "0.0.0.0:0"
+        }
+        .parse()?;
+        let mut endpoint = quinn::Endpoint::client(bind)?;
+        endpoint.set_default_client_config(fleet.client_config()?);
+        let conn = endpoint
+            .connect(addr, NODE_SERVER_NAME)?
+            .await
+            .with_context(|| format!("connecting to {addr}"))?;
+        Ok(Client {
+            _endpoint: endpoint,
+            conn,
+        })
+    }
+
+    /// One request, one response.
+    pub async fn call(&self, request: &Request) -> Result<Response> {
+        let (mut send, mut recv) = self.conn.open_bi().await?;
+        write_frame(&mut send, request).await?;
+        send.finish()?;
+        let response: Response = read_frame(&mut recv)
+            .await
+            .context("reading the node's answer")?;
+        match response {
+            Response::Error { message } => bail!("node refused: {message}"),
+            other => Ok(other),
+        }
+    }
+
+    /// Sends `bytes` as blob `hash` of `manifest_id`, starting at `offset`, at most
+    /// `max_rate` bytes/s. `progress` advances as bytes leave.
+    async fn put_blob(
+        &self,
+        manifest_id: &str,
+        hash: &str,
+        bytes: &[u8],
+        offset: u64,
+        max_rate: Option<u64>,
+        progress: &ProgressBar,
+    ) -> Result<()> {
+        let (mut send, mut recv) = self.conn.open_bi().await?;
+        write_frame(
+            &mut send,
+            &Request::PutBlob {
+                manifest_id: manifest_id.into(),
+                hash: hash.into(),
+                offset,
+            },
+        )
+        .await?;
+        let started = Instant::now();
+        let mut sent = 0u64;
+        for chunk in bytes[offset as usize..].chunks(256 << 10) {
+            send.write_all(chunk).await?;
+            sent += chunk.len() as u64;
+            progress.inc(chunk.len() as u64);
+            if let Some(rate) = max_rate {
+                let due = Duration::from_secs_f64(sent as f64 / rate as f64);
+                if let Some(wait) = due.checked_sub(started.elapsed()) {
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+        send.finish()?;
+        match read_frame::<Response>(&mut recv).await? {
+            Response::Stored { .. } => Ok(()),
+            Response::Error { message } => bail!("node refused blob {hash}: {message}"),
+            other => bail!("unexpected answer to a blob: {other:?}"),
+        }
+    }
+}
+
+#[derive(clap::Args)]
+pub struct PushArgs {
+    /// The .wasm (or .wat) to deploy.
+    pub input: PathBuf,
+    /// Deployment name (default: the input's file stem).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Version (default: one more than the newest the node holds).
+    #[arg(long)]
+    pub version: Option<u64>,
+    /// Route prefix (default: /<name>).
+    #[arg(long)]
+    pub route: Option<String>,
+    /// Store without activating.
+    #[arg(long)]
+    pub no_activate: bool,
+    /// Bandwidth cap for this push, in MB/s (flaky or metered links).
+    #[arg(long, value_name = "MB_PER_S")]
+    pub max_rate: Option<f64>,
+    #[command(flatten)]
+    pub compile: CompileArgs,
+}
+
+pub async fn push(target: &Target, args: PushArgs) -> Result<()> {
+    let name = deployment_name(&args.input, args.name.as_deref())?;
+    let dir = identity_dir(target.identity.as_deref());
+    let key_path = dir.join("signing.key");
+    let key = signing_key_from_hex(
+        &std::fs::read_to_string(&key_path)
+            .with_context(|| format!("reading {}", key_path.display()))?,
+    )
+    .map_err(|e| anyhow!("{}: {e}", key_path.display()))?;
+    let compiled = compile_file(&args.input, &args.compile)?;
+    if !target.json {
+        println!(
+            "built {name} ({}, {} targets)",
+            compiled.kind,
+            compiled.artifacts.len()
+        );
+        print_timings(&compiled);
+    }
+    let client = Client::connect(target).await?;
+    let version = match args.version {
+        Some(v) => v,
+        None => match client.call(&Request::List).await? {
+            Response::Deployments { items } => {
+                items
+                    .iter()
+                    .filter(|d| d.name == name)
+                    .map(|d| d.version)
+                    .max()
+                    .unwrap_or(0)
+                    + 1
+            }
+            other => bail!("unexpected answer to list: {other:?}"),
+        },
+    };
+    let mut manifest = Manifest::from_compiled(&name, version, now_secs(), &compiled);
+    manifest.route = args.route.clone();
+    let id = manifest.id();
+    let signed = SignedManifest::sign(manifest, &key);
+
+    let needed = match client.call(&Request::Offer { manifest: signed }).await? {
+        Response::Needed { blobs } => blobs,
+        other => bail!("unexpected answer to an offer: {other:?}"),
+    };
+    let mut by_hash: HashMap<String, &[u8]> = HashMap::new();
+    by_hash.insert(
+        edged_compiler::content_hash(&compiled.source),
+        &compiled.source,
+    );
+    for a in &compiled.artifacts {
+        by_hash.insert(a.blake3.clone(), &a.bytes);
+    }
+    let total: u64 = needed.iter().map(|n| n.blob.size - n.have).sum();
+    let resumed: u64 = needed.iter().map(|n| n.have).sum();
+    let progress = if target.json {
+        ProgressBar::hidden()
+    } else {
+        let bar = ProgressBar::new(total);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            )
+            .expect("static template")
+            .progress_chars("=> "),
+        );
+        bar.set_message(format!("pushing {id}"));
+        bar
+    };
+    let max_rate = args.max_rate.map(|mb| (mb * 1e6) as u64);
+    let started = Instant::now();
+    for need in &needed {
+        let bytes = by_hash.get(&need.blob.blake3).ok_or_else(|| {
+            anyhow!(
+                "node asked for blob {} this push does not have",
+                need.blob.blake3
+            )
+        })?;
+        client
+            .put_blob(
+                &id,
+                &need.blob.blake3,
+                bytes,
+                need.have,
+                max_rate,
+                &progress,
+            )
+            .await?;
+    }
+    let elapsed = started.elapsed();
+    progress.finish_and_clear();
+    let committed = client
+        .call(&Request::Commit {
+            manifest_id: id.clone(),
+            activate: !args.no_activate,
+        })
+        .await?;
+    let active = matches!(committed, Response::Committed { active: true, .. });
+    let rate = total as f64 / elapsed.as_secs_f64().max(1e-9) / 1e6;
+    if target.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "deployment": id, "active": active, "sent_bytes": total, "resumed_bytes": resumed,
+                "blobs_sent": needed.len(), "seconds": elapsed.as_secs_f64(), "mb_per_s": rate,
+            })
+        );
+    } else {
+        println!(
+            "pushed {id}{}: sent {total} bytes in {} blobs in {:.2} s ({rate:.1} MB/s); {resumed} bytes were already on the node",
+            if active { " (active)" } else { "" },
+            needed.len(),
+            elapsed.as_secs_f64(),
+        );
+    }
+    Ok(())
+}
+
+pub async fn simple(target: &Target, request: Request) -> Result<()> {
+    let client = Client::connect(target).await?;
+    let response = client.call(&request).await?;
+    if target.json {
+        println!("{}", serde_json::to_string_pretty(&response)?);
+        return Ok(());
+    }
+    match response {
+        Response::Deployments { items } => {
+            println!(
+                "{:<24} {:>8} {:<7} {:<15} {:<24} SIGNER",
+                "NAME", "VERSION", "ACTIVE", "KIND", "ROUTE"
+            );
+            for d in items {
+                println!(
+                    "{:<24} {:>8} {:<7} {:<15} {:<24} {}",
+                    d.name,
+                    d.version,
+                    if d.active { "*" } else { "" },
+                    d.kind,
+                    d.route,
+                    d.signer.unwrap_or_else(|| "(local config)".into())
+                );
+            }
+        }
+        Response::Status { status } => {
+            println!("node        {}", status.node);
+            println!("version     {}", status.version);
+            println!("target      {}", status.target);
+            println!("fingerprint {}", status.fingerprint);
+            println!("serving     {} functions", status.functions_serving);
+            println!(
+                "store       {} blobs, {} bytes",
+                status.blobs, status.store_bytes
+            );
+        }
+        Response::Done { message } => println!("{message}"),
+        Response::Invoked { status, body } => {
+            use std::io::Write;
+            eprintln!("HTTP {status}");
+            std::io::stdout().write_all(&body)?;
+            if !(200..300).contains(&status) {
+                std::process::exit(1);
+            }
+        }
+        other => println!("{other:?}"),
+    }
+    Ok(())
+}
+
+/// `name@version`.
+pub fn parse_id(id: &str) -> Result<(String, u64)> {
+    let (name, version) = id
+        .split_once('@')
+        .ok_or_else(|| anyhow!("expected NAME@VERSION, got `{id}`"))?;
+    Ok((
+        name.to_string(),
+        version
+            .parse()
+            .with_context(|| format!("version in `{id}`"))?,
+    ))
+}
