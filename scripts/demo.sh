@@ -1,42 +1,25 @@
 #!/usr/bin/env bash
-# The main job on a fresh machine: build edged (release), start a node serving the sample
-# functions, request each of them, then print the cold-start and HTTP figures.
+# The main job on a fresh machine: build edged (release), start a node on the embedded dev
+# default config, push the sample functions to it over QUIC, request them, and print the
+# cold-start and HTTP figures.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 scripts/install-wasm-targets.sh
 scripts/build-guests.sh
 cargo build --release --locked -p edged -p edgectl -p bench
+edged="$root/target/release/edged"
+edgectl="$root/target/release/edgectl"
 
 demo="$root/target/demo"
 rm -rf "$demo" && mkdir -p "$demo"
 echo "== edgectl build guests/out/init-heavy-p1.wasm (Wizer + AOT for both targets)"
-target/release/edgectl build guests/out/init-heavy-p1.wasm -o "$demo/build"
-
-cat > "$demo/edged.toml" <<TOML
-[node]
-state_dir = "$demo/state"
-http_listen = "127.0.0.1:0"
-
-[[function]]
-name = "hello"
-wasm = "$root/guests/out/hello-http.wasm"
-route = "/hello"
-
-[[function]]
-name = "heavy"
-wasm = "$root/guests/out/init-heavy-http.wasm"
-route = "/heavy"
-
-[[function]]
-name = "cgi"
-wasm = "$root/guests/out/init-heavy-p1.wasm"
-route = "/cgi"
-TOML
+"$edgectl" build guests/out/init-heavy-p1.wasm -o "$demo/build"
 
 echo
-echo "== starting edged"
-target/release/edged --config "$demo/edged.toml" > "$demo/edged.out" 2> "$demo/edged.log" &
+echo "== starting edged on its embedded dev default (HTTP 127.0.0.1:8080, QUIC 127.0.0.1:7443)"
+# The dev default keeps its state and a throwaway fleet identity in ./.edged-dev.
+(cd "$demo" && exec "$edged") > "$demo/edged.out" 2> "$demo/edged.log" &
 edged_pid=$!
 trap 'kill $edged_pid 2>/dev/null || true' EXIT
 for _ in $(seq 1 600); do
@@ -45,10 +28,19 @@ for _ in $(seq 1 600); do
   sleep 0.1
 done
 addr=$(sed -n 's/^edged listening on //p' "$demo/edged.out")
-echo "edged is serving on $addr"
+export EDGECTL_IDENTITY="$demo/.edged-dev/identity" EDGECTL_NODE=127.0.0.1:7443
+
+echo
+echo "== edgectl push (compile for both targets, sign, upload what the node lacks, activate)"
+"$edgectl" push guests/out/hello-http.wasm --name hello
+"$edgectl" push guests/out/init-heavy-http.wasm --name heavy
+"$edgectl" push guests/out/init-heavy-p1.wasm --name cgi
+"$edgectl" ls
+
+echo
 for path in "/hello/demo" "/heavy?key=42" "/cgi?key=42"; do
-  echo "-- GET $path"
-  curl -sS -w '   (%{http_code}, %{time_total}s)\n' "$addr$path"
+  echo "-- GET $addr$path"
+  curl -sS -w '   (HTTP %{http_code} in %{time_total}s)\n' "$addr$path"
 done
 echo "-- /metrics (requests)"
 curl -sS "$addr/metrics" | grep '^edged_requests_total'

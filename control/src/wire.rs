@@ -45,8 +45,8 @@ pub enum Request {
         manifest_id: String,
         activate: bool,
     },
-    List,
-    Status,
+    List {},
+    Status {},
     Activate {
         name: String,
         version: u64,
@@ -178,7 +178,7 @@ mod tests {
     #[test]
     fn round_trip_in_pieces() {
         let messages = vec![
-            Request::List,
+            Request::List {},
             Request::Activate {
                 name: "a".into(),
                 version: 3,
@@ -241,7 +241,7 @@ mod tests {
 
     #[test]
     fn truncated_input_is_reported() {
-        let frame = encode(&Request::Status).unwrap();
+        let frame = encode(&Request::Status {}).unwrap();
         let mut decoder = FrameDecoder::default();
         decoder.push(&frame[..frame.len() - 1]);
         assert_eq!(decoder.next_message::<Request>(), Ok(None));

@@ -96,8 +96,8 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Push(args) => runtime()?.block_on(remote::push(&target, args)),
-        Command::Ls => runtime()?.block_on(remote::simple(&target, Request::List)),
-        Command::Status => runtime()?.block_on(remote::simple(&target, Request::Status)),
+        Command::Ls => runtime()?.block_on(remote::simple(&target, Request::List {})),
+        Command::Status => runtime()?.block_on(remote::simple(&target, Request::Status {})),
         Command::Activate { id } => {
             let (name, version) = remote::parse_id(&id)?;
             runtime()?.block_on(remote::simple(&target, Request::Activate { name, version }))

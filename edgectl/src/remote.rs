@@ -184,7 +184,7 @@ pub async fn push(target: &Target, args: PushArgs) -> Result<()> {
     let client = Client::connect(target).await?;
     let version = match args.version {
         Some(v) => v,
-        None => match client.call(&Request::List).await? {
+        None => match client.call(&Request::List {}).await? {
             Response::Deployments { items } => {
                 items
                     .iter()
