@@ -440,21 +440,11 @@ impl Node {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         if declared.is_some_and(|len| len > limits.max_body_bytes as u64) {
-            return self.reject(
-                function,
-                "body_too_large",
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "request body exceeds the function's limit",
-            );
+            return self.body_too_large(function);
         }
-        // Overload is answered at once: no unbounded queue in front of the guests.
-        let Ok(permit) = function.permits.clone().try_acquire_owned() else {
-            return self.reject(
-                function,
-                "overloaded",
-                StatusCode::SERVICE_UNAVAILABLE,
-                "function is at its concurrency limit",
-            );
+        let permit = match self.admit(function) {
+            Ok(permit) => permit,
+            Err(refusal) => return refusal,
         };
         let (parts, body) = request.into_parts();
         let body = match Limited::new(body, limits.max_body_bytes).collect().await {
@@ -463,12 +453,7 @@ impl Node {
                 if e.downcast_ref::<http_body_util::LengthLimitError>()
                     .is_some() =>
             {
-                return self.reject(
-                    function,
-                    "body_too_large",
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "request body exceeds the function's limit",
-                );
+                return self.body_too_large(function);
             }
             Err(e) => {
                 return text(
@@ -481,6 +466,32 @@ impl Node {
             .await
     }
 
+    fn body_too_large(&self, function: &Function) -> Response<ResponseBody> {
+        self.reject(
+            function,
+            "body_too_large",
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "request body exceeds the function's limit",
+        )
+    }
+
+    /// A concurrency permit, or the 503 that answers overload at once (no unbounded queue in
+    /// front of the guests).
+    #[allow(clippy::result_large_err)]
+    fn admit(
+        &self,
+        function: &Function,
+    ) -> Result<tokio::sync::OwnedSemaphorePermit, Response<ResponseBody>> {
+        function.permits.clone().try_acquire_owned().map_err(|_| {
+            self.reject(
+                function,
+                "overloaded",
+                StatusCode::SERVICE_UNAVAILABLE,
+                "function is at its concurrency limit",
+            )
+        })
+    }
+
     /// Like the HTTP path, for a request whose body is already in memory.
     async fn invoke_collected(
         self: &Arc<Self>,
@@ -488,20 +499,11 @@ impl Node {
         request: Request<Bytes>,
     ) -> Response<ResponseBody> {
         if request.body().len() > function.config.limits.max_body_bytes {
-            return self.reject(
-                function,
-                "body_too_large",
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "request body exceeds the function's limit",
-            );
+            return self.body_too_large(function);
         }
-        let Ok(permit) = function.permits.clone().try_acquire_owned() else {
-            return self.reject(
-                function,
-                "overloaded",
-                StatusCode::SERVICE_UNAVAILABLE,
-                "function is at its concurrency limit",
-            );
+        let permit = match self.admit(function) {
+            Ok(permit) => permit,
+            Err(refusal) => return refusal,
         };
         self.run_guest(function, request, permit).await
     }
