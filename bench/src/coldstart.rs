@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use edged_compiler::{CompileOptions, Target, WasmKind};
 use edged_snapshots::{
-    BlobKind, Linkers, Manifest, Prepared, Restorer, RuntimeSettings, Store, runtime_engine,
+    Linkers, Manifest, Prepared, Restorer, RuntimeSettings, Store, runtime_engine,
 };
 use wasmtime::{Engine, InstancePre, Linker, Module};
 use wasmtime_wasi::WasiCtxBuilder;
@@ -116,17 +116,8 @@ pub async fn run(
     // Ours: store + restorer, exactly as a node holds a deployment.
     let store = Arc::new(Store::open(work_dir.join("store"))?);
     let manifest = Manifest::from_compiled("bench", 1, 0, &compiled);
-    store.put_blob(&compiled.source, BlobKind::Source, None)?;
+    store.put_compiled(&compiled, &manifest)?;
     let artifact = &compiled.artifacts[0];
-    store.put_blob(
-        &artifact.bytes,
-        BlobKind::Artifact {
-            target: artifact.target,
-            fingerprint: artifact.fingerprint.clone(),
-        },
-        None,
-    )?;
-    store.put_manifest(&manifest)?;
     let settings = RuntimeSettings::default();
     let (engine, _) = runtime_engine(&settings)?;
     let linkers = Linkers {

@@ -328,26 +328,20 @@ impl ControlPlane {
     }
 
     async fn commit(&self, manifest_id: &str, activate: bool, peer: &str) -> Result<Response> {
-        let signed = {
+        let (signed, needed) = {
             let pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
             let offer = pending
                 .get(manifest_id)
                 .ok_or_else(|| anyhow!("no accepted offer for {manifest_id}"))?;
-            offer.signed.clone()
+            (
+                offer.signed.clone(),
+                offer.needed.keys().cloned().collect::<Vec<_>>(),
+            )
         };
         let store = self.node.store();
-        let missing: Vec<&str> = signed
-            .manifest
-            .blob_hashes()
-            .filter(|h| {
-                let needed = self
-                    .pending
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .get(manifest_id)
-                    .is_some_and(|o| o.needed.contains_key(*h));
-                needed && !matches!(store.blob_meta(h), Ok(Some(_)))
-            })
+        let missing: Vec<String> = needed
+            .into_iter()
+            .filter(|h| !matches!(store.blob_meta(h), Ok(Some(_))))
             .collect();
         if !missing.is_empty() {
             bail!("{manifest_id} is missing blobs: {}", missing.join(", "));

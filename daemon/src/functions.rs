@@ -9,7 +9,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use edged_compiler::{CompileOptions, EngineSettings, InitPolicy, Target, content_hash};
 use edged_node_config::{FunctionConfig, InitSetting, Limits};
-use edged_snapshots::{BlobKind, LoadPath, Manifest, Prepared, Restorer, Store};
+use edged_snapshots::{LoadPath, Manifest, Prepared, Restorer, Store};
 use tokio::sync::Semaphore;
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 
@@ -132,19 +132,7 @@ pub fn ensure_deployed(
                 .map(|d| d.as_secs())
                 .unwrap_or(0);
             let manifest = Manifest::from_compiled(&function.name, version, created_at, &compiled);
-            store.put_blob(
-                &compiled.source,
-                BlobKind::Source,
-                Some(&manifest.source.blake3),
-            )?;
-            for artifact in &compiled.artifacts {
-                let kind = BlobKind::Artifact {
-                    target: artifact.target,
-                    fingerprint: artifact.fingerprint.clone(),
-                };
-                store.put_blob(&artifact.bytes, kind, Some(&artifact.blake3))?;
-            }
-            store.put_manifest(&manifest)?;
+            store.put_compiled(&compiled, &manifest)?;
             tracing::info!(function = %function.name, version, "compiled and stored");
             manifest
         }

@@ -290,6 +290,28 @@ impl Store {
         Ok(hash)
     }
 
+    /// Stores a compiler output's source and artifacts (each checked against `manifest`'s
+    /// hashes), then indexes `manifest`.
+    pub fn put_compiled(
+        &self,
+        compiled: &edged_compiler::Compiled,
+        manifest: &Manifest,
+    ) -> Result<(), StoreError> {
+        self.put_blob(
+            &compiled.source,
+            BlobKind::Source,
+            Some(&manifest.source.blake3),
+        )?;
+        for artifact in &compiled.artifacts {
+            let kind = BlobKind::Artifact {
+                target: artifact.target,
+                fingerprint: artifact.fingerprint.clone(),
+            };
+            self.put_blob(&artifact.bytes, kind, Some(&artifact.blake3))?;
+        }
+        self.put_manifest(manifest)
+    }
+
     pub fn blob_meta(&self, hash: &str) -> Result<Option<BlobMeta>, StoreError> {
         match self.blobs.get(hash.as_bytes())? {
             Some(v) => decode(hash.as_bytes(), &v).map(Some),

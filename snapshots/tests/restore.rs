@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use edged_compiler::{CompileOptions, EngineSettings, InitPolicy, Target, compile};
 use edged_snapshots::{
-    BlobKind, Linkers, LoadPath, Manifest, Prepared, RestoreError, Restorer, RuntimeSettings,
-    Store, runtime_engine,
+    Linkers, LoadPath, Manifest, Prepared, RestoreError, Restorer, RuntimeSettings, Store,
+    runtime_engine,
 };
 use edged_testkit::guest_bytes;
 use wasmtime_wasi::WasiCtxBuilder;
@@ -58,17 +58,7 @@ async fn run(restorer: &Restorer<Guest>, prepared: &Prepared<Guest>, query: &str
 }
 
 fn put_all(store: &Store, manifest: &Manifest, compiled: &edged_compiler::Compiled) {
-    store
-        .put_blob(&compiled.source, BlobKind::Source, None)
-        .unwrap();
-    for a in &compiled.artifacts {
-        let kind = BlobKind::Artifact {
-            target: a.target,
-            fingerprint: a.fingerprint.clone(),
-        };
-        store.put_blob(&a.bytes, kind, None).unwrap();
-    }
-    store.put_manifest(manifest).unwrap();
+    store.put_compiled(compiled, manifest).unwrap();
 }
 
 /// What the guest prints when it initializes itself (no Wizer, JIT): the reference output.

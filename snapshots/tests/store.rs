@@ -24,21 +24,7 @@ fn store_compiled(
     compiled: &edged_compiler::Compiled,
 ) -> Manifest {
     let manifest = Manifest::from_compiled(name, version, 0, compiled);
-    store
-        .put_blob(
-            &compiled.source,
-            BlobKind::Source,
-            Some(&manifest.source.blake3),
-        )
-        .unwrap();
-    for a in &compiled.artifacts {
-        let kind = BlobKind::Artifact {
-            target: a.target,
-            fingerprint: a.fingerprint.clone(),
-        };
-        store.put_blob(&a.bytes, kind, Some(&a.blake3)).unwrap();
-    }
-    store.put_manifest(&manifest).unwrap();
+    store.put_compiled(compiled, &manifest).unwrap();
     manifest
 }
 
