@@ -13,15 +13,14 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result, anyhow, bail};
-use edged_compiler::content_hash;
 use edged_control::identity::{self, Role, role_of};
 use edged_control::signing::SignedManifest;
 use edged_control::transport::{read_frame, write_frame};
 use edged_control::wire::{DeploymentInfo, NeededBlob, NodeStatus, Request, Response};
 use edged_control::{FleetIdentity, TrustedKeys};
 use edged_node_config::ControlConfig;
-use edged_snapshots::BlobKind;
 use edged_snapshots::manifest::BlobRef;
+use edged_snapshots::{BlobKind, StoreError};
 
 use crate::node::Node;
 
@@ -307,21 +306,19 @@ impl ControlPlane {
         }
         file.sync_all()?;
         drop(file);
-        let bytes = std::fs::read(&partial)?;
-        let actual = content_hash(&bytes);
-        if actual != hash {
-            let _ = std::fs::remove_file(&partial);
-            bail!(
-                "blob bytes hash to {actual}, not to {hash} as the manifest says: refused, nothing stored"
-            );
-        }
+        // The partial file already sits in the store's tmp/: checked and renamed into place, no
+        // second copy. A blob whose bytes do not match its name is deleted, never stored.
         let store = self.node.store().clone();
-        let (kind_for_put, hash_owned) = (kind, hash.to_string());
-        tokio::task::spawn_blocking(move || {
-            store.put_blob(&bytes, kind_for_put, Some(&hash_owned))
-        })
-        .await??;
-        let _ = std::fs::remove_file(&partial);
+        let expected = hash.to_string();
+        tokio::task::spawn_blocking(move || store.adopt_blob_file(&partial, kind, &expected))
+            .await?
+            .map_err(|e| match e {
+                StoreError::HashMismatch { expected, actual } => anyhow!(
+                    "blob bytes hash to {actual}, not to {expected} as the manifest says: \
+                     refused, nothing stored"
+                ),
+                other => other.into(),
+            })?;
         Ok(Response::Stored {
             hash: hash.to_string(),
         })

@@ -167,6 +167,17 @@ fn is_blob_name(name: &str) -> bool {
     name.len() == 64 && name.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
+/// Why `bytes` cannot be a blob of `kind`: a source must be Wasm (or WAT), an artifact a
+/// complete ELF for its target.
+fn kind_problem(bytes: &[u8], kind: &BlobKind) -> Option<String> {
+    match kind {
+        BlobKind::Source => edged_compiler::to_binary(bytes)
+            .err()
+            .map(|e| e.to_string()),
+        BlobKind::Artifact { target, .. } => check_artifact(bytes, *target).err(),
+    }
+}
+
 fn fsync_dir(dir: &Path) -> Result<(), StoreError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
@@ -234,13 +245,7 @@ impl Store {
                 actual: hash,
             });
         }
-        let kind_problem = match &kind {
-            BlobKind::Source => edged_compiler::to_binary(bytes)
-                .err()
-                .map(|e| e.to_string()),
-            BlobKind::Artifact { target, .. } => check_artifact(bytes, *target).err(),
-        };
-        if let Some(reason) = kind_problem {
+        if let Some(reason) = kind_problem(bytes, &kind) {
             return Err(StoreError::BadBlob { hash, reason });
         }
         // Already stored and intact: nothing to do. A damaged copy is replaced below.
@@ -271,14 +276,69 @@ impl Store {
             });
         }
 
+        self.install_blob(&tmp_path, hash, bytes.len() as u64, kind)
+    }
+
+    /// Stores the file at `path` as the blob `expected` of `kind` by renaming it into place:
+    /// how large uploads enter the store without another copy. `path` must be a file in this
+    /// store's `tmp/` that the caller has written in full and fsynced. Its content is checked
+    /// exactly as [`Store::put_blob`] checks bytes; a file that fails is removed. A blob that is
+    /// already stored intact is kept and the file removed.
+    pub fn adopt_blob_file(
+        &self,
+        path: &Path,
+        kind: BlobKind,
+        expected: &str,
+    ) -> Result<String, StoreError> {
+        let tmp = self.root.join("tmp");
+        if path.parent() != Some(tmp.as_path()) {
+            return Err(StoreError::Io {
+                action: "adopt (not in the store's tmp/)",
+                path: path.to_path_buf(),
+                source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
+            });
+        }
+        let bytes = fs::read(path).map_err(io_err("read", path))?;
+        let refuse = |e: StoreError| {
+            let _ = fs::remove_file(path);
+            e
+        };
+        let hash = content_hash(&bytes);
+        if hash != expected {
+            return Err(refuse(StoreError::HashMismatch {
+                expected: expected.to_string(),
+                actual: hash,
+            }));
+        }
+        if let Some(reason) = kind_problem(&bytes, &kind) {
+            return Err(refuse(StoreError::BadBlob { hash, reason }));
+        }
+        if self.blob_meta(&hash)?.is_some_and(|meta| meta.kind == kind)
+            && self.read_checked(&hash).is_ok()
+        {
+            let _ = fs::remove_file(path);
+            return Ok(hash);
+        }
+        self.install_blob(path, hash, bytes.len() as u64, kind)
+    }
+
+    /// Renames a written, fsynced and verified file from `tmp/` to its blob path, makes the
+    /// rename durable, then indexes it: the index never names a blob before its file is in place.
+    fn install_blob(
+        &self,
+        tmp_path: &Path,
+        hash: String,
+        size: u64,
+        kind: BlobKind,
+    ) -> Result<String, StoreError> {
         let final_path = self.blob_path(&hash);
         let dir = final_path.parent().expect("blob paths have a fan-out dir");
         let _guard = self.blob_lock.lock().unwrap_or_else(|p| p.into_inner());
         fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
-        fs::rename(&tmp_path, &final_path).map_err(io_err("rename into", &final_path))?;
+        fs::rename(tmp_path, &final_path).map_err(io_err("rename into", &final_path))?;
         fsync_dir(dir)?;
         let meta = BlobMeta {
-            size: bytes.len() as u64,
+            size,
             kind,
             stored_at: now_secs(),
         };

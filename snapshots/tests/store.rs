@@ -247,3 +247,57 @@ fn gc_removes_only_unreferenced_blobs() {
         "{verify:?}"
     );
 }
+
+#[test]
+fn adopting_an_uploaded_file_checks_it_and_moves_it_into_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let source = guest_bytes("hello-http.wasm");
+    let hash = edged_compiler::content_hash(&source);
+    let upload = store.root().join("tmp").join(format!("upload-{hash}"));
+
+    // Bytes that do not hash to the expected name: refused, the file removed, nothing indexed.
+    let mut flipped = source.clone();
+    flipped[source.len() / 2] ^= 0x40;
+    std::fs::write(&upload, &flipped).unwrap();
+    let err = store
+        .adopt_blob_file(&upload, BlobKind::Source, &hash)
+        .unwrap_err();
+    assert!(matches!(err, StoreError::HashMismatch { .. }), "{err}");
+    assert!(!upload.exists());
+    assert!(store.blob_meta(&hash).unwrap().is_none());
+
+    // Right hash, wrong kind: a Wasm source is not an artifact.
+    std::fs::write(&upload, &source).unwrap();
+    let kind = BlobKind::Artifact {
+        target: Target::X86_64Linux,
+        fingerprint: "f".repeat(32),
+    };
+    let err = store.adopt_blob_file(&upload, kind, &hash).unwrap_err();
+    assert!(err.to_string().contains("no ELF header"), "{err}");
+    assert!(store.blob_meta(&hash).unwrap().is_none());
+
+    // A file outside the store's tmp/ is never adopted (no cross-filesystem renames).
+    let outside = dir.path().join("elsewhere.wasm");
+    std::fs::write(&outside, &source).unwrap();
+    assert!(
+        store
+            .adopt_blob_file(&outside, BlobKind::Source, &hash)
+            .is_err()
+    );
+    assert!(outside.exists());
+
+    // The good file is renamed into place, indexed, and survives a reopen.
+    std::fs::write(&upload, &source).unwrap();
+    assert_eq!(
+        store
+            .adopt_blob_file(&upload, BlobKind::Source, &hash)
+            .unwrap(),
+        hash
+    );
+    assert!(!upload.exists());
+    drop(store);
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(store.read_blob(&hash).unwrap(), source);
+    assert!(store.verify().unwrap().is_ok());
+}
