@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Debian packages the tests need, installed only if missing (idempotent):
-#   systemd — for `systemd-analyze verify` of the unit file.
+#   systemd — for `systemd-analyze verify` of the unit file;
+#   qemu-user-static — runs the cross-built aarch64 edged in the aarch64 end-to-end test.
 set -euo pipefail
 missing=()
 command -v systemd-analyze >/dev/null || missing+=(systemd)
+command -v qemu-aarch64-static >/dev/null || missing+=(qemu-user-static)
 if [ ${#missing[@]} -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo=sudo

@@ -8,4 +8,6 @@ cd "$root"
 scripts/install-wasm-targets.sh
 scripts/install-test-deps.sh
 scripts/build-guests.sh
+# The aarch64 daemon the qemu end-to-end test runs (daemon/tests/aarch64.rs).
+scripts/build-aarch64.sh --profile qemu-test
 cargo test --workspace --locked "$@"

@@ -32,6 +32,8 @@ pub struct Params {
     pub iterations: usize,
     pub load_iterations: usize,
     pub baseline_iterations: usize,
+    /// Pooling-allocator slots, when not edged's default.
+    pub pool_slots: Option<u32>,
 }
 
 struct P1Guest {
@@ -118,7 +120,11 @@ pub async fn run(
     let manifest = Manifest::from_compiled("bench", 1, 0, &compiled);
     store.put_compiled(&compiled, &manifest)?;
     let artifact = &compiled.artifacts[0];
-    let settings = RuntimeSettings::default();
+    let mut settings = RuntimeSettings::default();
+    if let Some(slots) = params.pool_slots {
+        settings.pool.total_instances = slots;
+        settings.pool.total_memories = slots;
+    }
     let (engine, _) = runtime_engine(&settings)?;
     let linkers = Linkers {
         module: p1_linker(&engine)?,

@@ -19,6 +19,10 @@ pub struct Params {
     pub edged: PathBuf,
     pub connections: usize,
     pub requests: usize,
+    /// Command prefix that runs `edged` (an emulator), or empty.
+    pub emulator: Vec<String>,
+    /// Pooling-allocator slots for edged, when not its default.
+    pub pool_slots: Option<u32>,
 }
 
 /// A running `edged` with the sample functions; killed on drop.
@@ -35,15 +39,22 @@ impl Drop for EdgedProcess {
 }
 
 fn start_edged(
-    binary: &Path,
+    params: &Params,
     work: &Path,
     guests: &[(&str, &str, PathBuf)],
 ) -> Result<EdgedProcess> {
     use std::fmt::Write as _;
+    let binary = &params.edged;
     let mut config = format!(
         "[node]\nstate_dir = {:?}\nhttp_listen = \"127.0.0.1:0\"\n",
         work.join("edged-state").display().to_string()
     );
+    if let Some(slots) = params.pool_slots {
+        let _ = write!(
+            config,
+            "\n[engine]\ntotal_instances = {slots}\ntotal_memories = {slots}\n"
+        );
+    }
     for (name, route, wasm) in guests {
         let _ = write!(
             config,
@@ -53,7 +64,15 @@ fn start_edged(
     }
     let config_path = work.join("edged.toml");
     std::fs::write(&config_path, config)?;
-    let mut child = Command::new(binary)
+    let mut command = match params.emulator.split_first() {
+        Some((emulator, emulator_args)) => {
+            let mut command = Command::new(emulator);
+            command.args(emulator_args).arg(binary);
+            command
+        }
+        None => Command::new(binary),
+    };
+    let mut child = command
         .arg("--config")
         .arg(&config_path)
         .env("EDGED_LOG", "warn")
@@ -188,7 +207,7 @@ pub async fn run(params: &Params, work: &Path) -> Result<(Vec<Summary>, Vec<Rati
         ),
         ("cgi", "/cgi", edged_testkit::guest("init-heavy-p1.wasm")),
     ];
-    let edged = start_edged(&params.edged, work, &guests)?;
+    let edged = start_edged(params, work, &guests)?;
     let floor = start_floor_server()?;
     // Let the node settle, then read its idle footprint with every sample function prepared.
     tokio::time::sleep(Duration::from_millis(500)).await;

@@ -44,6 +44,15 @@ struct Args {
     /// Requests per HTTP target.
     #[arg(long, default_value_t = 4000)]
     requests: usize,
+    /// Command prefix that runs the edged binary, e.g. "qemu-aarch64-static -L /usr/aarch64-linux-gnu"
+    /// when this bench itself runs under qemu-user (scripts/bench-aarch64.sh). Marks every figure
+    /// as informative only: emulation says nothing about real aarch64 hardware.
+    #[arg(long, value_name = "CMD")]
+    emulator: Option<String>,
+    /// Pooling-allocator slots (instances and memories) for the bench's engine and the edged it
+    /// starts (default: edged's default). qemu-user needs a small pool: see README, aarch64.
+    #[arg(long)]
+    pool_slots: Option<u32>,
     /// Where to write results.json and bench.svg.
     #[arg(long, default_value = "bench/out")]
     out: PathBuf,
@@ -66,6 +75,7 @@ async fn main() -> Result<()> {
             iterations: args.iterations,
             load_iterations: args.load_iterations,
             baseline_iterations: args.baseline_iterations,
+            pool_slots: args.pool_slots,
         };
         let (p, r) = coldstart::run(&guest, &params, work.path()).await?;
         phases.extend(p);
@@ -83,6 +93,12 @@ async fn main() -> Result<()> {
             edged,
             connections: args.connections,
             requests: args.requests,
+            emulator: args
+                .emulator
+                .as_deref()
+                .map(|cmd| cmd.split_whitespace().map(String::from).collect())
+                .unwrap_or_default(),
+            pool_slots: args.pool_slots,
         };
         let (p, r, f) = http::run(&params, work.path()).await?;
         phases.extend(p);
@@ -101,7 +117,13 @@ async fn main() -> Result<()> {
                 .map(|n| n.get())
                 .unwrap_or(1)
         ),
-        note: if cfg!(debug_assertions) {
+        note: if let Some(emulator) = &args.emulator {
+            format!(
+                "UNDER EMULATION ({emulator}): figures are informative only and say nothing \
+                 about real {} hardware",
+                std::env::consts::ARCH
+            )
+        } else if cfg!(debug_assertions) {
             "debug build: figures are not representative; use --release".into()
         } else {
             String::new()

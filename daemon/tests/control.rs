@@ -3,84 +3,13 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
+use common::fleet::{control_section, edgectl, edgectl_bin, new_fleet, ok, refused};
 use common::{Edged, get, guest};
-
-fn edgectl_bin() -> PathBuf {
-    edged_testkit::workspace_binary("edgectl")
-}
-
-fn edgectl(identity: &Path, node: &Edged, args: &[&str]) -> Output {
-    Command::new(edgectl_bin())
-        .args(["--identity", identity.to_str().unwrap()])
-        .args([
-            "--node",
-            &node.control.expect("control plane on").to_string(),
-        ])
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn ok(output: Output) -> String {
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    assert!(
-        output.status.success(),
-        "edgectl failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    stdout
-}
-
-fn refused(output: Output) -> String {
-    assert!(!output.status.success(), "edgectl should have failed");
-    String::from_utf8_lossy(&output.stderr).into_owned()
-}
-
-/// A fleet (operator identity) and a node identity issued from it.
-struct Fleet {
-    _dir: tempfile::TempDir,
-    operator: PathBuf,
-    node: PathBuf,
-}
-
-fn new_fleet() -> Fleet {
-    let dir = tempfile::tempdir().unwrap();
-    let operator = dir.path().join("operator");
-    let node = dir.path().join("node");
-    let run = |args: &[&str]| {
-        let out = Command::new(edgectl_bin())
-            .args(["--identity", operator.to_str().unwrap()])
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    run(&["init"]);
-    run(&["issue-node", "node", "--out", node.to_str().unwrap()]);
-    Fleet {
-        _dir: dir,
-        operator,
-        node,
-    }
-}
-
-fn control_section(fleet: &Fleet) -> String {
-    format!(
-        "[control]\nlisten = \"127.0.0.1:0\"\nidentity_dir = {:?}\nnode_name = \"node\"\ntrusted_keys = [{:?}]\n\n",
-        fleet.node.display().to_string(),
-        fleet.operator.join("signing.pub").display().to_string()
-    )
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn push_serve_upgrade_and_roll_back_without_dropped_requests() {

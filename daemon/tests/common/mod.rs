@@ -9,6 +9,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
+pub mod fleet;
+
 pub struct Edged {
     pub child: Child,
     pub addr: SocketAddr,
@@ -31,14 +33,22 @@ impl Edged {
     }
 
     pub fn start_with_env(functions: &str, env: &[(&str, &str)]) -> Edged {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_edged"));
+        command.envs(env.iter().copied());
+        Edged::spawn(command, &config_text(functions))
+    }
+
+    /// Starts `command --config <dir>/edged.toml` with `config` as the whole config file (paths
+    /// in it are relative to a fresh temp dir). `command` is the daemon, or an emulator running
+    /// it. Waits until it prints its address.
+    pub fn spawn(mut command: Command, config: &str) -> Edged {
         let dir = tempfile::tempdir().unwrap();
         let config_path = dir.path().join("edged.toml");
-        std::fs::write(&config_path, config_text(functions)).unwrap();
+        std::fs::write(&config_path, config).unwrap();
         let stderr = std::fs::File::create(dir.path().join("edged.log")).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_edged"))
+        let mut child = command
             .arg("--config")
             .arg(&config_path)
-            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(stderr)
             .spawn()
@@ -56,7 +66,7 @@ impl Edged {
                 }
             }
         });
-        let (addr, control) = match rx.recv_timeout(Duration::from_secs(120)) {
+        let (addr, control) = match rx.recv_timeout(Duration::from_secs(180)) {
             Ok(addrs) => addrs,
             Err(_) => {
                 let _ = child.kill();
@@ -109,7 +119,8 @@ impl Drop for Edged {
     }
 }
 
-fn config_text(functions: &str) -> String {
+/// A node section on ephemeral ports with state under the config's directory, then `functions`.
+pub fn config_text(functions: &str) -> String {
     format!(
         "[node]\nstate_dir = \"state\"\nhttp_listen = \"127.0.0.1:0\"\ndrain_timeout_ms = 5000\n\n{functions}"
     )

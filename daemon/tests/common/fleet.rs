@@ -1,0 +1,78 @@
+//! An operator fleet for end-to-end tests: a CA, operator identity and signing key from a real
+//! `edgectl init`, node certificates from `edgectl issue-node`, and `edgectl` runs against nodes.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use super::Edged;
+
+pub fn edgectl_bin() -> PathBuf {
+    edged_testkit::workspace_binary("edgectl")
+}
+
+pub fn edgectl(identity: &Path, node: &Edged, args: &[&str]) -> Output {
+    Command::new(edgectl_bin())
+        .args(["--identity", identity.to_str().unwrap()])
+        .args([
+            "--node",
+            &node.control.expect("control plane on").to_string(),
+        ])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+pub fn ok(output: Output) -> String {
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "edgectl failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
+pub fn refused(output: Output) -> String {
+    assert!(!output.status.success(), "edgectl should have failed");
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// A fleet (operator identity) and a node identity issued from it.
+pub struct Fleet {
+    _dir: tempfile::TempDir,
+    pub operator: PathBuf,
+    pub node: PathBuf,
+}
+
+pub fn new_fleet() -> Fleet {
+    let dir = tempfile::tempdir().unwrap();
+    let operator = dir.path().join("operator");
+    let node = dir.path().join("node");
+    let run = |args: &[&str]| {
+        let out = Command::new(edgectl_bin())
+            .args(["--identity", operator.to_str().unwrap()])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&["init"]);
+    run(&["issue-node", "node", "--out", node.to_str().unwrap()]);
+    Fleet {
+        _dir: dir,
+        operator,
+        node,
+    }
+}
+
+pub fn control_section(fleet: &Fleet) -> String {
+    format!(
+        "[control]\nlisten = \"127.0.0.1:0\"\nidentity_dir = {:?}\nnode_name = \"node\"\ntrusted_keys = [{:?}]\n\n",
+        fleet.node.display().to_string(),
+        fleet.operator.join("signing.pub").display().to_string()
+    )
+}
