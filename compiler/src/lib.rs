@@ -16,6 +16,7 @@ mod fingerprint;
 mod preinit;
 pub mod target;
 
+use std::borrow::Cow;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -149,14 +150,14 @@ pub fn content_hash(bytes: &[u8]) -> String {
     blake3::hash(bytes).to_hex().to_string()
 }
 
-/// Turns WAT text into a binary and tells a module from a component. Does not validate.
-pub fn to_binary(input: &[u8]) -> Result<(WasmKind, Vec<u8>), CompileError> {
+/// Turns WAT text into a binary and tells a module from a component. Does not validate. A
+/// binary input is borrowed, not copied (stores check 50 MB uploads with this).
+pub fn to_binary(input: &[u8]) -> Result<(WasmKind, Cow<'_, [u8]>), CompileError> {
     let bytes = if input.starts_with(b"\0asm") {
-        input.to_vec()
+        Cow::Borrowed(input)
     } else if std::str::from_utf8(input).is_ok() {
         wat::parse_bytes(input)
             .map_err(|e| CompileError::NotWasm(format!("WAT text does not parse: {e}")))?
-            .into_owned()
     } else {
         let shown = input.len().min(8);
         return Err(CompileError::NotWasm(format!(
@@ -245,7 +246,7 @@ pub fn compile(input: &[u8], options: &CompileOptions) -> Result<Compiled, Compi
         Some(init) => timings.record(format!("wizer ({init})"), || {
             preinit::preinitialize(&run_engine, kind, &source, init, options)
         })?,
-        None => source.clone(),
+        None => source.to_vec(),
     };
 
     let mut artifacts = Vec::with_capacity(options.targets.len());
@@ -267,7 +268,7 @@ pub fn compile(input: &[u8], options: &CompileOptions) -> Result<Compiled, Compi
     }
     Ok(Compiled {
         kind,
-        source,
+        source: source.into_owned(),
         init_func,
         preinitialized,
         artifacts,

@@ -10,6 +10,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -21,6 +22,8 @@ use edged_control::{FleetIdentity, TrustedKeys};
 use edged_node_config::ControlConfig;
 use edged_snapshots::manifest::BlobRef;
 use edged_snapshots::{BlobKind, StoreError};
+
+use tokio_util::sync::CancellationToken;
 
 use crate::node::Node;
 
@@ -36,7 +39,43 @@ pub struct ControlPlane {
     trusted: TrustedKeys,
     node_name: String,
     pending: Mutex<HashMap<String, Pending>>,
+    /// Blobs being received: one writer per partial file at a time.
+    uploads: Arc<Mutex<HashMap<String, UploadWriter>>>,
 }
+
+/// The writer of one partial upload. A newer upload of the same blob cancels the current one
+/// and waits for its lock: after a client dies its stream lingers until the idle timeout, and
+/// the operator's retry must not wait for that (nor may two streams append to one file).
+#[derive(Clone)]
+struct UploadWriter {
+    lock: Arc<tokio::sync::Mutex<()>>,
+    cancel: CancellationToken,
+    generation: u64,
+}
+
+/// An upload's exclusive turn at its partial file. Held until the file is adopted into the store
+/// (even if the client goes away meanwhile); on drop the writer is unregistered while the lock
+/// is still held, so a later upload either waits for this turn or finds the blob stored.
+struct UploadTurn {
+    uploads: Arc<Mutex<HashMap<String, UploadWriter>>>,
+    hash: String,
+    generation: u64,
+    _lock: tokio::sync::OwnedMutexGuard<()>,
+}
+
+impl Drop for UploadTurn {
+    fn drop(&mut self) {
+        let mut uploads = self.uploads.lock().unwrap_or_else(|p| p.into_inner());
+        if uploads
+            .get(&self.hash)
+            .is_some_and(|w| w.generation == self.generation)
+        {
+            uploads.remove(&self.hash);
+        }
+    }
+}
+
+static UPLOAD_GENERATION: AtomicU64 = AtomicU64::new(0);
 
 /// Creates the dev identity (throwaway fleet) if asked and missing.
 pub fn ensure_dev_identity(config: &ControlConfig) -> Result<()> {
@@ -73,8 +112,28 @@ pub fn bind(
         trusted,
         node_name: config.node_name.clone(),
         pending: Mutex::new(HashMap::new()),
+        uploads: Arc::default(),
     });
     Ok((endpoint, plane))
+}
+
+/// Uploads ask the kernel to start writing back every this many bytes, so the fsync at the end
+/// of a blob waits for the tail only instead of the whole blob (disk and network overlap).
+const WRITEBACK_EVERY: u64 = 8 << 20;
+
+/// Starts asynchronous writeback of `len` bytes at `offset` of `file` (does not wait for it).
+fn start_writeback(file: &std::fs::File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: sync_file_range(2) on a file descriptor we own, with plain integer arguments. It
+    // is only a hint: the fsync before the blob is adopted is what makes it durable.
+    unsafe {
+        libc::sync_file_range(
+            file.as_raw_fd(),
+            offset as libc::off64_t,
+            len as libc::off64_t,
+            libc::SYNC_FILE_RANGE_WRITE,
+        );
+    }
 }
 
 impl ControlPlane {
@@ -114,33 +173,53 @@ impl ControlPlane {
         };
         let peer = identity::common_name(leaf);
         tracing::info!(%remote, %peer, %role, "control connection");
+        // Each request stream is served on its own task: a push sends its blobs concurrently,
+        // and a long upload must not hold up `status` or `ls` on the same connection.
         loop {
-            let (mut send, mut recv) = match conn.accept_bi().await {
+            let (send, recv) = match conn.accept_bi().await {
                 Ok(streams) => streams,
                 Err(quinn::ConnectionError::ApplicationClosed(_)) => return Ok(()),
                 Err(e) => return Err(e.into()),
             };
-            let request: Request = match read_frame(&mut recv).await {
-                Ok(request) => request,
-                Err(edged_control::transport::TransportError::Wire(e)) => {
-                    // A protocol violation ends the connection, never the daemon.
-                    tracing::warn!(%peer, error = %e, "bad control frame; closing the connection");
-                    let reason = e.to_string();
-                    conn.close(1u32.into(), reason.as_bytes());
-                    bail!("{peer}: {e}");
+            let (plane, conn, peer) = (self.clone(), conn.clone(), peer.clone());
+            tokio::spawn(async move {
+                if let Err(e) = plane.stream(&conn, role, &peer, send, recv).await {
+                    tracing::info!(%peer, error = %format!("{e:#}"), "control stream ended");
                 }
-                Err(e) => return Err(e.into()),
-            };
-            let response = match self.authorize(role, &request) {
-                Ok(()) => self.handle(request, &mut recv, &peer).await,
-                Err(message) => Response::Error { message },
-            };
-            if let Response::Error { message } = &response {
-                tracing::info!(%peer, "control request refused: {message}");
-            }
-            write_frame(&mut send, &response).await?;
-            let _ = send.finish();
+            });
         }
+    }
+
+    /// One request and its answer on one bidirectional stream.
+    async fn stream(
+        &self,
+        conn: &quinn::Connection,
+        role: Role,
+        peer: &str,
+        mut send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+    ) -> Result<()> {
+        let request: Request = match read_frame(&mut recv).await {
+            Ok(request) => request,
+            Err(edged_control::transport::TransportError::Wire(e)) => {
+                // A protocol violation ends the connection, never the daemon.
+                tracing::warn!(%peer, error = %e, "bad control frame; closing the connection");
+                let reason = e.to_string();
+                conn.close(1u32.into(), reason.as_bytes());
+                bail!("{peer}: {e}");
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let response = match self.authorize(role, &request) {
+            Ok(()) => self.handle(request, &mut recv, peer).await,
+            Err(message) => Response::Error { message },
+        };
+        if let Response::Error { message } = &response {
+            tracing::info!(%peer, "control request refused: {message}");
+        }
+        write_frame(&mut send, &response).await?;
+        let _ = send.finish();
+        Ok(())
     }
 
     fn authorize(&self, role: Role, request: &Request) -> std::result::Result<(), String> {
@@ -282,43 +361,90 @@ impl ControlPlane {
                 .cloned()
                 .ok_or_else(|| anyhow!("blob {hash} is not one {manifest_id} needs; refused"))?
         };
+        let writer = {
+            let mut uploads = self.uploads.lock().unwrap_or_else(|p| p.into_inner());
+            let lock = match uploads.get(hash) {
+                Some(current) => {
+                    current.cancel.cancel();
+                    current.lock.clone()
+                }
+                None => Arc::default(),
+            };
+            let writer = UploadWriter {
+                lock,
+                cancel: CancellationToken::new(),
+                generation: UPLOAD_GENERATION.fetch_add(1, Ordering::Relaxed),
+            };
+            uploads.insert(hash.to_string(), writer.clone());
+            writer
+        };
+        let cancelled = writer.cancel.clone();
+        let turn = UploadTurn {
+            uploads: self.uploads.clone(),
+            hash: hash.to_string(),
+            generation: writer.generation,
+            _lock: writer.lock.clone().lock_owned().await,
+        };
+        if self.node.store().blob_meta(hash)?.is_some() {
+            // A previous stream finished it while this one waited.
+            return Ok(Response::Stored {
+                hash: hash.to_string(),
+            });
+        }
         let partial = self.partial_path(hash);
         let have = std::fs::metadata(&partial).map(|m| m.len()).unwrap_or(0);
-        if offset != have.min(blob.size) {
-            bail!(
-                "resume offset {offset} for blob {hash} does not match the {have} bytes this node has"
-            );
+        if offset > have.min(blob.size) {
+            bail!("resume offset {offset} for blob {hash} is past the {have} bytes this node has");
         }
         let mut file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&partial)?;
+        // Bytes past `offset` arrived after the client's offer (a dying stream): the client
+        // sends them again, so drop them rather than append a second copy.
+        file.set_len(offset)?;
         let mut remaining = blob.size - offset;
+        let mut written = offset;
+        let mut flushed = offset;
         while remaining > 0 {
-            let chunk = recv
-                .read_chunk(remaining.min(1 << 20) as usize, true)
-                .await?
-                .ok_or_else(|| {
-                    anyhow!("stream ended with {remaining} bytes of blob {hash} missing")
-                })?;
+            let chunk = tokio::select! {
+                chunk = recv.read_chunk(remaining.min(1 << 20) as usize, true) => chunk?,
+                () = cancelled.cancelled() => {
+                    bail!("upload of blob {hash} superseded by a newer stream for it")
+                }
+            }
+            .ok_or_else(|| anyhow!("stream ended with {remaining} bytes of blob {hash} missing"))?;
             file.write_all(&chunk.bytes)?;
             remaining -= chunk.bytes.len() as u64;
+            written += chunk.bytes.len() as u64;
+            if written - flushed >= WRITEBACK_EVERY {
+                start_writeback(&file, flushed, written - flushed);
+                flushed = written;
+            }
         }
-        file.sync_all()?;
-        drop(file);
-        // The partial file already sits in the store's tmp/: checked and renamed into place, no
-        // second copy. A blob whose bytes do not match its name is deleted, never stored.
+        // The partial file already sits in the store's tmp/: made durable, checked and renamed
+        // into place, no second copy. A blob whose bytes do not match its name is deleted, never
+        // stored. Off the async threads: fsync and hashing 50 MB would stall HTTP serving.
         let store = self.node.store().clone();
         let expected = hash.to_string();
-        tokio::task::spawn_blocking(move || store.adopt_blob_file(&partial, kind, &expected))
-            .await?
-            .map_err(|e| match e {
-                StoreError::HashMismatch { expected, actual } => anyhow!(
-                    "blob bytes hash to {actual}, not to {expected} as the manifest says: \
-                     refused, nothing stored"
-                ),
-                other => other.into(),
+        tokio::task::spawn_blocking(move || {
+            let _turn = turn;
+            file.sync_all().map_err(|source| StoreError::Io {
+                action: "fsync",
+                path: partial.clone(),
+                source,
             })?;
+            drop(file);
+            store.adopt_blob_file(&partial, kind, &expected)
+        })
+        .await?
+        .map_err(|e| match e {
+            StoreError::HashMismatch { expected, actual } => anyhow!(
+                "blob bytes hash to {actual}, not to {expected} as the manifest says: \
+                     refused, nothing stored"
+            ),
+            other => other.into(),
+        })?;
         Ok(Response::Stored {
             hash: hash.to_string(),
         })

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -97,15 +98,15 @@ impl Client {
         }
     }
 
-    /// Sends `bytes` as blob `hash` of `manifest_id`, starting at `offset`, at most
-    /// `max_rate` bytes/s. `progress` advances as bytes leave.
+    /// Sends `bytes` as blob `hash` of `manifest_id`, starting at `offset`, paced by `pacer`.
+    /// `progress` advances as bytes leave.
     async fn put_blob(
         &self,
         manifest_id: &str,
         hash: &str,
         bytes: &[u8],
         offset: u64,
-        max_rate: Option<u64>,
+        pacer: &Pacer,
         progress: &ProgressBar,
     ) -> Result<()> {
         let (mut send, mut recv) = self.conn.open_bi().await?;
@@ -118,24 +119,53 @@ impl Client {
             },
         )
         .await?;
-        let started = Instant::now();
-        let mut sent = 0u64;
-        for chunk in bytes[offset as usize..].chunks(256 << 10) {
-            send.write_all(chunk).await?;
-            sent += chunk.len() as u64;
-            progress.inc(chunk.len() as u64);
-            if let Some(rate) = max_rate {
-                let due = Duration::from_secs_f64(sent as f64 / rate as f64);
-                if let Some(wait) = due.checked_sub(started.elapsed()) {
-                    tokio::time::sleep(wait).await;
-                }
+        let sent: Result<()> = async {
+            for chunk in bytes[offset as usize..].chunks(256 << 10) {
+                send.write_all(chunk).await?;
+                progress.inc(chunk.len() as u64);
+                pacer.sent(chunk.len() as u64).await;
             }
+            send.finish()?;
+            Ok(())
         }
-        send.finish()?;
-        match read_frame::<Response>(&mut recv).await? {
-            Response::Stored { .. } => Ok(()),
-            Response::Error { message } => bail!("node refused blob {hash}: {message}"),
-            other => bail!("unexpected answer to a blob: {other:?}"),
+        .await;
+        // A node that stops reading early (refusal, or the blob finished on another stream)
+        // still answers: its answer says more than our "stopped by peer".
+        match (read_frame::<Response>(&mut recv).await, sent) {
+            (Ok(Response::Stored { .. }), _) => Ok(()),
+            (Ok(Response::Error { message }), _) => bail!("node refused blob {hash}: {message}"),
+            (Ok(other), _) => bail!("unexpected answer to a blob: {other:?}"),
+            (Err(_), Err(send_error)) => Err(send_error.context(format!("sending blob {hash}"))),
+            (Err(read_error), Ok(())) => Err(anyhow::Error::from(read_error)
+                .context(format!("reading the node's answer to blob {hash}"))),
+        }
+    }
+}
+
+/// A bandwidth cap shared by all blobs of a push (they are sent concurrently).
+struct Pacer {
+    started: Instant,
+    sent: AtomicU64,
+    /// Bytes per second; `None` is uncapped.
+    rate: Option<u64>,
+}
+
+impl Pacer {
+    fn new(rate: Option<u64>) -> Pacer {
+        Pacer {
+            started: Instant::now(),
+            sent: AtomicU64::new(0),
+            rate,
+        }
+    }
+
+    /// Accounts for `bytes` just sent and sleeps until the total is within the cap.
+    async fn sent(&self, bytes: u64) {
+        let Some(rate) = self.rate else { return };
+        let total = self.sent.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        let due = Duration::from_secs_f64(total as f64 / rate as f64);
+        if let Some(wait) = due.checked_sub(self.started.elapsed()) {
+            tokio::time::sleep(wait).await;
         }
     }
 }
@@ -230,26 +260,26 @@ pub async fn push(target: &Target, args: PushArgs) -> Result<()> {
         bar.set_message(format!("pushing {id}"));
         bar
     };
-    let max_rate = args.max_rate.map(|mb| (mb * 1e6) as u64);
+    // All needed blobs at once, each on its own stream: the node fsyncs and checks one while
+    // the next is still arriving, and a slow disk does not idle the link.
+    let pacer = Pacer::new(args.max_rate.map(|mb| (mb * 1e6) as u64));
     let started = Instant::now();
-    for need in &needed {
-        let bytes = by_hash.get(&need.blob.blake3).ok_or_else(|| {
-            anyhow!(
-                "node asked for blob {} this push does not have",
-                need.blob.blake3
-            )
-        })?;
-        client
-            .put_blob(
-                &id,
-                &need.blob.blake3,
-                bytes,
-                need.have,
-                max_rate,
-                &progress,
-            )
-            .await?;
-    }
+    let uploads = needed.iter().map(|need| {
+        let (client, id, progress, pacer) = (&client, &id, &progress, &pacer);
+        let bytes = by_hash.get(&need.blob.blake3).copied();
+        async move {
+            let bytes = bytes.ok_or_else(|| {
+                anyhow!(
+                    "node asked for blob {} this push does not have",
+                    need.blob.blake3
+                )
+            })?;
+            client
+                .put_blob(id, &need.blob.blake3, bytes, need.have, pacer, progress)
+                .await
+        }
+    });
+    futures_util::future::try_join_all(uploads).await?;
     let elapsed = started.elapsed();
     progress.finish_and_clear();
     let committed = client

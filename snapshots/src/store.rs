@@ -167,6 +167,16 @@ fn is_blob_name(name: &str) -> bool {
     name.len() == 64 && name.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
+/// `path` mapped read-only: checking a 50 MB upload reads it from the page cache in place
+/// instead of copying it into a fresh allocation first.
+fn map_file(path: &Path) -> Result<memmap2::Mmap, StoreError> {
+    let file = File::open(path).map_err(io_err("open", path))?;
+    // SAFETY: the map is read-only and lives only while this store checks the file. Files in
+    // tmp/ and blobs/ are written by this process alone (one writer per upload, blobs are
+    // immutable once renamed), so nothing truncates it under the map.
+    unsafe { memmap2::Mmap::map(&file) }.map_err(io_err("map", path))
+}
+
 /// Why `bytes` cannot be a blob of `kind`: a source must be Wasm (or WAT), an artifact a
 /// complete ELF for its target.
 fn kind_problem(bytes: &[u8], kind: &BlobKind) -> Option<String> {
@@ -298,7 +308,7 @@ impl Store {
                 source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
             });
         }
-        let bytes = fs::read(path).map_err(io_err("read", path))?;
+        let bytes = map_file(path)?;
         let refuse = |e: StoreError| {
             let _ = fs::remove_file(path);
             e
