@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
+use tokio_util::task::TaskTracker;
 use wasmtime::{Engine, Store, Trap, UpdateDeadline};
 use wasmtime_wasi::I32Exit;
 use wasmtime_wasi::p2::pipe::{MemoryInputPipe, MemoryOutputPipe};
@@ -281,15 +282,26 @@ fn find_header_end(output: &[u8]) -> Option<(usize, usize)> {
     }
 }
 
-/// Runs a `wasi:http/proxy` component for `request`. The handler runs in its own task so it can
-/// keep streaming the body after the response head is sent; `on_done` is called with its
-/// outcome when it finishes (to log faults and release the concurrency permit).
+/// Response bodies a guest finishes within [`COALESCE_WAIT`] and [`COALESCE_LIMIT`] go out in
+/// one piece with a Content-Length: one write and one wake-up of the client instead of a
+/// chunked head, body and terminator. Larger or slower bodies stream as the guest writes them.
+const COALESCE_LIMIT: usize = 64 << 10;
+const COALESCE_WAIT: Duration = Duration::from_millis(1);
+
+type GuestRun = std::pin::Pin<Box<dyn Future<Output = Option<Fault>> + Send>>;
+
+/// Runs a `wasi:http/proxy` component for one request. The guest runs inline in the request's
+/// task until it has answered and finished its body (the common case: no task spawn, no
+/// cross-thread hand-off); a guest that streams past that point, or keeps running after its
+/// answer, continues on `tracker` so a drain waits for it. `on_done` runs exactly once, when the
+/// guest ends, with its fault if any.
 pub async fn run_proxy(
     engine: &Engine,
     function: &Function,
     request: Request<Bytes>,
     timing: &mut Timing,
     on_done: impl FnOnce(Option<Fault>) + Send + 'static,
+    tracker: &TaskTracker,
 ) -> Result<Response<ResponseBody>, Fault> {
     let limits = function.config.limits;
     let proxy = function
@@ -301,7 +313,7 @@ pub async fn run_proxy(
         .build();
     let state = GuestState::p2(ctx, function.outbound.clone(), limits.memory_bytes);
     let mut store = new_store(engine, state, limits.timeout);
-    let (sender, receiver) = tokio::sync::oneshot::channel();
+    let (sender, mut receiver) = tokio::sync::oneshot::channel();
     let request = request.map(|body| {
         Full::new(body).map_err(
             |never: std::convert::Infallible| -> wasmtime_wasi_http::Error { match never {} },
@@ -318,9 +330,10 @@ pub async fn run_proxy(
         .new_response_outparam(sender)
         .map_err(|e| Fault::Host(format!("{e:#}")))?;
 
-    let (instantiated_tx, instantiated_rx) = tokio::sync::oneshot::channel();
+    let (instantiated_tx, mut instantiated_rx) = tokio::sync::oneshot::channel();
     let timeout = limits.timeout;
-    let task = tokio::spawn(async move {
+    let mut guest: GuestRun = Box::pin(async move {
+        let done = DoneGuard(Some(on_done));
         let started = Instant::now();
         let result = async {
             let guest = proxy.instantiate_async(&mut store).await?;
@@ -332,28 +345,155 @@ pub async fn run_proxy(
         }
         .await;
         let fault = result.err().map(|e| Fault::classify(e, timeout));
-        on_done(fault.clone());
+        done.finish(fault.clone());
         fault
     });
+    // `Some` once the guest has ended, with its fault if any.
+    let mut ended: Option<Option<Fault>> = None;
+    // Whatever path this takes, a guest that has not ended is handed to the tracker, never
+    // dropped: dropping it would skip `on_done` and kill a guest mid-response.
+    let detach = |guest: GuestRun, ended: &Option<Option<Fault>>| {
+        if ended.is_none() {
+            tracker.spawn(guest);
+        }
+    };
 
-    let response = receiver.await;
-    if let Ok(elapsed) = instantiated_rx.await {
+    // 1. Drive the guest until it sets its response (or ends without one).
+    let head = tokio::select! {
+        biased;
+        head = &mut receiver => head,
+        fault = &mut guest => {
+            ended = Some(fault);
+            // The guest's store (and with it the sender) is gone: this resolves at once.
+            receiver.await
+        }
+    };
+    if let Ok(elapsed) = instantiated_rx.try_recv() {
         timing.instantiate = elapsed;
     }
-    match response {
-        Ok(Ok(response)) => {
-            Ok(response.map(|body| body.map_err(|e| Box::new(e) as BoxError).boxed_unsync()))
+    let response = match head {
+        Ok(Ok(response)) => response,
+        Ok(Err(code)) => {
+            detach(guest, &ended);
+            return Err(Fault::NoResponse(format!(
+                "guest answered with error {code:?}"
+            )));
         }
-        Ok(Err(code)) => Err(Fault::NoResponse(format!(
-            "guest answered with error {code:?}"
-        ))),
-        Err(_) => match task.await {
-            Ok(Some(fault)) => Err(fault),
-            Ok(None) => Err(Fault::NoResponse(
-                "handler returned without setting a response".into(),
-            )),
-            Err(join) => Err(Fault::Host(format!("guest task failed: {join}"))),
-        },
+        Err(_) => {
+            let fault = match ended {
+                Some(fault) => fault,
+                None => guest.await,
+            };
+            return Err(fault.unwrap_or_else(|| {
+                Fault::NoResponse("handler returned without setting a response".into())
+            }));
+        }
+    };
+
+    // 2. Collect the body while the guest finishes it, within the coalescing limits.
+    let (parts, mut body) = response.into_parts();
+    let mut prefix: Vec<hyper::body::Frame<Bytes>> = Vec::new();
+    let mut buffered = 0usize;
+    let wait = tokio::time::sleep(COALESCE_WAIT);
+    tokio::pin!(wait);
+    let complete = loop {
+        if buffered > COALESCE_LIMIT {
+            break false;
+        }
+        let frame = tokio::select! {
+            biased;
+            frame = body.frame() => frame,
+            fault = &mut guest, if ended.is_none() => {
+                ended = Some(fault);
+                continue;
+            }
+            () = &mut wait => break false,
+        };
+        match frame {
+            None => break true,
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    buffered += data.len();
+                }
+                let trailers = frame.is_trailers();
+                prefix.push(frame);
+                if trailers {
+                    // Trailers need the chunked encoding: stream what we have.
+                    break false;
+                }
+            }
+            Some(Err(e)) => {
+                // Nothing was sent yet, so the client gets a clean 5xx for a broken body.
+                detach(guest, &ended);
+                return Err(match &ended {
+                    Some(Some(fault)) => fault.clone(),
+                    _ => Fault::NoResponse(format!("response body failed: {e}")),
+                });
+            }
+        }
+    };
+    detach(guest, &ended);
+    if complete {
+        let mut bytes = bytes::BytesMut::with_capacity(buffered);
+        for frame in prefix {
+            if let Ok(data) = frame.into_data() {
+                bytes.extend_from_slice(&data);
+            }
+        }
+        return Ok(Response::from_parts(parts, full_body(bytes.freeze())));
+    }
+    let rest = body.map_err(|e| Box::new(e) as BoxError);
+    Ok(Response::from_parts(
+        parts,
+        PrefixedBody {
+            prefix: prefix.into(),
+            rest,
+        }
+        .boxed_unsync(),
+    ))
+}
+
+/// Calls `on_done` once: with the guest's outcome, or with `None` if the guest is dropped
+/// before it ends (the client went away while it ran inline; wasmtime unwinds the call).
+struct DoneGuard<F: FnOnce(Option<Fault>)>(Option<F>);
+
+impl<F: FnOnce(Option<Fault>)> DoneGuard<F> {
+    fn finish(mut self, fault: Option<Fault>) {
+        if let Some(on_done) = self.0.take() {
+            on_done(fault);
+        }
+    }
+}
+
+impl<F: FnOnce(Option<Fault>)> Drop for DoneGuard<F> {
+    fn drop(&mut self) {
+        if let Some(on_done) = self.0.take() {
+            on_done(None);
+        }
+    }
+}
+
+/// Frames already read from a body, then the rest of it.
+struct PrefixedBody<B> {
+    prefix: std::collections::VecDeque<hyper::body::Frame<Bytes>>,
+    rest: B,
+}
+
+impl<B> hyper::body::Body for PrefixedBody<B>
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        if let Some(frame) = self.prefix.pop_front() {
+            return std::task::Poll::Ready(Some(Ok(frame)));
+        }
+        std::pin::Pin::new(&mut self.rest).poll_frame(cx)
     }
 }
 

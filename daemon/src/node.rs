@@ -534,21 +534,24 @@ impl Node {
             Prepared::Component(_) => {
                 let node = self.clone();
                 let function_for_done = function.clone();
-                let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
-                // The permit and in-flight count are held until the guest task ends, which may
-                // be after the response head (streaming bodies).
+                // The permit and in-flight count are held until the guest ends, which may be
+                // after the response head (streaming bodies).
                 let on_done = move |fault: Option<Fault>| {
                     if let Some(fault) = &fault {
                         node.record_fault(&function_for_done, fault);
                     }
                     in_flight.dec();
                     drop(permit);
-                    let _ = done_tx.send(());
                 };
-                self.guest_tasks.spawn(async move {
-                    let _ = done_rx.await;
-                });
-                run_proxy(&engine, function, request, &mut timing, on_done).await
+                run_proxy(
+                    &engine,
+                    function,
+                    request,
+                    &mut timing,
+                    on_done,
+                    &self.guest_tasks,
+                )
+                .await
             }
         };
         if timing.instantiate > Duration::ZERO {

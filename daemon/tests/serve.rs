@@ -48,6 +48,23 @@ host = "alt.example"
         (200, "hello from edged: /hello/world?x=1\n")
     );
 
+    // A small body goes out whole with a Content-Length; one past the coalescing limit streams.
+    let response = reqwest::get(edged.url("/hello/small")).await.unwrap();
+    assert_eq!(response.headers()["content-length"], "31");
+    assert_eq!(
+        response.text().await.unwrap(),
+        "hello from edged: /hello/small\n"
+    );
+    let path = "/hello/big?repeat=20000";
+    let response = reqwest::get(edged.url(path)).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(response.headers().get("content-length").is_none());
+    assert_eq!(response.headers()["transfer-encoding"], "chunked");
+    let body = response.text().await.unwrap();
+    let line = format!("hello from edged: {path}\n");
+    assert_eq!(body.len(), 20000 * line.len());
+    assert!(body.lines().all(|l| l == line.trim_end()));
+
     // The component and the CGI module build the same table: same answer, both pre-initialized.
     let (status, component) = get(&edged.url("/heavy?key=31337")).await;
     assert_eq!(status, 200, "{component}");
@@ -78,7 +95,7 @@ host = "alt.example"
 
     let (_, metrics) = get(&edged.url("/metrics")).await;
     assert!(
-        metrics.contains(r#"edged_requests_total{function="hello",status="200"} 1"#),
+        metrics.contains(r#"edged_requests_total{function="hello",status="200"} 3"#),
         "{metrics}"
     );
     assert!(

@@ -48,8 +48,20 @@ pub struct PoolSettings {
     pub total_memories: u32,
     /// Ceiling for any one linear memory, in bytes; per-function caps sit below it.
     pub max_memory_bytes: usize,
-    /// Bytes of each freed memory slot kept resident, so the next instance skips page faults.
+    /// Bytes of each freed memory slot kept resident, so the next instance skips page faults
+    /// (and the kernel skips the TLB shootdowns an `madvise` costs a multi-threaded daemon).
     pub keep_resident_bytes: usize,
+}
+
+/// With the kernel's PAGEMAP_SCAN (Linux 6.7+) only pages a guest dirtied are reset, so a large
+/// resident budget costs nothing for small guests; without it the first `keep_resident_bytes`
+/// are reset with `memset` every time, so the budget must stay small.
+fn default_keep_resident() -> usize {
+    if PoolingAllocationConfig::is_pagemap_scan_available() {
+        16 << 20
+    } else {
+        64 << 10
+    }
 }
 
 impl Default for PoolSettings {
@@ -58,7 +70,7 @@ impl Default for PoolSettings {
             total_instances: 1000,
             total_memories: 1000,
             max_memory_bytes: 1 << 30,
-            keep_resident_bytes: 64 << 10,
+            keep_resident_bytes: default_keep_resident(),
         }
     }
 }
@@ -83,7 +95,8 @@ pub fn runtime_engine(settings: &RuntimeSettings) -> Result<(Engine, Target), Re
         .total_stacks(settings.pool.total_instances)
         .max_memory_size(settings.pool.max_memory_bytes)
         .linear_memory_keep_resident(settings.pool.keep_resident_bytes)
-        .table_keep_resident(settings.pool.keep_resident_bytes);
+        .table_keep_resident(settings.pool.keep_resident_bytes)
+        .pagemap_scan(wasmtime::Enabled::Auto);
     config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     let engine = Engine::new(&config).map_err(|e| RestoreError::Engine(format!("{e:#}")))?;
     Ok((engine, target))

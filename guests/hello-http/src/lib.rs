@@ -1,5 +1,6 @@
 //! The smallest useful `wasi:http/proxy` component: answers every request with a greeting and
 //! the path it was asked for. Runs unchanged under edged, `wasmtime serve` and Spin.
+//! `?repeat=N` writes the greeting N times, one write each (a large, streamed body for tests).
 
 use std::io::Write as _;
 
@@ -20,8 +21,14 @@ impl wasip2::exports::http::incoming_handler::Guest for Hello {
         let response = OutgoingResponse::new(headers);
         let body = response.body().expect("body is taken once");
         ResponseOutparam::set(response_out, Ok(response));
+        let repeat = path
+            .split_once("repeat=")
+            .and_then(|(_, n)| n.split('&').next()?.parse::<usize>().ok())
+            .unwrap_or(1);
         let mut out = body.write().expect("stream is taken once");
-        let _ = write!(out, "hello from edged: {path}\n");
+        for _ in 0..repeat {
+            let _ = write!(out, "hello from edged: {path}\n");
+        }
         let _ = out.flush();
         drop(out);
         let _ = OutgoingBody::finish(body, None);
