@@ -6,11 +6,13 @@
 //! - [`identity`]: the fleet CA, operator and node certificates (with their role), and the
 //!   mutual-TLS QUIC configurations built from them (ALPN `edge/1`, one crypto provider: ring);
 //! - [`signing`]: ed25519-signed manifests and the trusted-key check;
-//! - [`transport`]: reading and writing frames on QUIC streams.
+//! - [`transport`]: reading and writing frames on QUIC streams;
+//! - [`verified`]: BLAKE3-verified streaming of blobs between nodes (Bao slices, resumable).
 
 pub mod identity;
 pub mod signing;
 pub mod transport;
+pub mod verified;
 pub mod wire;
 
 pub use identity::{FleetIdentity, Role};
