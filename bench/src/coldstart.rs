@@ -160,13 +160,20 @@ pub async fn run(
     .await;
 
     // Floor: raw wasmtime, same pooling + CoW engine shape, nothing of ours in the loop.
+    // Same slot counts as ours, so a small pool (qemu-user) applies to both.
+    let mut raw_pool = wasmtime::PoolingAllocationConfig::default();
+    if let Some(slots) = params.pool_slots {
+        raw_pool
+            .total_core_instances(slots)
+            .total_memories(slots)
+            .total_tables(slots)
+            .total_stacks(slots);
+    }
     let mut raw_config = wasmtime::Config::new();
     raw_config
         .epoch_interruption(true)
         .memory_init_cow(true)
-        .allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(
-            wasmtime::PoolingAllocationConfig::default(),
-        ));
+        .allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(raw_pool));
     let raw_engine = Engine::new(&raw_config)?;
     let raw_cwasm = work_dir.join("raw.cwasm");
     std::fs::write(

@@ -42,6 +42,9 @@ pub enum Fault {
     NoResponse(String),
     #[error("host error: {0}")]
     Host(String),
+    /// The node's instance pool is full (every slot busy): an overload, not the guest's fault.
+    #[error("instance pool exhausted: {0}")]
+    Capacity(String),
 }
 
 impl Fault {
@@ -55,13 +58,14 @@ impl Fault {
             Fault::Exit(_) => "exit",
             Fault::NoResponse(_) => "no_response",
             Fault::Host(_) => "host",
+            Fault::Capacity(_) => "capacity",
         }
     }
 
     pub fn status(&self) -> StatusCode {
         match self {
             Fault::Deadline(_) => StatusCode::GATEWAY_TIMEOUT,
-            Fault::Host(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Fault::Host(_) | Fault::Capacity(_) => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -76,6 +80,9 @@ impl Fault {
         }
         if let Some(exit) = error.downcast_ref::<I32Exit>() {
             return Fault::Exit(exit.0);
+        }
+        if let Some(full) = error.downcast_ref::<wasmtime::PoolConcurrencyLimitError>() {
+            return Fault::Capacity(full.to_string());
         }
         // Keep log lines to one line: the wasm backtrace goes to debug logs only.
         tracing::debug!(error = ?error, "guest error");

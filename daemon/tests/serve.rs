@@ -447,3 +447,38 @@ fn check_config_reports_file_and_line() {
         "{stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_instance_pool_is_a_503_not_a_guest_fault() {
+    // One instance slot for the whole node: while the loop holds it, hello cannot instantiate.
+    let edged = Edged::start(&format!(
+        r#"
+[engine]
+total_instances = 1
+total_memories = 1
+
+[[function]]
+name = "loop"
+wasm = {looping}
+route = "/loop"
+[function.limits]
+timeout_ms = 1000
+
+[[function]]
+name = "hello"
+wasm = {hello}
+route = "/hello"
+"#,
+        looping = guest("infinite-loop.wat"),
+        hello = guest("hello-http.wasm"),
+    ));
+    let looping = tokio::spawn(get(edged.url("/loop").leak()));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        get(&edged.url("/hello")).await,
+        (503, "guest fault: capacity\n".into())
+    );
+    assert_eq!(looping.await.unwrap().0, 504);
+    // The slot is free again.
+    assert_eq!(get(&edged.url("/hello")).await.0, 200);
+}
