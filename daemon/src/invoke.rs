@@ -358,7 +358,7 @@ pub async fn run_proxy(
     // `Some` once the guest has ended, with its fault if any.
     let mut ended: Option<Option<Fault>> = None;
     // Whatever path this takes, a guest that has not ended is handed to the tracker, never
-    // dropped: dropping it would skip `on_done` and kill a guest mid-response.
+    // dropped here: dropping it would cancel a guest that is still writing its response.
     let detach = |guest: GuestRun, ended: &Option<Option<Fault>>| {
         if ended.is_none() {
             tracker.spawn(guest);
