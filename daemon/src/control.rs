@@ -30,6 +30,7 @@ use crate::node::Node;
 /// An accepted offer waiting for its blobs.
 struct Pending {
     signed: SignedManifest,
+    offered_at: std::time::Instant,
     /// Blobs this node needs, by hash, with their kind.
     needed: BTreeMap<String, (BlobRef, BlobKind)>,
 }
@@ -331,8 +332,24 @@ impl ControlPlane {
         self.pending
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(id, Pending { signed, needed });
+            .insert(
+                id,
+                Pending {
+                    signed,
+                    offered_at: std::time::Instant::now(),
+                    needed,
+                },
+            );
         Ok(Response::Needed { blobs })
+    }
+
+    /// Forgets offers older than `max_age` that were never committed (the client gave up);
+    /// their partial uploads expire with the store's tmp files. Returns how many were dropped.
+    pub fn expire_offers(&self, max_age: std::time::Duration) -> usize {
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        let before = pending.len();
+        pending.retain(|_, offer| offer.offered_at.elapsed() < max_age);
+        before - pending.len()
     }
 
     fn partial_path(&self, hash: &str) -> PathBuf {

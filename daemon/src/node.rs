@@ -233,6 +233,47 @@ impl Node {
         result
     }
 
+    /// Store housekeeping, at start and then hourly: blobs no deployment references any more
+    /// (after `edgectl rm`) are collected once older than an hour (younger ones may belong to a
+    /// push that has not committed yet), and uploads and offers abandoned for a day are dropped.
+    async fn maintain_store(self: Arc<Self>, plane: Option<Arc<crate::control::ControlPlane>>) {
+        const EVERY: Duration = Duration::from_secs(3600);
+        const UNREFERENCED_GRACE: Duration = Duration::from_secs(3600);
+        const ABANDONED_AFTER: Duration = Duration::from_secs(24 * 3600);
+        let mut interval = tokio::time::interval(EVERY);
+        loop {
+            interval.tick().await;
+            if let Some(plane) = &plane {
+                let offers = plane.expire_offers(ABANDONED_AFTER);
+                if offers > 0 {
+                    tracing::info!(offers, "dropped abandoned push offers");
+                }
+            }
+            let store = self.store().clone();
+            let result = tokio::task::spawn_blocking(move || {
+                let gc = store.gc(UNREFERENCED_GRACE)?;
+                let partials = store.expire_partials(ABANDONED_AFTER)?;
+                Ok::<_, edged_snapshots::StoreError>((gc, partials))
+            })
+            .await;
+            match result {
+                Ok(Ok((gc, (partial_files, partial_bytes)))) => {
+                    if !gc.blobs_removed.is_empty() || partial_files > 0 {
+                        tracing::info!(
+                            blobs = gc.blobs_removed.len(),
+                            bytes = gc.bytes_freed,
+                            partial_files,
+                            partial_bytes,
+                            "store housekeeping freed space"
+                        );
+                    }
+                }
+                Ok(Err(e)) => tracing::warn!(error = %e, "store housekeeping failed"),
+                Err(e) => tracing::warn!(error = %e, "store housekeeping panicked"),
+            }
+        }
+    }
+
     fn epoch_ticker(&self) -> EpochTicker {
         EpochTicker::start(
             self.restorer.engine().clone(),
@@ -252,11 +293,15 @@ impl Node {
             Some(control_config) => {
                 let (endpoint, plane) = crate::control::bind(self.clone(), control_config)?;
                 let addr = endpoint.local_addr()?;
-                tokio::spawn(plane.serve(endpoint.clone()));
-                Some((endpoint, addr))
+                tokio::spawn(plane.clone().serve(endpoint.clone()));
+                Some((endpoint, addr, plane))
             }
             None => None,
         };
+        tokio::spawn(
+            self.clone()
+                .maintain_store(control.as_ref().map(|(_, _, plane)| plane.clone())),
+        );
         let ticker = self.epoch_ticker();
         let listener = TcpListener::bind(config.http_listen)
             .await
@@ -264,7 +309,7 @@ impl Node {
         let addr = listener.local_addr()?;
         self.ready.store(true, Ordering::SeqCst);
         tracing::info!(%addr, functions = self.functions().len(), "edged serving");
-        on_listening(addr, control.as_ref().map(|(_, a)| *a));
+        on_listening(addr, control.as_ref().map(|(_, a, _)| *a));
         notify::ready();
         let watchdog = notify::spawn_watchdog(self.clone(), addr);
 
@@ -318,7 +363,7 @@ impl Node {
         notify::stopping();
         self.ready.store(false, Ordering::SeqCst);
         drop(listener);
-        if let Some((endpoint, _)) = &control {
+        if let Some((endpoint, _, _)) = &control {
             endpoint.close(0u32.into(), b"node stopping");
         }
         let drain = config.drain_timeout;

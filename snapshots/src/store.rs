@@ -684,6 +684,31 @@ impl Store {
         Ok(report)
     }
 
+    /// Removes partial uploads (`tmp/` files other than in-progress puts) untouched for
+    /// `max_age`: a push abandoned for that long will not resume, and an edge box's disk is
+    /// small. Returns how many files and bytes were removed.
+    pub fn expire_partials(&self, max_age: Duration) -> Result<(usize, u64), StoreError> {
+        let tmp = self.root.join("tmp");
+        let (mut files, mut bytes) = (0, 0);
+        for entry in fs::read_dir(&tmp).map_err(io_err("list", &tmp))? {
+            let entry = entry.map_err(io_err("list", &tmp))?;
+            if entry.file_name().to_string_lossy().starts_with("put-") {
+                continue;
+            }
+            let Ok(meta) = entry.metadata() else { continue };
+            let idle = meta
+                .modified()
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .unwrap_or_default();
+            if meta.is_file() && idle >= max_age && fs::remove_file(entry.path()).is_ok() {
+                files += 1;
+                bytes += meta.len();
+            }
+        }
+        Ok((files, bytes))
+    }
+
     fn stray_files(&self) -> Result<Vec<PathBuf>, StoreError> {
         let mut stray = Vec::new();
         let blobs_dir = self.root.join("blobs");

@@ -301,3 +301,28 @@ fn adopting_an_uploaded_file_checks_it_and_moves_it_into_place() {
     assert_eq!(store.read_blob(&hash).unwrap(), source);
     assert!(store.verify().unwrap().is_ok());
 }
+
+#[test]
+fn abandoned_partial_uploads_expire_and_fresh_ones_stay() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let tmp = store.root().join("tmp");
+    let old = tmp.join(format!("upload-{}", "a".repeat(64)));
+    let fresh = tmp.join(format!("upload-{}", "b".repeat(64)));
+    std::fs::write(&old, vec![1u8; 4096]).unwrap();
+    std::fs::write(&fresh, vec![2u8; 100]).unwrap();
+    let two_days_ago = std::time::SystemTime::now() - Duration::from_secs(48 * 3600);
+    std::fs::File::options()
+        .write(true)
+        .open(&old)
+        .unwrap()
+        .set_modified(two_days_ago)
+        .unwrap();
+
+    let (files, bytes) = store
+        .expire_partials(Duration::from_secs(24 * 3600))
+        .unwrap();
+    assert_eq!((files, bytes), (1, 4096));
+    assert!(!old.exists());
+    assert!(fresh.exists());
+}
