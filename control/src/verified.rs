@@ -44,17 +44,36 @@ pub struct SliceSource<B: AsRef<[u8]>> {
 
 impl<B: AsRef<[u8]>> SliceSource<B> {
     pub fn new(blob: B, start: u64) -> SliceSource<B> {
+        Self::build(blob, start).0
+    }
+
+    /// Like [`SliceSource::new`], but refuses a blob that does not hash to `hash`: a node never
+    /// knowingly serves a damaged copy (the tree it builds is a full hash of the blob anyway).
+    pub fn checked(blob: B, hash: &str, start: u64) -> Result<SliceSource<B>, VerifyError> {
+        let expected = parse_hash(hash)?;
+        let (source, actual) = Self::build(blob, start);
+        if actual != expected {
+            return Err(VerifyError::BadChunk {
+                hash: hash.to_string(),
+                offset: 0,
+            });
+        }
+        Ok(source)
+    }
+
+    fn build(blob: B, start: u64) -> (SliceSource<B>, blake3::Hash) {
         let len = blob.as_ref().len() as u64;
-        let (outboard, _) = bao::encode::outboard(blob.as_ref());
+        let (outboard, hash) = bao::encode::outboard(blob.as_ref());
         let start = start.min(len);
-        SliceSource {
+        let source = SliceSource {
             extractor: bao::encode::SliceExtractor::new_outboard(
                 Cursor::new(blob),
                 Cursor::new(outboard),
                 start,
                 len - start,
             ),
-        }
+        };
+        (source, hash)
     }
 }
 

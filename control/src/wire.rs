@@ -2,7 +2,8 @@
 //!
 //! Every request opens a bidirectional QUIC stream and carries one frame: a 4-byte big-endian
 //! length, then that many bytes of JSON. The answer is one frame back. `PutBlob` is the only
-//! request followed by raw bytes (the blob from `offset` on), so large blobs are never framed
+//! request followed by raw bytes (the blob from `offset` on), and `BlobSlice` the only answer
+//! followed by raw bytes (a Bao slice, see [`crate::verified`]), so large blobs are never framed
 //! or buffered whole by the protocol layer. A frame longer than [`MAX_FRAME`], or one that does
 //! not decode to a known message, is an error, and the connection is closed.
 
@@ -65,6 +66,30 @@ pub enum Request {
         #[serde(default)]
         body: Vec<u8>,
     },
+    /// Sync (node certificates may ask): the signed deployments this node holds.
+    Holdings {},
+    /// Sync: the signed manifest of one held deployment.
+    GetManifest {
+        name: String,
+        version: u64,
+    },
+    /// Sync: a held blob as a Bao slice from byte `start` on (answered by `BlobSlice`, then
+    /// the slice's bytes).
+    FetchBlob {
+        hash: String,
+        start: u64,
+    },
+}
+
+/// A signed deployment a node holds, and which of its blobs it can serve.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Holding {
+    pub name: String,
+    pub version: u64,
+    pub active: bool,
+    /// BLAKE3 hashes of the deployment's blobs stored on this node (its source, and the
+    /// artifact for its own target).
+    pub blobs: Vec<String>,
 }
 
 /// A blob the node still needs, and how many bytes of it already arrived earlier.
@@ -100,14 +125,42 @@ pub struct NodeStatus {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "response", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Response {
-    Needed { blobs: Vec<NeededBlob> },
-    Stored { hash: String },
-    Committed { id: String, active: bool },
-    Deployments { items: Vec<DeploymentInfo> },
-    Status { status: NodeStatus },
-    Done { message: String },
-    Invoked { status: u16, body: Vec<u8> },
-    Error { message: String },
+    Needed {
+        blobs: Vec<NeededBlob>,
+    },
+    Stored {
+        hash: String,
+    },
+    Committed {
+        id: String,
+        active: bool,
+    },
+    Deployments {
+        items: Vec<DeploymentInfo>,
+    },
+    Status {
+        status: NodeStatus,
+    },
+    Done {
+        message: String,
+    },
+    Invoked {
+        status: u16,
+        body: Vec<u8>,
+    },
+    Holdings {
+        items: Vec<Holding>,
+    },
+    Manifest {
+        signed: SignedManifest,
+    },
+    /// The blob's full size; the Bao slice from the requested start follows on the stream.
+    BlobSlice {
+        size: u64,
+    },
+    Error {
+        message: String,
+    },
 }
 
 /// `msg` as one frame.
@@ -188,6 +241,11 @@ mod tests {
                 method: "GET".into(),
                 path: "/x".into(),
                 body: vec![1, 2],
+            },
+            Request::Holdings {},
+            Request::FetchBlob {
+                hash: "ab".repeat(32),
+                start: 4096,
             },
         ];
         let bytes: Vec<u8> = messages.iter().flat_map(|m| encode(m).unwrap()).collect();

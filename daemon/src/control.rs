@@ -17,7 +17,8 @@ use anyhow::{Context, Result, anyhow, bail};
 use edged_control::identity::{self, Role, role_of};
 use edged_control::signing::SignedManifest;
 use edged_control::transport::{read_frame, write_frame};
-use edged_control::wire::{DeploymentInfo, NeededBlob, NodeStatus, Request, Response};
+use edged_control::verified::SliceSource;
+use edged_control::wire::{DeploymentInfo, Holding, NeededBlob, NodeStatus, Request, Response};
 use edged_control::{FleetIdentity, TrustedKeys};
 use edged_node_config::ControlConfig;
 use edged_snapshots::manifest::BlobRef;
@@ -212,7 +213,18 @@ impl ControlPlane {
             Err(e) => return Err(e.into()),
         };
         let response = match self.authorize(role, &request) {
-            Ok(()) => self.handle(request, &mut recv, peer).await,
+            Ok(()) => match request {
+                // The one answer followed by raw bytes: written by the handler itself.
+                Request::FetchBlob { hash, start } => {
+                    match self.fetch_blob(&hash, start, &mut send).await {
+                        Ok(()) => return Ok(()),
+                        Err(e) => Response::Error {
+                            message: format!("{e:#}"),
+                        },
+                    }
+                }
+                request => self.handle(request, &mut recv, peer).await,
+            },
             Err(message) => Response::Error { message },
         };
         if let Response::Error { message } = &response {
@@ -255,6 +267,9 @@ impl ControlPlane {
                 activate,
             } => self.commit(&manifest_id, activate, peer).await,
             Request::List {} => self.list(),
+            Request::Holdings {} => self.holdings(),
+            Request::GetManifest { name, version } => self.signed_manifest(&name, version),
+            Request::FetchBlob { .. } => Err(anyhow!("blob fetches are answered on their stream")),
             Request::Status {} => self.status(),
             Request::Activate { name, version } => self.activate(&name, version).await,
             Request::Rollback { name } => self.rollback(&name).await,
@@ -527,6 +542,96 @@ impl ControlPlane {
             });
         }
         Ok(Response::Deployments { items })
+    }
+
+    /// The signed deployments held here (config-declared functions are node-local and not
+    /// offered to peers), with the blobs this node can serve for each.
+    fn holdings(&self) -> Result<Response> {
+        let store = self.node.store();
+        let mut items = Vec::new();
+        for manifest in store.manifests()? {
+            if store.signature(&manifest.name, manifest.version)?.is_none() {
+                continue;
+            }
+            let mut blobs = vec![manifest.source.blake3.clone()];
+            blobs.extend(manifest.artifacts.iter().map(|a| a.blake3.clone()));
+            blobs.retain(|hash| matches!(store.blob_meta(hash), Ok(Some(_))));
+            items.push(Holding {
+                active: store.active_version(&manifest.name)? == Some(manifest.version),
+                name: manifest.name,
+                version: manifest.version,
+                blobs,
+            });
+        }
+        Ok(Response::Holdings { items })
+    }
+
+    fn signed_manifest(&self, name: &str, version: u64) -> Result<Response> {
+        let bytes = self
+            .node
+            .store()
+            .signature(name, version)?
+            .ok_or_else(|| anyhow!("{name}@{version} is not a signed deployment held here"))?;
+        let signed: SignedManifest = serde_json::from_slice(&bytes)
+            .with_context(|| format!("stored signature of {name}@{version} is unreadable"))?;
+        Ok(Response::Manifest { signed })
+    }
+
+    /// Streams a held blob from `start` as a Bao slice. The blob is hashed while its tree is
+    /// built, so a copy damaged on this node's disk is refused rather than served.
+    async fn fetch_blob(&self, hash: &str, start: u64, send: &mut quinn::SendStream) -> Result<()> {
+        let store = self.node.store().clone();
+        let (map, meta) = store
+            .map_blob(hash)
+            .map_err(|e| anyhow!("blob {hash} is not held here: {e}"))?;
+        if start > meta.size {
+            bail!(
+                "start {start} is past the {} bytes of blob {hash}",
+                meta.size
+            );
+        }
+        let (chunks_tx, mut chunks) = tokio::sync::mpsc::channel::<std::io::Result<Vec<u8>>>(4);
+        let (ready_tx, ready) = tokio::sync::oneshot::channel();
+        let expected = hash.to_string();
+        // Building the tree reads the whole blob: off the async threads, streamed in pieces.
+        tokio::task::spawn_blocking(move || {
+            let mut source = match SliceSource::checked(map, &expected, start) {
+                Ok(source) => {
+                    let _ = ready_tx.send(Ok(()));
+                    source
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            loop {
+                let mut buf = vec![0u8; 256 << 10];
+                match std::io::Read::read(&mut source, &mut buf) {
+                    Ok(0) => return,
+                    Ok(n) => {
+                        buf.truncate(n);
+                        if chunks_tx.blocking_send(Ok(buf)).is_err() {
+                            return; // the fetcher went away
+                        }
+                    }
+                    Err(e) => {
+                        let _ = chunks_tx.blocking_send(Err(e));
+                        return;
+                    }
+                }
+            }
+        });
+        if let Err(e) = ready.await? {
+            tracing::error!(blob = %hash, error = %e, "stored blob is damaged; not serving it");
+            bail!("this node's copy of blob {hash} is damaged; fetch it elsewhere");
+        }
+        write_frame(send, &Response::BlobSlice { size: meta.size }).await?;
+        while let Some(chunk) = chunks.recv().await {
+            send.write_all(&chunk?).await?;
+        }
+        send.finish()?;
+        Ok(())
     }
 
     fn status(&self) -> Result<Response> {

@@ -402,6 +402,105 @@ async fn large_push_reports_throughput_and_resumes_after_a_kill() {
     assert_eq!(get(&edged.url("/other")).await, (200, String::new()));
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn nodes_serve_peers_signed_holdings_and_verified_blob_slices() {
+    use edged_control::verified::{receive_slice, resume_point};
+    use edged_control::wire::{Request, Response};
+
+    let fleet = new_fleet();
+    let edged = Edged::start(&control_section(&fleet));
+    ok(edgectl(
+        &fleet.operator,
+        &edged,
+        &[
+            "push",
+            guest("hello-http.wasm").trim_matches('"'),
+            "--name",
+            "app",
+        ],
+    ));
+    // A peer: the fleet's node certificate, which may sync but not push.
+    let peer = raw::RawClient::connect_as(&fleet.node, "node", edged.control.unwrap()).await;
+
+    let Response::Holdings { items } = peer.call(&Request::Holdings {}).await else {
+        panic!("holdings expected");
+    };
+    assert_eq!(items.len(), 1);
+    let held = &items[0];
+    assert_eq!(
+        (held.name.as_str(), held.version, held.active),
+        ("app", 1, true)
+    );
+    // The source and this node's own artifact; not the aarch64 one it never received.
+    assert_eq!(held.blobs.len(), 2, "{held:?}");
+
+    let request = Request::GetManifest {
+        name: "app".into(),
+        version: 1,
+    };
+    let Response::Manifest { signed } = peer.call(&request).await else {
+        panic!("manifest expected");
+    };
+    let trusted =
+        edged_control::identity::trusted_keys(&[fleet.operator.join("signing.pub")]).unwrap();
+    signed.verify(&trusted).unwrap();
+    let source = signed.manifest.source.clone();
+    assert!(held.blobs.contains(&source.blake3));
+
+    // The source as a verified slice, in two legs: a first peer "dies" half-way, the rest
+    // resumes from a chunk boundary.
+    let work = tempfile::tempdir().unwrap();
+    let path = work.path().join("partial");
+    let mut partial = std::fs::File::create(&path).unwrap();
+    let (response, slice) = peer.fetch_blob(&source.blake3, 0).await;
+    assert_eq!(response, Response::BlobSlice { size: source.size });
+    let cut = &slice[..slice.len() / 2];
+    assert!(receive_slice(cut, &source.blake3, source.size, 0, &mut partial, |_| {}).is_err());
+    let mut partial = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    let start = resume_point(&mut partial).unwrap();
+    assert!(start > 0);
+    let (_, rest) = peer.fetch_blob(&source.blake3, start).await;
+    receive_slice(
+        &rest[..],
+        &source.blake3,
+        source.size,
+        start,
+        &mut partial,
+        |_| {},
+    )
+    .unwrap();
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        std::fs::read(guest("hello-http.wasm").trim_matches('"')).unwrap()
+    );
+
+    // Nothing is served that the node does not hold, and a copy damaged on its disk is refused.
+    let (response, _) = peer.fetch_blob(&"0".repeat(64), 0).await;
+    assert!(matches!(response, Response::Error { message } if message.contains("not held")));
+    let stored = edged
+        .state_dir()
+        .join("state/blobs")
+        .join(&source.blake3[..2])
+        .join(&source.blake3);
+    let mut bytes = std::fs::read(&stored).unwrap();
+    bytes[100] ^= 0xff;
+    std::fs::write(&stored, bytes).unwrap();
+    let (response, _) = peer.fetch_blob(&source.blake3, 0).await;
+    assert!(
+        matches!(&response, Response::Error { message } if message.contains("damaged")),
+        "{response:?}"
+    );
+    // Still a node: it answers everything else.
+    assert!(matches!(
+        peer.call(&Request::Status {}).await,
+        Response::Status { .. }
+    ));
+}
+
 mod raw {
     //! A hand-driven operator connection, for requests `edgectl` would never send.
     use std::net::SocketAddr;
@@ -419,7 +518,12 @@ mod raw {
 
     impl RawClient {
         pub async fn connect(identity: &Path, addr: SocketAddr) -> RawClient {
-            let fleet = FleetIdentity::load(identity, "operator").unwrap();
+            RawClient::connect_as(identity, "operator", addr).await
+        }
+
+        /// Connects with the certificate `<me>.pem` of `identity` (e.g. a node's).
+        pub async fn connect_as(identity: &Path, me: &str, addr: SocketAddr) -> RawClient {
+            let fleet = FleetIdentity::load(identity, me).unwrap();
             let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
             endpoint.set_default_client_config(fleet.client_config().unwrap());
             let conn = endpoint
@@ -455,6 +559,20 @@ mod raw {
             send.write_all(bytes).await.unwrap();
             send.finish().unwrap();
             read_frame(&mut recv).await.unwrap()
+        }
+
+        /// A sync fetch: the answer, and the raw bytes that follow it.
+        pub async fn fetch_blob(&self, hash: &str, start: u64) -> (Response, Vec<u8>) {
+            let (mut send, mut recv) = self.conn.open_bi().await.unwrap();
+            let request = Request::FetchBlob {
+                hash: hash.into(),
+                start,
+            };
+            write_frame(&mut send, &request).await.unwrap();
+            send.finish().unwrap();
+            let response = read_frame(&mut recv).await.unwrap();
+            let rest = recv.read_to_end(256 << 20).await.unwrap();
+            (response, rest)
         }
 
         /// Sends a frame header announcing more than the cap; returns the close reason.

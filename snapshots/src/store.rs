@@ -405,6 +405,15 @@ impl Store {
         self.read_checked(hash).map(|(bytes, _, _)| bytes)
     }
 
+    /// An indexed blob's file, mapped read-only, *without* re-hashing it: for a reader that
+    /// hashes as it goes anyway (sync serves blobs through a Bao encoder, which does).
+    pub fn map_blob(&self, hash: &str) -> Result<(memmap2::Mmap, BlobMeta), StoreError> {
+        let meta = self
+            .blob_meta(hash)?
+            .ok_or_else(|| StoreError::MissingBlob(hash.to_string()))?;
+        Ok((map_file(&self.blob_path(hash))?, meta))
+    }
+
     /// The path of an indexed blob, after re-hashing the file: what a loader may map.
     pub fn verified_blob_path(&self, hash: &str) -> Result<(PathBuf, BlobMeta), StoreError> {
         self.read_checked(hash).map(|(_, path, meta)| (path, meta))
