@@ -92,28 +92,22 @@ pub fn runtime_engine(settings: &RuntimeSettings) -> Result<(Engine, Target), Re
     let mut config =
         base_config(target, &settings.engine).map_err(|e| RestoreError::Engine(e.to_string()))?;
     let mut pool = PoolingAllocationConfig::new();
-    // A component instance holds several core instances (one per core module inside it) but
-    // usually one linear memory; core instance slots are cheap (no address-space reservation).
-    pool.total_core_instances(
-        settings
-            .pool
-            .total_instances
-            .saturating_mul(CORE_INSTANCES_PER_INSTANCE),
-    )
-    .total_component_instances(settings.pool.total_instances)
-    .total_memories(settings.pool.total_memories)
-    // Each core module may have its own table; table slots reserve little address space.
-    .total_tables(
-        settings
-            .pool
-            .total_instances
-            .saturating_mul(CORE_INSTANCES_PER_INSTANCE),
-    )
-    .total_stacks(settings.pool.total_instances)
-    .max_memory_size(settings.pool.max_memory_bytes)
-    .linear_memory_keep_resident(settings.pool.keep_resident_bytes)
-    .table_keep_resident(settings.pool.keep_resident_bytes)
-    .pagemap_scan(wasmtime::Enabled::Auto);
+    // A component instance holds several core instances (one per core module inside it), each
+    // possibly with its own table, but usually one linear memory. Core instance and table slots
+    // reserve little address space; memory slots are what cost it.
+    let core_slots = settings
+        .pool
+        .total_instances
+        .saturating_mul(CORE_INSTANCES_PER_INSTANCE);
+    pool.total_core_instances(core_slots)
+        .total_component_instances(settings.pool.total_instances)
+        .total_memories(settings.pool.total_memories)
+        .total_tables(core_slots)
+        .total_stacks(settings.pool.total_instances)
+        .max_memory_size(settings.pool.max_memory_bytes)
+        .linear_memory_keep_resident(settings.pool.keep_resident_bytes)
+        .table_keep_resident(settings.pool.keep_resident_bytes)
+        .pagemap_scan(wasmtime::Enabled::Auto);
     config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     let engine = Engine::new(&config).map_err(|e| RestoreError::Engine(format!("{e:#}")))?;
     Ok((engine, target))
