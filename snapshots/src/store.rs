@@ -259,9 +259,7 @@ impl Store {
             return Err(StoreError::BadBlob { hash, reason });
         }
         // Already stored and intact: nothing to do. A damaged copy is replaced below.
-        if self.blob_meta(&hash)?.is_some_and(|meta| meta.kind == kind)
-            && self.read_checked(&hash).is_ok()
-        {
+        if self.holds_intact(&hash, &kind)? {
             return Ok(hash);
         }
 
@@ -323,13 +321,17 @@ impl Store {
         if let Some(reason) = kind_problem(&bytes, &kind) {
             return Err(refuse(StoreError::BadBlob { hash, reason }));
         }
-        if self.blob_meta(&hash)?.is_some_and(|meta| meta.kind == kind)
-            && self.read_checked(&hash).is_ok()
-        {
+        if self.holds_intact(&hash, &kind)? {
             let _ = fs::remove_file(path);
             return Ok(hash);
         }
         self.install_blob(path, hash, bytes.len() as u64, kind)
+    }
+
+    /// Whether blob `hash` is stored as `kind` and still hashes to its name.
+    fn holds_intact(&self, hash: &str, kind: &BlobKind) -> Result<bool, StoreError> {
+        Ok(self.blob_meta(hash)?.is_some_and(|meta| &meta.kind == kind)
+            && self.read_checked(hash).is_ok())
     }
 
     /// Renames a written, fsynced and verified file from `tmp/` to its blob path, makes the
