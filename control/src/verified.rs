@@ -11,6 +11,7 @@
 
 use std::fs::File;
 use std::io::{self, Cursor, Read, Seek, SeekFrom, Write};
+use std::path::Path;
 
 /// BLAKE3's chunk size: the unit in which content is verified and resumed.
 pub const CHUNK: u64 = 1024;
@@ -83,16 +84,23 @@ impl<B: AsRef<[u8]>> Read for SliceSource<B> {
     }
 }
 
-/// Where to resume a partial download: its length rounded down to a whole chunk. Truncates the
-/// file there, so what follows is appended at a chunk boundary.
-pub fn resume_point(partial: &mut File) -> io::Result<u64> {
+/// Opens (creating it if needed) the partial download at `path` for appending, and returns it
+/// with the offset to resume from: its length rounded down to a whole chunk, where the file is
+/// truncated, so what follows is appended at a chunk boundary.
+pub fn open_partial(path: &Path) -> io::Result<(File, u64)> {
+    let mut partial = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(path)?;
     let len = partial.metadata()?.len();
     let start = len / CHUNK * CHUNK;
     if start != len {
         partial.set_len(start)?;
     }
     partial.seek(SeekFrom::Start(start))?;
-    Ok(start)
+    Ok((partial, start))
 }
 
 fn parse_hash(hash: &str) -> Result<blake3::Hash, VerifyError> {
@@ -104,7 +112,7 @@ fn parse_hash(hash: &str) -> Result<blake3::Hash, VerifyError> {
 
 /// Reads the Bao slice of blob `hash` (`size` bytes, as its manifest says) from `start` on out of
 /// `slice`, appending verified content to `partial`, which must hold exactly the first `start`
-/// bytes (see [`resume_point`]). `progress` is told each verified byte count as it is written.
+/// bytes (see [`open_partial`]). `progress` is told each verified byte count as it is written.
 /// On a bad chunk or a short stream, `partial` keeps everything verified so far.
 pub fn receive_slice(
     slice: impl Read,
@@ -212,7 +220,8 @@ mod tests {
         let size = data.len() as u64;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("p");
-        let mut partial = File::create(&path).unwrap();
+        let (mut partial, start) = open_partial(&path).unwrap();
+        assert_eq!(start, 0);
 
         // A lying peer: serves the right tree but flips one content byte deep in the blob. The
         // slice interleaves tree nodes with content, so find that content byte by value.
@@ -239,12 +248,7 @@ mod tests {
         );
 
         // An honest peer continues from the verified prefix.
-        let mut partial = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
-            .unwrap();
-        let start = resume_point(&mut partial).unwrap();
+        let (mut partial, start) = open_partial(&path).unwrap();
         assert_eq!(start % CHUNK, 0);
         let honest = slice(&data, start);
         receive_slice(&honest[..], &hash, size, start, &mut partial, |_| {}).unwrap();

@@ -308,21 +308,26 @@ async fn large_push_reports_throughput_and_resumes_after_a_kill() {
     let big = work.path().join("big.wasm");
     std::fs::write(&big, big_module(50 << 20, 1)).unwrap();
 
+    // The JSON report of an uncapped x86_64-only push of `file` as `name`.
+    let push = |file: &std::path::Path, name: &str| -> serde_json::Value {
+        let out = ok(edgectl(
+            &fleet.operator,
+            &edged,
+            &[
+                "--json",
+                "push",
+                file.to_str().unwrap(),
+                "--name",
+                name,
+                "--target",
+                "x86_64",
+            ],
+        ));
+        serde_json::from_str(out.trim()).unwrap()
+    };
+
     // Uncapped, for the throughput figure.
-    let out = ok(edgectl(
-        &fleet.operator,
-        &edged,
-        &[
-            "--json",
-            "push",
-            big.to_str().unwrap(),
-            "--name",
-            "big",
-            "--target",
-            "x86_64",
-        ],
-    ));
-    let report: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let report = push(&big, "big");
     eprintln!("50 MB push: {report}");
     assert!(report["sent_bytes"].as_u64().unwrap() > 100 << 20);
 
@@ -371,20 +376,7 @@ async fn large_push_reports_throughput_and_resumes_after_a_kill() {
         "the partial upload must survive the client's death"
     );
 
-    let out = ok(edgectl(
-        &fleet.operator,
-        &edged,
-        &[
-            "--json",
-            "push",
-            other.to_str().unwrap(),
-            "--name",
-            "other",
-            "--target",
-            "x86_64",
-        ],
-    ));
-    let report: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let report = push(&other, "other");
     eprintln!("resumed push: {report}");
     let resumed = report["resumed_bytes"].as_u64().unwrap();
     assert!(
@@ -404,7 +396,7 @@ async fn large_push_reports_throughput_and_resumes_after_a_kill() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn nodes_serve_peers_signed_holdings_and_verified_blob_slices() {
-    use edged_control::verified::{receive_slice, resume_point};
+    use edged_control::verified::{open_partial, receive_slice};
     use edged_control::wire::{Request, Response};
 
     let fleet = new_fleet();
@@ -451,17 +443,12 @@ async fn nodes_serve_peers_signed_holdings_and_verified_blob_slices() {
     // resumes from a chunk boundary.
     let work = tempfile::tempdir().unwrap();
     let path = work.path().join("partial");
-    let mut partial = std::fs::File::create(&path).unwrap();
+    let (mut partial, _) = open_partial(&path).unwrap();
     let (response, slice) = peer.fetch_blob(&source.blake3, 0).await;
     assert_eq!(response, Response::BlobSlice { size: source.size });
     let cut = &slice[..slice.len() / 2];
     assert!(receive_slice(cut, &source.blake3, source.size, 0, &mut partial, |_| {}).is_err());
-    let mut partial = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&path)
-        .unwrap();
-    let start = resume_point(&mut partial).unwrap();
+    let (mut partial, start) = open_partial(&path).unwrap();
     assert!(start > 0);
     let (_, rest) = peer.fetch_blob(&source.blake3, start).await;
     receive_slice(
