@@ -7,9 +7,11 @@
 //!   mutual-TLS QUIC configurations built from them (ALPN `edge/1`, one crypto provider: ring);
 //! - [`signing`]: ed25519-signed manifests and the trusted-key check;
 //! - [`transport`]: reading and writing frames on QUIC streams;
-//! - [`verified`]: BLAKE3-verified streaming of blobs between nodes (Bao slices, resumable).
+//! - [`verified`]: BLAKE3-verified streaming of blobs between nodes (Bao slices, resumable);
+//! - [`pacing`]: the bandwidth cap shared by concurrent transfers.
 
 pub mod identity;
+pub mod pacing;
 pub mod signing;
 pub mod transport;
 pub mod verified;

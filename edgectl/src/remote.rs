@@ -4,12 +4,12 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, Result, anyhow, bail};
 use edged_control::FleetIdentity;
 use edged_control::identity::NODE_SERVER_NAME;
+use edged_control::pacing::Pacer;
 use edged_control::signing::{SignedManifest, signing_key_from_hex};
 use edged_control::transport::{read_frame, write_frame};
 use edged_control::wire::{Request, Response};
@@ -123,7 +123,7 @@ impl Client {
             for chunk in bytes[offset as usize..].chunks(256 << 10) {
                 send.write_all(chunk).await?;
                 progress.inc(chunk.len() as u64);
-                pacer.sent(chunk.len() as u64).await;
+                pacer.moved_async(chunk.len() as u64).await;
             }
             send.finish()?;
             Ok(())
@@ -138,34 +138,6 @@ impl Client {
             (Err(_), Err(send_error)) => Err(send_error.context(format!("sending blob {hash}"))),
             (Err(read_error), Ok(())) => Err(anyhow::Error::from(read_error)
                 .context(format!("reading the node's answer to blob {hash}"))),
-        }
-    }
-}
-
-/// A bandwidth cap shared by all blobs of a push (they are sent concurrently).
-struct Pacer {
-    started: Instant,
-    sent: AtomicU64,
-    /// Bytes per second; `None` is uncapped.
-    rate: Option<u64>,
-}
-
-impl Pacer {
-    fn new(rate: Option<u64>) -> Pacer {
-        Pacer {
-            started: Instant::now(),
-            sent: AtomicU64::new(0),
-            rate,
-        }
-    }
-
-    /// Accounts for `bytes` just sent and sleeps until the total is within the cap.
-    async fn sent(&self, bytes: u64) {
-        let Some(rate) = self.rate else { return };
-        let total = self.sent.fetch_add(bytes, Ordering::Relaxed) + bytes;
-        let due = Duration::from_secs_f64(total as f64 / rate as f64);
-        if let Some(wait) = due.checked_sub(self.started.elapsed()) {
-            tokio::time::sleep(wait).await;
         }
     }
 }

@@ -50,6 +50,27 @@ pub struct NodeConfig {
     pub functions: Vec<FunctionConfig>,
     /// The QUIC control plane; off when the file has no `[control]` table.
     pub control: Option<ControlConfig>,
+    /// Peer sync; off when the file has no `[sync]` table. Needs `[control]` (the node's
+    /// certificate and QUIC endpoint).
+    pub sync: Option<SyncConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SyncConfig {
+    /// Peer nodes' control addresses, `host:port`. Nodes that contact this one are added while
+    /// it runs, so a new box only needs to know one seed.
+    pub peers: Vec<String>,
+    /// How often every peer is asked what it holds (anti-entropy). A push or a peer's
+    /// announcement starts a round at once.
+    pub interval: Duration,
+    /// Blob fetches running at once, in total and from any one peer.
+    pub max_transfers: usize,
+    pub max_transfers_per_peer: usize,
+    /// Blob uploads this node serves to peers at once; further fetchers are told to try another
+    /// holder, which spreads the fleet's load away from the node that got the push.
+    pub max_uploads: usize,
+    /// Fetch bandwidth cap in bytes per second, across all transfers; `None` is uncapped.
+    pub max_rate_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -141,6 +162,31 @@ struct RawConfig {
     #[serde(default, rename = "function")]
     functions: Vec<RawFunction>,
     control: Option<RawControl>,
+    sync: Option<Spanned<RawSync>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawSync {
+    peers: Vec<Spanned<String>>,
+    interval_ms: Spanned<u64>,
+    max_transfers: Spanned<usize>,
+    max_transfers_per_peer: Spanned<usize>,
+    max_uploads: Spanned<usize>,
+    max_rate_mb: Spanned<f64>,
+}
+
+impl Default for RawSync {
+    fn default() -> Self {
+        RawSync {
+            peers: Vec::new(),
+            interval_ms: Spanned::new(0..0, 30_000),
+            max_transfers: Spanned::new(0..0, 4),
+            max_transfers_per_peer: Spanned::new(0..0, 2),
+            max_uploads: Spanned::new(0..0, 2),
+            max_rate_mb: Spanned::new(0..0, 0.0),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -365,6 +411,20 @@ impl NodeConfig {
                 })
             }
         };
+        let sync = match &raw.sync {
+            None => None,
+            Some(raw_sync) => {
+                if control.is_none() {
+                    return Err(err_at(
+                        raw_sync.span(),
+                        "[sync] needs a [control] table: peers talk over the control plane \
+                         with this node's certificate"
+                            .into(),
+                    ));
+                }
+                Some(validate_sync(raw_sync.get_ref(), &err_at)?)
+            }
+        };
         Ok(NodeConfig {
             state_dir: resolve(node.state_dir.get_ref()),
             http_listen,
@@ -380,8 +440,63 @@ impl NodeConfig {
             },
             functions,
             control,
+            sync,
         })
     }
+}
+
+fn validate_sync(
+    s: &RawSync,
+    err_at: &impl Fn(std::ops::Range<usize>, String) -> ConfigError,
+) -> Result<SyncConfig, ConfigError> {
+    let mut peers = Vec::new();
+    for peer in &s.peers {
+        let text = peer.get_ref();
+        let port_ok = text
+            .rsplit_once(':')
+            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0));
+        if !port_ok {
+            return Err(err_at(
+                peer.span(),
+                format!("sync peer `{text}` must be host:port (e.g. 10.0.0.7:7443)"),
+            ));
+        }
+        if peers.contains(text) {
+            return Err(err_at(peer.span(), format!("sync peer `{text}` is listed twice")));
+        }
+        peers.push(text.clone());
+    }
+    let interval = *s.interval_ms.get_ref();
+    if interval < 100 {
+        return Err(err_at(
+            s.interval_ms.span(),
+            "sync.interval_ms must be at least 100".into(),
+        ));
+    }
+    for (field, value) in [
+        ("max_transfers", &s.max_transfers),
+        ("max_transfers_per_peer", &s.max_transfers_per_peer),
+        ("max_uploads", &s.max_uploads),
+    ] {
+        if *value.get_ref() == 0 {
+            return Err(err_at(value.span(), format!("sync.{field} must be at least 1")));
+        }
+    }
+    let rate = *s.max_rate_mb.get_ref();
+    if !rate.is_finite() || rate < 0.0 {
+        return Err(err_at(
+            s.max_rate_mb.span(),
+            "sync.max_rate_mb must be 0 (no cap) or a positive number of MB/s".into(),
+        ));
+    }
+    Ok(SyncConfig {
+        peers,
+        interval: Duration::from_millis(interval),
+        max_transfers: *s.max_transfers.get_ref(),
+        max_transfers_per_peer: *s.max_transfers_per_peer.get_ref(),
+        max_uploads: *s.max_uploads.get_ref(),
+        max_rate_bytes: (rate > 0.0).then(|| (rate * 1e6) as u64),
+    })
 }
 
 fn validate_function(
@@ -582,6 +697,30 @@ mod tests {
             .unwrap_err();
         assert_eq!(err.line, Some(3), "{err}");
         assert!(err.to_string().starts_with("edged.toml:3: wasm"), "{err}");
+    }
+
+    #[test]
+    fn sync_table_is_validated_with_lines() {
+        let control = "[control]\nlisten = \"127.0.0.1:0\"\nidentity_dir = \"id\"\n";
+        let c = parse(&format!(
+            "{control}[sync]\npeers = [\"10.0.0.2:7443\", \"box7.lan:7443\"]\nmax_rate_mb = 2.5\n"
+        ))
+        .unwrap();
+        let sync = c.sync.unwrap();
+        assert_eq!(sync.peers, ["10.0.0.2:7443", "box7.lan:7443"]);
+        assert_eq!(sync.interval, Duration::from_secs(30));
+        assert_eq!(sync.max_rate_bytes, Some(2_500_000));
+
+        let err = parse(&format!("{control}[sync]\npeers = [\n  \"10.0.0.2\",\n]\n")).unwrap_err();
+        assert_eq!(err.line, Some(6), "{err}");
+        assert!(err.reason.contains("host:port"), "{err}");
+
+        let err = parse(&format!("{control}[sync]\ninterval_ms = 5\n")).unwrap_err();
+        assert_eq!(err.line, Some(5), "{err}");
+
+        let err = parse("[sync]\npeers = []\n").unwrap_err();
+        assert_eq!(err.line, Some(1), "{err}");
+        assert!(err.reason.contains("[control]"), "{err}");
     }
 
     #[test]
