@@ -74,22 +74,81 @@ pub enum Request {
         version: u64,
     },
     /// Sync: a held blob as a Bao slice from byte `start` on (answered by `BlobSlice`, then
-    /// the slice's bytes).
+    /// the slice's bytes, or `Busy` when the node is already serving it or is at its upload cap).
     FetchBlob {
         hash: String,
         start: u64,
     },
+    /// Sync: the sender holds something new (a push, or a finished sync); the receiver starts a
+    /// sync round now instead of at its next interval.
+    Announce {},
 }
 
-/// A signed deployment a node holds, and which of its blobs it can serve.
+/// A signed deployment a node holds (or is still fetching), and which of its blobs it can serve.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Holding {
     pub name: String,
     pub version: u64,
     pub active: bool,
+    /// The manifest is stored; `false` while the node is still fetching its blobs (the ones
+    /// listed are whole and can be fetched already).
+    pub complete: bool,
+    /// An operator pushed it to this node. Fetchers prefer other holders, so the node that got
+    /// the push uploads each blob about once and the fleet spreads it from there.
+    pub pushed_here: bool,
     /// BLAKE3 hashes of the deployment's blobs stored on this node (its source, and the
     /// artifact for its own target).
     pub blobs: Vec<String>,
+    /// Blobs of the deployment this node is downloading right now: other fetchers wait for it
+    /// to finish rather than ask the node that got the push for another copy.
+    #[serde(default)]
+    pub fetching: Vec<String>,
+}
+
+/// What a node's syncer knows: its peers, where each deployment is, transfers in progress.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncStatus {
+    pub peers: Vec<PeerStatus>,
+    pub deployments: Vec<DeploymentSpread>,
+    pub transfers: Vec<TransferStatus>,
+    /// Blob bytes this node fetched from peers / served to peers since it started.
+    pub fetched_bytes: u64,
+    pub served_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerStatus {
+    /// Control address, `host:port`.
+    pub addr: String,
+    /// The name on its node certificate, once connected.
+    pub node: Option<String>,
+    /// Learned from an inbound connection rather than configured.
+    pub learned: bool,
+    /// Milliseconds since its holdings last arrived.
+    pub last_seen_ms: Option<u64>,
+    pub last_error: Option<String>,
+    /// It served data that failed verification; not fetched from for a while.
+    pub penalised: bool,
+}
+
+/// One signed deployment and the nodes known to hold it whole.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeploymentSpread {
+    pub name: String,
+    pub version: u64,
+    pub here: bool,
+    /// Peer addresses that reported it complete in their last holdings.
+    pub peers: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransferStatus {
+    pub deployment: String,
+    pub blob: String,
+    pub peer: String,
+    /// Verified bytes on disk so far, of `size`.
+    pub have: u64,
+    pub size: u64,
 }
 
 /// A blob the node still needs, and how many bytes of it already arrived earlier.
@@ -120,6 +179,9 @@ pub struct NodeStatus {
     pub functions_serving: usize,
     pub blobs: usize,
     pub store_bytes: u64,
+    /// Present when the node has `[sync]` configured.
+    #[serde(default)]
+    pub sync: Option<SyncStatus>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -157,6 +219,10 @@ pub enum Response {
     /// The blob's full size; the Bao slice from the requested start follows on the stream.
     BlobSlice {
         size: u64,
+    },
+    /// Not refused, just not now: fetch from another holder or try again shortly.
+    Busy {
+        message: String,
     },
     Error {
         message: String,

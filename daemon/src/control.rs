@@ -6,12 +6,17 @@
 //! key, version newer than any seen for the name); a blob is accepted only if the verified
 //! manifest names it and its bytes hash to that name. Partial uploads persist in the store's
 //! `tmp/` as `upload-<hash>`, so an interrupted push resumes where it stopped.
+//!
+//! Node certificates may ask what this node holds and fetch blobs from it (the serving side of
+//! [`crate::sync`]); a node serves each blob to one peer at a time, within an upload cap, and
+//! tells further fetchers it is busy.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use edged_control::identity::{self, Role, role_of};
@@ -20,13 +25,14 @@ use edged_control::transport::{read_frame, write_frame};
 use edged_control::verified::SliceSource;
 use edged_control::wire::{DeploymentInfo, Holding, NeededBlob, NodeStatus, Request, Response};
 use edged_control::{FleetIdentity, TrustedKeys};
-use edged_node_config::ControlConfig;
+use edged_node_config::{ControlConfig, SyncConfig};
 use edged_snapshots::manifest::BlobRef;
-use edged_snapshots::{BlobKind, StoreError};
+use edged_snapshots::{BlobKind, Manifest, StoreError};
 
 use tokio_util::sync::CancellationToken;
 
 use crate::node::Node;
+use crate::sync::Syncer;
 
 /// An accepted offer waiting for its blobs.
 struct Pending {
@@ -43,7 +49,85 @@ pub struct ControlPlane {
     pending: Mutex<HashMap<String, Pending>>,
     /// Blobs being received: one writer per partial file at a time.
     uploads: Arc<Mutex<HashMap<String, UploadWriter>>>,
+    /// The client side of this node's fleet identity, for the syncer's outbound connections.
+    client_config: quinn::ClientConfig,
+    /// Deployments an operator pushed to this node (since it started): peers are steered to
+    /// other holders, so this node uploads each blob about once.
+    pushed_here: Mutex<HashSet<String>>,
+    /// Deployments the syncer is fetching: their verified manifests, by id. Peers may already
+    /// fetch the blobs that arrived.
+    syncing: Mutex<BTreeMap<String, SignedManifest>>,
+    serving_to_peers: Arc<UploadSlots>,
+    syncer: OnceLock<Weak<Syncer>>,
 }
+
+/// Blobs being served to peers: each to one fetcher at a time, at most `max` at once.
+struct UploadSlots {
+    max: usize,
+    /// By blob hash: the peer being served and how to stop serving it.
+    active: Mutex<HashMap<String, ActiveUpload>>,
+}
+
+struct ActiveUpload {
+    peer: String,
+    generation: u64,
+    cancel: CancellationToken,
+}
+
+/// One blob being served to a peer; frees its slot on drop.
+struct UploadSlot {
+    slots: Arc<UploadSlots>,
+    hash: String,
+    generation: u64,
+    cancel: CancellationToken,
+}
+
+impl UploadSlots {
+    /// A slot for serving `hash` to `peer`, or `None` when it is being served to another peer
+    /// or the cap is reached. A node fetches each blob once at a time, so a second request from
+    /// the same peer means its first stream is dead (a crashed daemon's streams linger until the
+    /// idle timeout): that upload is cancelled and the new one takes its slot.
+    fn try_take(self: &Arc<Self>, hash: &str, peer: &str) -> Option<UploadSlot> {
+        let mut active = self.active.lock().unwrap_or_else(|p| p.into_inner());
+        match active.get(hash) {
+            Some(current) if current.peer == peer => current.cancel.cancel(),
+            Some(_) => return None,
+            None if active.len() >= self.max => return None,
+            None => {}
+        }
+        let cancel = CancellationToken::new();
+        let generation = UPLOAD_GENERATION.fetch_add(1, Ordering::Relaxed);
+        active.insert(
+            hash.to_string(),
+            ActiveUpload {
+                peer: peer.to_string(),
+                generation,
+                cancel: cancel.clone(),
+            },
+        );
+        Some(UploadSlot {
+            slots: self.clone(),
+            hash: hash.to_string(),
+            generation,
+            cancel,
+        })
+    }
+}
+
+impl Drop for UploadSlot {
+    fn drop(&mut self) {
+        let mut active = self.slots.active.lock().unwrap_or_else(|p| p.into_inner());
+        if active
+            .get(&self.hash)
+            .is_some_and(|a| a.generation == self.generation)
+        {
+            active.remove(&self.hash);
+        }
+    }
+}
+
+/// A peer that stops reading for this long loses its upload slot.
+const UPLOAD_STALL: Duration = Duration::from_secs(15);
 
 /// The writer of one partial upload. A newer upload of the same blob cancels the current one
 /// and waits for its lock: after a client dies its stream lingers until the idle timeout, and
@@ -100,6 +184,7 @@ pub fn ensure_dev_identity(config: &ControlConfig) -> Result<()> {
 pub fn bind(
     node: Arc<Node>,
     config: &ControlConfig,
+    sync: Option<&SyncConfig>,
 ) -> Result<(quinn::Endpoint, Arc<ControlPlane>)> {
     ensure_dev_identity(config)?;
     let fleet = FleetIdentity::load(&config.identity_dir, &config.node_name)?;
@@ -115,6 +200,15 @@ pub fn bind(
         node_name: config.node_name.clone(),
         pending: Mutex::new(HashMap::new()),
         uploads: Arc::default(),
+        client_config: fleet.client_config()?,
+        pushed_here: Mutex::default(),
+        syncing: Mutex::default(),
+        serving_to_peers: Arc::new(UploadSlots {
+            // Without [sync] the node still serves peers that list it, with the default cap.
+            max: sync.map_or(2, |s| s.max_uploads),
+            active: Mutex::default(),
+        }),
+        syncer: OnceLock::new(),
     });
     Ok((endpoint, plane))
 }
@@ -139,6 +233,24 @@ fn start_writeback(file: &std::fs::File, offset: u64, len: u64) {
 }
 
 impl ControlPlane {
+    pub fn client_config(&self) -> quinn::ClientConfig {
+        self.client_config.clone()
+    }
+
+    pub fn trusted(&self) -> &TrustedKeys {
+        &self.trusted
+    }
+
+    /// Connects the syncer, which learns peers from inbound node connections and is told when
+    /// a push commits.
+    pub fn attach_syncer(&self, syncer: &Arc<Syncer>) {
+        let _ = self.syncer.set(Arc::downgrade(syncer));
+    }
+
+    fn syncer(&self) -> Option<Arc<Syncer>> {
+        self.syncer.get().and_then(Weak::upgrade)
+    }
+
     pub async fn serve(self: Arc<Self>, endpoint: quinn::Endpoint) {
         while let Some(incoming) = endpoint.accept().await {
             let plane = self.clone();
@@ -175,6 +287,12 @@ impl ControlPlane {
         };
         let peer = identity::common_name(leaf);
         tracing::info!(%remote, %peer, %role, "control connection");
+        if role == Role::Node
+            && let Some(syncer) = self.syncer()
+        {
+            // Peers sync from their control endpoint, so this is where they can be reached.
+            syncer.learn_peer(remote, &peer);
+        }
         // Each request stream is served on its own task: a push sends its blobs concurrently,
         // and a long upload must not hold up `status` or `ls` on the same connection.
         loop {
@@ -216,10 +334,17 @@ impl ControlPlane {
             Ok(()) => match request {
                 // The one answer followed by raw bytes: written by the handler itself.
                 Request::FetchBlob { hash, start } => {
-                    match self.fetch_blob(&hash, start, &mut send).await {
-                        Ok(()) => return Ok(()),
-                        Err(e) => Response::Error {
-                            message: format!("{e:#}"),
+                    match self.serving_to_peers.try_take(&hash, peer) {
+                        None => Response::Busy {
+                            message: format!(
+                                "already serving blob {hash} or at the upload cap; try another holder"
+                            ),
+                        },
+                        Some(slot) => match self.fetch_blob(&hash, start, &mut send, slot).await {
+                            Ok(()) => return Ok(()),
+                            Err(e) => Response::Error {
+                                message: format!("{e:#}"),
+                            },
                         },
                     }
                 }
@@ -270,6 +395,14 @@ impl ControlPlane {
             Request::Holdings {} => self.holdings(),
             Request::GetManifest { name, version } => self.signed_manifest(&name, version),
             Request::FetchBlob { .. } => Err(anyhow!("blob fetches are answered on their stream")),
+            Request::Announce {} => {
+                if let Some(syncer) = self.syncer() {
+                    syncer.wake();
+                }
+                Ok(Response::Done {
+                    message: "noted".into(),
+                })
+            }
             Request::Status {} => self.status(),
             Request::Activate { name, version } => self.activate(&name, version).await,
             Request::Rollback { name } => self.rollback(&name).await,
@@ -286,7 +419,10 @@ impl ControlPlane {
         })
     }
 
-    fn offer(&self, signed: SignedManifest) -> Result<Response> {
+    /// The checks every manifest passes before anything it names is stored, whether it comes
+    /// from an operator's push or from a peer: trusted signature, valid name, and a version newer
+    /// than any seen for the name (or exactly the one stored).
+    pub fn check_manifest(&self, signed: &SignedManifest) -> Result<()> {
         signed.verify(&self.trusted)?;
         let manifest = &signed.manifest;
         let id = manifest.id();
@@ -308,6 +444,13 @@ impl ControlPlane {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// The blobs of `manifest` this node stores and does not have yet: its source, and the
+    /// artifact for this node's target and engine fingerprint (never another target's).
+    pub fn needed_blobs(&self, manifest: &Manifest) -> BTreeMap<String, (BlobRef, BlobKind)> {
+        let store = self.node.store();
         let target = self.node.target();
         let fingerprint = self.node.fingerprint().to_string();
         let mut needed = BTreeMap::new();
@@ -333,6 +476,13 @@ impl ControlPlane {
             }
         }
         needed.retain(|hash, _| !matches!(store.blob_meta(hash), Ok(Some(_))));
+        needed
+    }
+
+    fn offer(&self, signed: SignedManifest) -> Result<Response> {
+        self.check_manifest(&signed)?;
+        let id = signed.manifest.id();
+        let needed = self.needed_blobs(&signed.manifest);
         let blobs = needed
             .values()
             .map(|(blob, _)| NeededBlob {
@@ -502,24 +652,51 @@ impl ControlPlane {
             bail!("{manifest_id} is missing blobs: {}", missing.join(", "));
         }
         let manifest = &signed.manifest;
-        store.put_manifest(manifest)?;
-        store.put_signature(
-            &manifest.name,
-            manifest.version,
-            &serde_json::to_vec(&signed)?,
-        )?;
+        self.store_deployment(&signed)?;
         self.pending
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(manifest_id);
+        self.pushed_here
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(manifest_id.to_string());
         tracing::info!(deployment = %manifest_id, %peer, "deployment stored");
         if activate {
             self.node.activate(&manifest.name, manifest.version).await?;
+        }
+        if let Some(syncer) = self.syncer() {
+            syncer.announce();
         }
         Ok(Response::Committed {
             id: manifest_id.to_string(),
             active: activate,
         })
+    }
+
+    /// Indexes a checked deployment whose blobs are all stored: the manifest, then the signed
+    /// form peers are given.
+    pub fn store_deployment(&self, signed: &SignedManifest) -> Result<()> {
+        let store = self.node.store();
+        let manifest = &signed.manifest;
+        store.put_manifest(manifest)?;
+        store.put_signature(
+            &manifest.name,
+            manifest.version,
+            &serde_json::to_vec(signed)?,
+        )?;
+        Ok(())
+    }
+
+    /// Marks a deployment as being fetched by sync (peers may take the blobs already here), or
+    /// no longer.
+    pub fn set_syncing(&self, signed: &SignedManifest, syncing: bool) {
+        let mut map = self.syncing.lock().unwrap_or_else(|p| p.into_inner());
+        if syncing {
+            map.insert(signed.manifest.id(), signed.clone());
+        } else {
+            map.remove(&signed.manifest.id());
+        }
     }
 
     fn list(&self) -> Result<Response> {
@@ -545,33 +722,82 @@ impl ControlPlane {
     }
 
     /// The signed deployments held here (config-declared functions are node-local and not
-    /// offered to peers), with the blobs this node can serve for each.
+    /// offered to peers) and those being fetched, with the blobs this node can serve for each.
     fn holdings(&self) -> Result<Response> {
         let store = self.node.store();
+        let stored_blobs = |manifest: &Manifest| {
+            let mut blobs = vec![manifest.source.blake3.clone()];
+            blobs.extend(manifest.artifacts.iter().map(|a| a.blake3.clone()));
+            blobs.retain(|hash| matches!(store.blob_meta(hash), Ok(Some(_))));
+            blobs
+        };
+        let downloading = self.syncer().map(|s| s.fetching()).unwrap_or_default();
+        let fetching = |manifest: &Manifest| -> Vec<String> {
+            std::iter::once(&manifest.source.blake3)
+                .chain(manifest.artifacts.iter().map(|a| &a.blake3))
+                .filter(|hash| downloading.contains(*hash))
+                .cloned()
+                .collect()
+        };
+        let pushed_here = self.pushed_here.lock().unwrap_or_else(|p| p.into_inner());
         let mut items = Vec::new();
         for manifest in store.manifests()? {
             if store.signature(&manifest.name, manifest.version)?.is_none() {
                 continue;
             }
-            let mut blobs = vec![manifest.source.blake3.clone()];
-            blobs.extend(manifest.artifacts.iter().map(|a| a.blake3.clone()));
-            blobs.retain(|hash| matches!(store.blob_meta(hash), Ok(Some(_))));
             items.push(Holding {
                 active: store.active_version(&manifest.name)? == Some(manifest.version),
+                complete: true,
+                pushed_here: pushed_here.contains(&manifest.id()),
+                blobs: stored_blobs(&manifest),
+                fetching: fetching(&manifest),
                 name: manifest.name,
                 version: manifest.version,
-                blobs,
+            });
+        }
+        for signed in self
+            .syncing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+        {
+            let manifest = &signed.manifest;
+            if items
+                .iter()
+                .any(|h| h.name == manifest.name && h.version == manifest.version)
+            {
+                continue;
+            }
+            items.push(Holding {
+                name: manifest.name.clone(),
+                version: manifest.version,
+                active: false,
+                complete: false,
+                pushed_here: false,
+                blobs: stored_blobs(manifest),
+                fetching: fetching(manifest),
             });
         }
         Ok(Response::Holdings { items })
     }
 
     fn signed_manifest(&self, name: &str, version: u64) -> Result<Response> {
+        let id = format!("{name}@{version}");
+        if let Some(signed) = self
+            .syncing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+        {
+            return Ok(Response::Manifest {
+                signed: signed.clone(),
+            });
+        }
         let bytes = self
             .node
             .store()
             .signature(name, version)?
-            .ok_or_else(|| anyhow!("{name}@{version} is not a signed deployment held here"))?;
+            .ok_or_else(|| anyhow!("{id} is not a signed deployment held here"))?;
         let signed: SignedManifest = serde_json::from_slice(&bytes)
             .with_context(|| format!("stored signature of {name}@{version} is unreadable"))?;
         Ok(Response::Manifest { signed })
@@ -579,7 +805,13 @@ impl ControlPlane {
 
     /// Streams a held blob from `start` as a Bao slice. The blob is hashed while its tree is
     /// built, so a copy damaged on this node's disk is refused rather than served.
-    async fn fetch_blob(&self, hash: &str, start: u64, send: &mut quinn::SendStream) -> Result<()> {
+    async fn fetch_blob(
+        &self,
+        hash: &str,
+        start: u64,
+        send: &mut quinn::SendStream,
+        slot: UploadSlot,
+    ) -> Result<()> {
         let store = self.node.store().clone();
         let (map, meta) = store
             .map_blob(hash)
@@ -627,10 +859,23 @@ impl ControlPlane {
             bail!("this node's copy of blob {hash} is damaged; fetch it elsewhere");
         }
         write_frame(send, &Response::BlobSlice { size: meta.size }).await?;
+        let served = &self.node.metrics.sync_served_bytes;
         while let Some(chunk) = chunks.recv().await {
-            send.write_all(&chunk?).await?;
+            let chunk = chunk?;
+            tokio::select! {
+                written = tokio::time::timeout(UPLOAD_STALL, send.write_all(&chunk)) => {
+                    written.map_err(|_| {
+                        anyhow!("peer stopped reading blob {hash}; upload abandoned")
+                    })??
+                }
+                () = slot.cancel.cancelled() => {
+                    bail!("upload of blob {hash} superseded by a newer request from the same peer")
+                }
+            }
+            served.inc_by(chunk.len() as u64);
         }
         send.finish()?;
+        self.node.metrics.sync_uploads.inc();
         Ok(())
     }
 
@@ -646,6 +891,7 @@ impl ControlPlane {
                 functions_serving: self.node.functions().len(),
                 store_bytes: blobs.iter().map(|(_, m)| m.size).sum(),
                 blobs: blobs.len(),
+                sync: self.syncer().map(|s| s.status()),
             },
         })
     }

@@ -10,7 +10,9 @@
 //! - [`host`]: guest store state, linkers and capabilities (environment, preopens, outbound
 //!   HTTP allowlist), denied by default;
 //! - [`metrics`]: Prometheus metrics;
-//! - [`notify`]: the systemd notify protocol and watchdog.
+//! - [`notify`]: the systemd notify protocol and watchdog;
+//! - [`control`]: the node's side of the QUIC control plane (push, list, activate, serving peers);
+//! - [`sync`]: fetching the fleet's signed deployments from peers, verified while streaming.
 
 pub mod control;
 pub mod functions;
@@ -19,3 +21,4 @@ pub mod invoke;
 pub mod metrics;
 pub mod node;
 pub mod notify;
+pub mod sync;

@@ -46,6 +46,26 @@ pub struct Metrics {
     pub in_flight: Family<FunctionLabel, Gauge>,
     pub rejected: Family<FaultLabels, Counter>,
     pub reloads: Family<ReloadLabels, Counter>,
+    pub sync_rounds: Counter,
+    pub sync_deployments: Family<OutcomeLabel, Counter>,
+    pub sync_fetches: Family<OutcomeLabel, Counter>,
+    pub sync_fetched_bytes: Family<PeerLabel, Counter>,
+    pub sync_penalties: Family<PeerLabel, Counter>,
+    pub sync_transfers: Gauge,
+    pub sync_peers_reachable: Gauge,
+    pub sync_uploads: Counter,
+    pub sync_served_bytes: Counter,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerLabel {
+    /// The peer's control address.
+    pub peer: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -102,8 +122,71 @@ impl Default for Metrics {
             "Configuration reloads, by outcome",
             reloads.clone(),
         );
+        let sync_rounds = Counter::default();
+        let sync_deployments = Family::<OutcomeLabel, Counter>::default();
+        let sync_fetches = Family::<OutcomeLabel, Counter>::default();
+        let sync_fetched_bytes = Family::<PeerLabel, Counter>::default();
+        let sync_penalties = Family::<PeerLabel, Counter>::default();
+        let sync_transfers = Gauge::default();
+        let sync_peers_reachable = Gauge::default();
+        let sync_uploads = Counter::default();
+        let sync_served_bytes = Counter::default();
+        registry.register(
+            "sync_rounds",
+            "Sync rounds (every peer asked for its holdings)",
+            sync_rounds.clone(),
+        );
+        registry.register(
+            "sync_deployments",
+            "Deployments fetched from peers, by outcome (stored, refused, failed)",
+            sync_deployments.clone(),
+        );
+        registry.register(
+            "sync_fetches",
+            "Blob fetch attempts from peers, by outcome (ok, busy, bad_data, failed)",
+            sync_fetches.clone(),
+        );
+        registry.register(
+            "sync_fetched_bytes",
+            "Verified blob bytes fetched, by peer",
+            sync_fetched_bytes.clone(),
+        );
+        registry.register(
+            "sync_penalties",
+            "Times a peer served data that failed verification",
+            sync_penalties.clone(),
+        );
+        registry.register(
+            "sync_transfers",
+            "Blob fetches in progress",
+            sync_transfers.clone(),
+        );
+        registry.register(
+            "sync_peers_reachable",
+            "Peers that answered the last holdings request",
+            sync_peers_reachable.clone(),
+        );
+        registry.register(
+            "sync_uploads",
+            "Blobs served to peers in full",
+            sync_uploads.clone(),
+        );
+        registry.register(
+            "sync_served_bytes",
+            "Blob bytes served to peers (Bao slices, content and tree)",
+            sync_served_bytes.clone(),
+        );
         Metrics {
             registry,
+            sync_rounds,
+            sync_deployments,
+            sync_fetches,
+            sync_fetched_bytes,
+            sync_penalties,
+            sync_transfers,
+            sync_peers_reachable,
+            sync_uploads,
+            sync_served_bytes,
             requests,
             request_seconds,
             instantiate_seconds,

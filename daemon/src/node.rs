@@ -211,9 +211,12 @@ impl Node {
             if new.http_listen != old.http_listen
                 || new.state_dir != old.state_dir
                 || new.engine != old.engine
+                || new.control != old.control
+                || new.sync != old.sync
             {
                 tracing::warn!(
-                    "http_listen, state_dir and [engine] changes take effect only after a restart"
+                    "http_listen, state_dir, [engine], [control] and [sync] changes take effect \
+                     only after a restart"
                 );
             }
             let _serialized = self.refresh_lock.lock().await;
@@ -291,8 +294,18 @@ impl Node {
         self.refresh_functions().await?;
         let control = match &config.control {
             Some(control_config) => {
-                let (endpoint, plane) = crate::control::bind(self.clone(), control_config)?;
+                let (endpoint, plane) =
+                    crate::control::bind(self.clone(), control_config, config.sync.as_ref())?;
                 let addr = endpoint.local_addr()?;
+                if let Some(sync_config) = &config.sync {
+                    let syncer = crate::sync::Syncer::new(
+                        self.clone(),
+                        plane.clone(),
+                        endpoint.clone(),
+                        sync_config.clone(),
+                    );
+                    tokio::spawn(syncer.run());
+                }
                 tokio::spawn(plane.clone().serve(endpoint.clone()));
                 Some((endpoint, addr, plane))
             }

@@ -316,6 +316,9 @@ pub async fn simple(target: &Target, request: Request) -> Result<()> {
                 "store       {} blobs, {} bytes",
                 status.blobs, status.store_bytes
             );
+            if let Some(sync) = &status.sync {
+                print_sync(sync);
+            }
         }
         Response::Done { message } => println!("{message}"),
         Response::Invoked { status, body } => {
@@ -329,6 +332,55 @@ pub async fn simple(target: &Target, request: Request) -> Result<()> {
         other => println!("{other:?}"),
     }
     Ok(())
+}
+
+fn print_sync(sync: &edged_control::wire::SyncStatus) {
+    println!(
+        "sync        fetched {} bytes, served {} bytes",
+        sync.fetched_bytes, sync.served_bytes
+    );
+    for peer in &sync.peers {
+        let seen = peer
+            .last_seen_ms
+            .map_or("never answered".to_string(), |ms| {
+                format!("seen {ms} ms ago")
+            });
+        println!(
+            "  peer {:<22} {:<12} {}{}{}",
+            peer.addr,
+            peer.node.as_deref().unwrap_or("?"),
+            seen,
+            if peer.learned { ", learned" } else { "" },
+            if peer.penalised { ", PENALISED" } else { "" },
+        );
+        if let Some(error) = &peer.last_error {
+            println!("       last error: {error}");
+        }
+    }
+    for d in &sync.deployments {
+        println!(
+            "  {}@{}  here: {}  peers: {}",
+            d.name,
+            d.version,
+            if d.here { "yes" } else { "no" },
+            if d.peers.is_empty() {
+                "-".to_string()
+            } else {
+                d.peers.join(", ")
+            }
+        );
+    }
+    for t in &sync.transfers {
+        println!(
+            "  fetching {} blob {}… from {}: {} of {} bytes ({:.0}%)",
+            t.deployment,
+            &t.blob[..12.min(t.blob.len())],
+            t.peer,
+            t.have,
+            t.size,
+            100.0 * t.have as f64 / t.size.max(1) as f64
+        );
+    }
 }
 
 /// `name@version`.

@@ -452,9 +452,9 @@ fn validate_sync(
     let mut peers = Vec::new();
     for peer in &s.peers {
         let text = peer.get_ref();
-        let port_ok = text
-            .rsplit_once(':')
-            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0));
+        let port_ok = text.rsplit_once(':').is_some_and(|(host, port)| {
+            !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+        });
         if !port_ok {
             return Err(err_at(
                 peer.span(),
@@ -462,7 +462,10 @@ fn validate_sync(
             ));
         }
         if peers.contains(text) {
-            return Err(err_at(peer.span(), format!("sync peer `{text}` is listed twice")));
+            return Err(err_at(
+                peer.span(),
+                format!("sync peer `{text}` is listed twice"),
+            ));
         }
         peers.push(text.clone());
     }
@@ -479,7 +482,10 @@ fn validate_sync(
         ("max_uploads", &s.max_uploads),
     ] {
         if *value.get_ref() == 0 {
-            return Err(err_at(value.span(), format!("sync.{field} must be at least 1")));
+            return Err(err_at(
+                value.span(),
+                format!("sync.{field} must be at least 1"),
+            ));
         }
     }
     let rate = *s.max_rate_mb.get_ref();
@@ -495,7 +501,7 @@ fn validate_sync(
         max_transfers: *s.max_transfers.get_ref(),
         max_transfers_per_peer: *s.max_transfers_per_peer.get_ref(),
         max_uploads: *s.max_uploads.get_ref(),
-        max_rate_bytes: (rate > 0.0).then(|| (rate * 1e6) as u64),
+        max_rate_bytes: (rate > 0.0).then_some((rate * 1e6) as u64),
     })
 }
 

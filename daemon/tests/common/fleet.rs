@@ -1,6 +1,7 @@
 //! An operator fleet for end-to-end tests: a CA, operator identity and signing key from a real
 //! `edgectl init`, node certificates from `edgectl issue-node`, and `edgectl` runs against nodes.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -44,6 +45,24 @@ pub struct Fleet {
     pub node: PathBuf,
 }
 
+impl Fleet {
+    /// Issues a node certificate `name` (like `edgectl issue-node`) into its own directory.
+    pub fn issue_node(&self, name: &str) -> PathBuf {
+        let out = self.operator.parent().unwrap().join(name);
+        let run = Command::new(edgectl_bin())
+            .args(["--identity", self.operator.to_str().unwrap()])
+            .args(["issue-node", name, "--out", out.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(
+            run.status.success(),
+            "{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        out
+    }
+}
+
 pub fn new_fleet() -> Fleet {
     let dir = tempfile::tempdir().unwrap();
     let operator = dir.path().join("operator");
@@ -75,4 +94,25 @@ pub fn control_section(fleet: &Fleet) -> String {
         fleet.node.display().to_string(),
         fleet.operator.join("signing.pub").display().to_string()
     )
+}
+
+/// A whole config for a syncing node `name` (its own certificate from `fleet`) on ephemeral
+/// ports, syncing every second with `peers` (control addresses); `sync_options` go into its
+/// `[sync]` table, `extra` tables after it.
+pub fn sync_node_config(
+    fleet: &Fleet,
+    name: &str,
+    peers: &[SocketAddr],
+    sync_options: &str,
+    extra: &str,
+) -> String {
+    let identity = fleet.issue_node(name);
+    let peers: Vec<String> = peers.iter().map(|p| format!("\"{p}\"")).collect();
+    super::config_text(&format!(
+        "[control]\nlisten = \"127.0.0.1:0\"\nidentity_dir = {:?}\nnode_name = {name:?}\n\
+         trusted_keys = [{:?}]\n\n[sync]\npeers = [{}]\ninterval_ms = 1000\n{sync_options}\n\n{extra}",
+        identity.display().to_string(),
+        fleet.operator.join("signing.pub").display().to_string(),
+        peers.join(", ")
+    ))
 }

@@ -41,11 +41,43 @@ impl Edged {
     /// Starts `command --config <dir>/edged.toml` with `config` as the whole config file (paths
     /// in it are relative to a fresh temp dir). `command` is the daemon, or an emulator running
     /// it. Waits until it prints its address.
-    pub fn spawn(mut command: Command, config: &str) -> Edged {
+    pub fn spawn(command: Command, config: &str) -> Edged {
         let dir = tempfile::tempdir().unwrap();
         let config_path = dir.path().join("edged.toml");
         std::fs::write(&config_path, config).unwrap();
-        let stderr = std::fs::File::create(dir.path().join("edged.log")).unwrap();
+        Edged::spawn_in(command, dir)
+    }
+
+    /// Kills the daemon (SIGKILL: a crash) and starts it again on the same config and state;
+    /// its log continues in the same file. Its ports are new (they were ephemeral).
+    pub fn crash_and_restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let (child, addr, control) =
+            Edged::launch(Command::new(env!("CARGO_BIN_EXE_edged")), self.dir.path());
+        (self.child, self.addr, self.control) = (child, addr, control);
+    }
+
+    fn spawn_in(command: Command, dir: tempfile::TempDir) -> Edged {
+        let (child, addr, control) = Edged::launch(command, dir.path());
+        Edged {
+            child,
+            addr,
+            control,
+            config_path: dir.path().join("edged.toml"),
+            dir,
+        }
+    }
+
+    /// Runs `command --config <dir>/edged.toml`, logging to `<dir>/edged.log`, until it prints
+    /// its addresses.
+    fn launch(mut command: Command, dir: &Path) -> (Child, SocketAddr, Option<SocketAddr>) {
+        let config_path = dir.join("edged.toml");
+        let stderr = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("edged.log"))
+            .unwrap();
         let mut child = command
             .arg("--config")
             .arg(&config_path)
@@ -66,22 +98,15 @@ impl Edged {
                 }
             }
         });
-        let (addr, control) = match rx.recv_timeout(Duration::from_secs(180)) {
-            Ok(addrs) => addrs,
+        match rx.recv_timeout(Duration::from_secs(180)) {
+            Ok((addr, control)) => (child, addr, control),
             Err(_) => {
                 let _ = child.kill();
                 panic!(
                     "edged did not start:\n{}",
-                    std::fs::read_to_string(dir.path().join("edged.log")).unwrap_or_default()
+                    std::fs::read_to_string(dir.join("edged.log")).unwrap_or_default()
                 );
             }
-        };
-        Edged {
-            child,
-            addr,
-            control,
-            dir,
-            config_path,
         }
     }
 
@@ -152,4 +177,47 @@ pub async fn post(url: &str, body: Vec<u8>) -> (u16, String) {
         .unwrap();
     let status = response.status().as_u16();
     (status, response.text().await.unwrap())
+}
+
+/// A core module with one `size`-byte data segment of pseudo-random bytes: a large artifact.
+pub fn big_module(size: usize, seed: u64) -> Vec<u8> {
+    fn leb(mut n: u64, out: &mut Vec<u8>) {
+        loop {
+            let byte = (n & 0x7f) as u8;
+            n >>= 7;
+            if n == 0 {
+                out.push(byte);
+                return;
+            }
+            out.push(byte | 0x80);
+        }
+    }
+    let pages = (size as u64).div_ceil(65536) + 1;
+    let mut wasm = b"\0asm\x01\0\0\0".to_vec();
+    // type 0 = [] -> []; func 0 of type 0
+    wasm.extend([1, 4, 1, 0x60, 0, 0]);
+    wasm.extend([3, 2, 1, 0]);
+    let mut memory = vec![1, 0];
+    leb(pages, &mut memory);
+    wasm.push(5);
+    leb(memory.len() as u64, &mut wasm);
+    wasm.extend(memory);
+    // export "_start" = func 0; its body does nothing
+    wasm.extend([7, 10, 1, 6]);
+    wasm.extend(b"_start");
+    wasm.extend([0, 0]);
+    wasm.extend([10, 4, 1, 2, 0, 0x0b]);
+    let mut data = vec![1, 0, 0x41, 0, 0x0b];
+    leb(size as u64, &mut data);
+    let mut x = seed | 1;
+    data.extend((0..size).map(|_| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x as u8
+    }));
+    wasm.push(11);
+    leb(data.len() as u64, &mut wasm);
+    wasm.extend(data);
+    wasm
 }
