@@ -6,21 +6,26 @@
 //! `bench.svg`. Absolute times drift between machines; quote the ratios.
 //!
 //! `cargo build --release -p edged -p bench && target/release/bench [--phases coldstart,http]`
+//!
+//! The fleet phase (peer sync convergence and the origin's egress) takes longer and runs only
+//! when asked: `cargo build --release -p edged -p edgectl -p bench && target/release/bench
+//! --phases sync [--nodes 4 --artifact-mb 20 --sync-rounds 3]`
 
 mod coldstart;
+mod fleet;
 mod http;
 mod report;
 mod stats;
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::Parser;
 
 #[derive(Parser)]
-#[command(about = "edged benchmark: cold start and HTTP")]
+#[command(about = "edged benchmark: cold start, HTTP and fleet sync")]
 struct Args {
-    /// Which phases to run.
+    /// Which phases to run: coldstart, http, sync (sync is slow, so not a default).
     #[arg(long, value_delimiter = ',', default_values_t = ["coldstart".to_string(), "http".to_string()])]
     phases: Vec<String>,
     /// WASI p1 command guest for the cold-start phases (default: the init-heavy sample).
@@ -53,6 +58,18 @@ struct Args {
     /// starts (default: edged's default). qemu-user needs a small pool: see README, aarch64.
     #[arg(long)]
     pool_slots: Option<u32>,
+    /// The edgectl binary for the sync phase (default: next to this binary).
+    #[arg(long)]
+    edgectl: Option<PathBuf>,
+    /// Nodes in the sync phase's fleet (the first gets the push).
+    #[arg(long, default_value_t = 4)]
+    nodes: usize,
+    /// Size of the sync phase's module (one data segment; its artifact is about as large).
+    #[arg(long, default_value_t = 20)]
+    artifact_mb: usize,
+    /// Pushes in the sync phase, each to a fresh fleet.
+    #[arg(long, default_value_t = 3)]
+    sync_rounds: usize,
     /// Where to write results.json and bench.svg.
     #[arg(long, default_value = "bench/out")]
     out: PathBuf,
@@ -61,6 +78,10 @@ struct Args {
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
+    let known = ["coldstart", "http", "sync"];
+    if let Some(unknown) = args.phases.iter().find(|p| !known.contains(&p.as_str())) {
+        bail!("unknown phase {unknown:?} (known: {})", known.join(", "));
+    }
     std::fs::create_dir_all(&args.out)?;
     let work = tempfile::tempdir()?;
     let mut phases = Vec::new();
@@ -81,26 +102,35 @@ async fn main() -> Result<()> {
         phases.extend(p);
         ratios.extend(r);
     }
+    let emulator: Vec<String> = args
+        .emulator
+        .as_deref()
+        .map(|cmd| cmd.split_whitespace().map(String::from).collect())
+        .unwrap_or_default();
     if args.phases.iter().any(|p| p == "http") {
-        let edged = match &args.edged {
-            Some(path) => path.clone(),
-            None => std::env::current_exe()?
-                .parent()
-                .context("bench binary has no directory")?
-                .join("edged"),
-        };
         let params = http::Params {
-            edged,
+            edged: sibling_binary(args.edged.as_ref(), "edged")?,
             connections: args.connections,
             requests: args.requests,
-            emulator: args
-                .emulator
-                .as_deref()
-                .map(|cmd| cmd.split_whitespace().map(String::from).collect())
-                .unwrap_or_default(),
+            emulator: emulator.clone(),
             pool_slots: args.pool_slots,
         };
         let (p, r, f) = http::run(&params, work.path()).await?;
+        phases.extend(p);
+        ratios.extend(r);
+        figures.extend(f);
+    }
+    if args.phases.iter().any(|p| p == "sync") {
+        let params = fleet::Params {
+            edged: sibling_binary(args.edged.as_ref(), "edged")?,
+            edgectl: sibling_binary(args.edgectl.as_ref(), "edgectl")?,
+            nodes: args.nodes,
+            artifact_mb: args.artifact_mb,
+            rounds: args.sync_rounds,
+            emulator: emulator.clone(),
+            pool_slots: args.pool_slots,
+        };
+        let (p, r, f) = fleet::run(&params, work.path()).await?;
         phases.extend(p);
         ratios.extend(r);
         figures.extend(f);
@@ -139,4 +169,16 @@ async fn main() -> Result<()> {
     report::write_svg(&report, &svg)?;
     println!("\nwrote {} and {}", json.display(), svg.display());
     Ok(())
+}
+
+/// `explicit`, or the binary `name` next to this one (where cargo builds the workspace's
+/// binaries).
+fn sibling_binary(explicit: Option<&PathBuf>, name: &str) -> Result<PathBuf> {
+    match explicit {
+        Some(path) => Ok(path.clone()),
+        None => Ok(std::env::current_exe()?
+            .parent()
+            .context("bench binary has no directory")?
+            .join(name)),
+    }
 }

@@ -9,7 +9,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use common::fleet::{control_section, edgectl, edgectl_bin, new_fleet, ok, refused};
-use common::{Edged, big_module, get, guest};
+use common::{Edged, get, guest};
+use edged_testkit::big_module;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn push_serve_upgrade_and_roll_back_without_dropped_requests() {

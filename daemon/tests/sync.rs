@@ -11,7 +11,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::fleet::{Fleet, edgectl, new_fleet, ok, sync_node_config};
-use common::{Edged, big_module, get};
+use common::{Edged, get};
+use edged_testkit::big_module;
 
 fn edged() -> Command {
     Command::new(env!("CARGO_BIN_EXE_edged"))

@@ -1,7 +1,8 @@
 //! # edged-testkit
 //!
 //! Helpers shared by edged's tests and bench: building the sample guests in `guests/` from
-//! source (through `scripts/build-guests.sh`, once per process) and finding the workspace.
+//! source (through `scripts/build-guests.sh`, once per process), finding the workspace, and
+//! generating large modules for transfer tests and benches.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -74,4 +75,47 @@ pub fn workspace_binary(name: &str) -> PathBuf {
         assert!(status.success(), "building {name} failed");
     }
     path
+}
+
+/// A core module with one `size`-byte data segment of pseudo-random bytes: a large artifact.
+pub fn big_module(size: usize, seed: u64) -> Vec<u8> {
+    fn leb(mut n: u64, out: &mut Vec<u8>) {
+        loop {
+            let byte = (n & 0x7f) as u8;
+            n >>= 7;
+            if n == 0 {
+                out.push(byte);
+                return;
+            }
+            out.push(byte | 0x80);
+        }
+    }
+    let pages = (size as u64).div_ceil(65536) + 1;
+    let mut wasm = b"\0asm\x01\0\0\0".to_vec();
+    // type 0 = [] -> []; func 0 of type 0
+    wasm.extend([1, 4, 1, 0x60, 0, 0]);
+    wasm.extend([3, 2, 1, 0]);
+    let mut memory = vec![1, 0];
+    leb(pages, &mut memory);
+    wasm.push(5);
+    leb(memory.len() as u64, &mut wasm);
+    wasm.extend(memory);
+    // export "_start" = func 0; its body does nothing
+    wasm.extend([7, 10, 1, 6]);
+    wasm.extend(b"_start");
+    wasm.extend([0, 0]);
+    wasm.extend([10, 4, 1, 2, 0, 0x0b]);
+    let mut data = vec![1, 0, 0x41, 0, 0x0b];
+    leb(size as u64, &mut data);
+    let mut x = seed | 1;
+    data.extend((0..size).map(|_| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x as u8
+    }));
+    wasm.push(11);
+    leb(data.len() as u64, &mut wasm);
+    wasm.extend(data);
+    wasm
 }
