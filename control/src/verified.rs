@@ -133,6 +133,9 @@ pub fn receive_slice(
     let mut decoder = bao::decode::SliceDecoder::new(slice, &expected, start, size - start);
     let mut offset = start;
     let mut buf = vec![0u8; 64 << 10];
+    // The decoder hands out about one chunk per read; batch the writes. Everything verified is
+    // flushed before returning, on every path, so the partial file stays the verified prefix.
+    let mut partial = io::BufWriter::with_capacity(1 << 20, partial);
     loop {
         let n = match decoder.read(&mut buf) {
             Ok(0) => break,
@@ -152,12 +155,16 @@ pub fn receive_slice(
                     size,
                 });
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => {
+                partial.flush()?;
+                return Err(e.into());
+            }
         };
         partial.write_all(&buf[..n])?;
         offset += n as u64;
         progress(n as u64);
     }
+    partial.flush()?;
     if offset != size {
         return Err(VerifyError::Truncated {
             hash: hash.to_string(),

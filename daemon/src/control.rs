@@ -837,20 +837,27 @@ impl ControlPlane {
                     return;
                 }
             };
+            // The extractor hands out about one 1 KiB chunk per read: gather 256 KiB pieces so
+            // the stream is written in large writes, not one per chunk.
             loop {
                 let mut buf = vec![0u8; 256 << 10];
-                match std::io::Read::read(&mut source, &mut buf) {
-                    Ok(0) => return,
-                    Ok(n) => {
-                        buf.truncate(n);
-                        if chunks_tx.blocking_send(Ok(buf)).is_err() {
-                            return; // the fetcher went away
+                let mut filled = 0;
+                while filled < buf.len() {
+                    match std::io::Read::read(&mut source, &mut buf[filled..]) {
+                        Ok(0) => break,
+                        Ok(n) => filled += n,
+                        Err(e) => {
+                            let _ = chunks_tx.blocking_send(Err(e));
+                            return;
                         }
                     }
-                    Err(e) => {
-                        let _ = chunks_tx.blocking_send(Err(e));
-                        return;
-                    }
+                }
+                if filled == 0 {
+                    return;
+                }
+                buf.truncate(filled);
+                if chunks_tx.blocking_send(Ok(buf)).is_err() {
+                    return; // the fetcher went away
                 }
             }
         });
