@@ -3,6 +3,12 @@
 //! other node serves it. Also what the push cost the node that got it: the bytes it served to
 //! peers against one copy of the deployment's blobs, since peer sync exists so that the origin
 //! uploads about one copy and the fleet spreads it from there.
+//!
+//! The baseline, measured in the same round: what the operator would do without sync. N-1 fresh
+//! nodes without a `[sync]` table get the same push from the same `edgectl`, one after another as
+//! a deploy script would, and the clock runs from the first push's start until every one of them
+//! serves it. Sync convergence over that is the figure to quote; the absolute times say more
+//! about the machine than about sync.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -116,23 +122,43 @@ async fn edgectl(params: &Params, operator: &Path, args: &[&str]) -> Result<Stri
     Ok(stdout)
 }
 
-/// Starts node `index` with its certificate from `<dir>/node-<index>`, syncing with `peers`
-/// (control addresses), and waits until it prints both its addresses.
-fn start_node(params: &Params, dir: &Path, index: usize, peers: &[SocketAddr]) -> Result<Node> {
-    let name = format!("node-{index}");
+/// Issues node certificate `name` with the operator's key into `<dir>/<name>`, where
+/// [`start_node`] looks for it.
+async fn issue_node(params: &Params, operator: &Path, dir: &Path, name: &str) -> Result<()> {
+    let out = dir.join(name);
+    let out = out.to_str().context("non-UTF-8 temp path")?;
+    edgectl(params, operator, &["issue-node", name, "--out", out]).await?;
+    Ok(())
+}
+
+/// Starts node `name` with its certificate from `<dir>/<name>` and a fresh state dir, and waits
+/// until it prints both its addresses. `sync` is the peers it syncs with (control addresses), or
+/// `None` for no `[sync]` table at all: a node as it runs without sync, for the baseline.
+fn start_node(
+    params: &Params,
+    dir: &Path,
+    name: &str,
+    sync: Option<&[SocketAddr]>,
+) -> Result<Node> {
+    let name = name.to_string();
     let path = |p: &str| format!("{:?}", dir.join(p).display().to_string());
-    let peers: Vec<String> = peers.iter().map(|p| format!("\"{p}\"")).collect();
     let mut config = format!(
         "[node]\nstate_dir = {}\nhttp_listen = \"127.0.0.1:0\"\n\n\
          [control]\nlisten = \"127.0.0.1:0\"\nidentity_dir = {}\nnode_name = \"{name}\"\n\
-         trusted_keys = [{}]\n\n\
-         [sync]\npeers = [{}]\ninterval_ms = {}\n",
-        path(&format!("state-{index}")),
+         trusted_keys = [{}]\n",
+        path(&format!("state-{name}")),
         path(&name),
         path("operator/signing.pub"),
-        peers.join(", "),
-        SYNC_INTERVAL.as_millis(),
     );
+    if let Some(peers) = sync {
+        let peers: Vec<String> = peers.iter().map(|p| format!("\"{p}\"")).collect();
+        let _ = write!(
+            config,
+            "\n[sync]\npeers = [{}]\ninterval_ms = {}\n",
+            peers.join(", "),
+            SYNC_INTERVAL.as_millis(),
+        );
+    }
     if let Some(slots) = params.pool_slots {
         let _ = write!(
             config,
@@ -247,28 +273,39 @@ async fn node_counter(node: &NodeInfo, name: &str) -> Result<Option<f64>> {
     Ok(counter(&String::from_utf8_lossy(&body), name))
 }
 
-/// Polls `node` until `/big` answers 200; the time from `started`.
+/// Polls `node` until `/big` answers 200; the time from `started`. It gives up
+/// [`CONVERGE_TIMEOUT`] after it began polling, not after `started`: the baseline's clock starts
+/// before a run of pushes that may take long under an emulator.
 async fn wait_for_arrival(node: NodeInfo, started: Instant) -> Result<Duration> {
+    let polling = Instant::now();
     loop {
         let last = match get(node.http, "/big").await {
             Ok((200, _)) => return Ok(started.elapsed()),
             Ok((status, body)) => format!("{status} {}", String::from_utf8_lossy(&body).trim()),
             Err(e) => format!("{e:#}"),
         };
-        if started.elapsed() > CONVERGE_TIMEOUT {
+        if polling.elapsed() > CONVERGE_TIMEOUT {
             // Its sync counters say whether it saw peers and fetched anything at all; a warn-level
             // log is often silent about that.
             let sync_metrics = match get(node.http, "/metrics").await {
-                Ok((_, body)) => String::from_utf8_lossy(&body)
-                    .lines()
-                    .filter(|l| l.starts_with("edged_sync_"))
-                    .collect::<Vec<_>>()
-                    .join("\n"),
+                Ok((_, body)) => {
+                    let lines: Vec<String> = String::from_utf8_lossy(&body)
+                        .lines()
+                        .filter(|l| l.starts_with("edged_sync_"))
+                        .map(String::from)
+                        .collect();
+                    // A baseline node has no [sync] table, so none is expected there.
+                    if lines.is_empty() {
+                        "(none)".into()
+                    } else {
+                        lines.join("\n")
+                    }
+                }
                 Err(e) => format!("(no /metrics: {e:#})"),
             };
             bail!(
-                "{} (http {}, control {}) did not serve /big within {CONVERGE_TIMEOUT:?} of the \
-                 push (last answer: {last})\nits sync metrics:\n{sync_metrics}\ntail of {}:\n{}",
+                "{} (http {}, control {}) did not serve /big within {CONVERGE_TIMEOUT:?} of \
+                 polling (last answer: {last})\nits sync metrics:\n{sync_metrics}\ntail of {}:\n{}",
                 node.name,
                 node.http,
                 node.control,
@@ -280,8 +317,72 @@ async fn wait_for_arrival(node: NodeInfo, started: Instant) -> Result<Duration> 
     }
 }
 
-/// What one round measured.
-struct Round {
+/// The artifact target of this machine, which the nodes run.
+fn target() -> &'static str {
+    match std::env::consts::ARCH {
+        "aarch64" => "aarch64",
+        _ => "x86_64",
+    }
+}
+
+/// Pushes `wasm` to `node` as deployment `big` with the real `edgectl`; its JSON report. edgectl
+/// exits once the node committed the deployment and activated it.
+async fn push(
+    params: &Params,
+    operator: &Path,
+    node: &NodeInfo,
+    wasm: &Path,
+) -> Result<serde_json::Value> {
+    let pushed = edgectl(
+        params,
+        operator,
+        &[
+            "--node",
+            &node.control.to_string(),
+            "--json",
+            "push",
+            wasm.to_str().context("non-UTF-8 temp path")?,
+            "--name",
+            "big",
+            "--target",
+            target(),
+        ],
+    )
+    .await?;
+    pushed
+        .lines()
+        .rev()
+        .find_map(|line| serde_json::from_str(line.trim()).ok())
+        .with_context(|| {
+            format!(
+                "edgectl push to {} printed no JSON report:\n{pushed}",
+                node.name
+            )
+        })
+}
+
+/// Polls every node until it serves `/big`; per node, in the order given, its name and the time
+/// from `started`. Each node is polled by its own task, so one slow answer does not delay
+/// another's time. The first failure ends the wait; dropping the set stops the other probes.
+async fn wait_for_all(nodes: &[Node], started: Instant) -> Result<Vec<(String, Duration)>> {
+    let mut waits = tokio::task::JoinSet::new();
+    for (i, node) in nodes.iter().enumerate() {
+        let info = node.info.clone();
+        waits.spawn(async move {
+            let name = info.name.clone();
+            anyhow::Ok((i, name, wait_for_arrival(info, started).await?))
+        });
+    }
+    let mut arrivals = Vec::with_capacity(nodes.len());
+    while let Some(arrival) = waits.join_next().await {
+        arrivals.push(arrival??);
+    }
+    arrivals.sort_by_key(|a| a.0);
+    Ok(arrivals.into_iter().map(|(_, name, t)| (name, t)).collect())
+}
+
+/// What the fleet with sync measured in one round.
+struct SyncFleet {
     /// Per non-origin node, from the end of the push until it served the deployment.
     arrivals: Vec<(String, Duration)>,
     /// Source plus artifact: one copy of what every node needs.
@@ -292,7 +393,7 @@ struct Round {
     push_mb_per_s: Option<f64>,
 }
 
-impl Round {
+impl SyncFleet {
     fn convergence(&self) -> Duration {
         self.arrivals.iter().map(|a| a.1).max().unwrap_or_default()
     }
@@ -310,32 +411,41 @@ impl Round {
     }
 }
 
+/// What the baseline measured in one round: the same push to N-1 nodes without sync, one after
+/// another.
+struct DirectPushes {
+    /// Per node, how long its push took.
+    pushes: Vec<(String, Duration)>,
+    /// From the first push's start until the last push returned.
+    returned: Duration,
+    /// From the first push's start until every node served the deployment: stopped like the
+    /// convergence clock, when the last node serves.
+    total: Duration,
+}
+
+/// One round: the fleet with sync, then the baseline on the same module.
+struct Round {
+    sync: SyncFleet,
+    direct: DirectPushes,
+}
+
+impl Round {
+    /// Sync convergence over the baseline: below 1, sync got the deployment to the other nodes
+    /// sooner than the operator pushing it to each of them would have.
+    fn ratio(&self) -> f64 {
+        self.sync.convergence().as_secs_f64() / self.direct.total.as_secs_f64()
+    }
+}
+
 async fn round(params: &Params, work: &Path, index: usize) -> Result<Round> {
-    // Fresh identities and state every round; the nodes are declared after the directory so they
-    // die before it is removed.
+    // Fresh identities and state every round; the nodes live inside the calls below, so they die
+    // before the directory is removed.
     let round_dir = tempfile::Builder::new()
         .prefix(&format!("sync-round-{index}-"))
         .tempdir_in(work)?;
     let dir = round_dir.path();
     let operator = dir.join("operator");
     edgectl(params, &operator, &["init"]).await?;
-    for i in 0..params.nodes {
-        let out = dir.join(format!("node-{i}"));
-        let out = out.to_str().context("non-UTF-8 temp path")?;
-        edgectl(
-            params,
-            &operator,
-            &["issue-node", &format!("node-{i}"), "--out", out],
-        )
-        .await?;
-    }
-
-    // Each node knows the ones started before it; those learn of it when it connects.
-    let mut nodes: Vec<Node> = Vec::with_capacity(params.nodes);
-    for i in 0..params.nodes {
-        let peers: Vec<SocketAddr> = nodes.iter().map(|n| n.info.control).collect();
-        nodes.push(start_node(params, dir, i, &peers)?);
-    }
 
     // A different seed per round: nothing from an earlier round could be deduplicated anyway
     // (fresh stores), but identical rounds would hide a content-dependent cost.
@@ -344,52 +454,38 @@ async fn round(params: &Params, work: &Path, index: usize) -> Result<Round> {
         &wasm,
         edged_testkit::big_module(params.artifact_mb << 20, 0x5eed + index as u64),
     )?;
-    let origin = &nodes[0].info;
-    let target = match std::env::consts::ARCH {
-        "aarch64" => "aarch64",
-        _ => "x86_64",
-    };
-    let pushed = edgectl(
-        params,
-        &operator,
-        &[
-            "--node",
-            &origin.control.to_string(),
-            "--json",
-            "push",
-            wasm.to_str().context("non-UTF-8 temp path")?,
-            "--name",
-            "big",
-            "--target",
-            target,
-        ],
-    )
-    .await?;
+
+    // One after the other: the sync fleet is killed before the baseline's nodes start, so the two
+    // never compete for the machine's cores.
+    let sync = sync_fleet(params, dir, &operator, &wasm).await?;
+    let direct = direct_pushes(params, dir, &operator, &wasm).await?;
+    Ok(Round { sync, direct })
+}
+
+/// N nodes syncing with each other, the push to the first, and the time until every other one
+/// serves it. The nodes are killed when it returns.
+async fn sync_fleet(
+    params: &Params,
+    dir: &Path,
+    operator: &Path,
+    wasm: &Path,
+) -> Result<SyncFleet> {
+    let names: Vec<String> = (0..params.nodes).map(|i| format!("node-{i}")).collect();
+    for name in &names {
+        issue_node(params, operator, dir, name).await?;
+    }
+    // Each node knows the ones started before it; those learn of it when it connects.
+    let mut nodes: Vec<Node> = Vec::with_capacity(params.nodes);
+    for name in &names {
+        let peers: Vec<SocketAddr> = nodes.iter().map(|n| n.info.control).collect();
+        nodes.push(start_node(params, dir, name, Some(&peers))?);
+    }
+
+    let report = push(params, operator, &nodes[0].info, wasm).await?;
     // The push is done (committed and active on the origin) when edgectl exits.
     let started = Instant::now();
-    let report: serde_json::Value = pushed
-        .lines()
-        .rev()
-        .find_map(|line| serde_json::from_str(line.trim()).ok())
-        .with_context(|| format!("edgectl push printed no JSON report:\n{pushed}"))?;
     println!("  push report: {report}");
-
-    // Every other node is polled by its own task, so one slow answer does not delay another's
-    // time. The first failure ends the round; dropping the set stops the other probes.
-    let mut waits = tokio::task::JoinSet::new();
-    for (i, node) in nodes.iter().enumerate().skip(1) {
-        let info = node.info.clone();
-        waits.spawn(async move {
-            let name = info.name.clone();
-            anyhow::Ok((i, name, wait_for_arrival(info, started).await?))
-        });
-    }
-    let mut arrivals = Vec::with_capacity(nodes.len() - 1);
-    while let Some(arrival) = waits.join_next().await {
-        arrivals.push(arrival??);
-    }
-    arrivals.sort_by_key(|a| a.0);
-    let arrivals = arrivals.into_iter().map(|(_, name, t)| (name, t)).collect();
+    let arrivals = wait_for_all(&nodes[1..], started).await?;
 
     // A fetch another node started in the same sync round as the last arrival would still be
     // counted by the origin a moment later: let one interval pass so it lands in the figure.
@@ -412,12 +508,59 @@ async fn round(params: &Params, work: &Path, index: usize) -> Result<Round> {
     if blob_bytes <= 0.0 {
         bail!("push report has no sent_bytes: {report}");
     }
-    Ok(Round {
+    Ok(SyncFleet {
         arrivals,
         blob_bytes,
         served,
         push_mb_per_s: report["mb_per_s"].as_f64(),
     })
+}
+
+/// The baseline, what the operator would do without sync: N-1 fresh nodes without a `[sync]`
+/// table, pushed to with the same command one after another as a deploy script would, timed
+/// from the first push's start until every node serves the deployment. The nodes are killed when
+/// it returns.
+async fn direct_pushes(
+    params: &Params,
+    dir: &Path,
+    operator: &Path,
+    wasm: &Path,
+) -> Result<DirectPushes> {
+    // Their own certificates and state dirs: nothing of the sync fleet's nodes is reused, so
+    // every push uploads the whole deployment as the origin's did.
+    let names: Vec<String> = (1..params.nodes).map(|i| format!("direct-{i}")).collect();
+    for name in &names {
+        issue_node(params, operator, dir, name).await?;
+    }
+    let mut nodes: Vec<Node> = Vec::with_capacity(names.len());
+    for name in &names {
+        nodes.push(start_node(params, dir, name, None)?);
+    }
+
+    let started = Instant::now();
+    let mut pushes = Vec::with_capacity(nodes.len());
+    for node in &nodes {
+        let push_started = Instant::now();
+        push(params, operator, &node.info, wasm).await?;
+        pushes.push((node.info.name.clone(), push_started.elapsed()));
+    }
+    let returned = started.elapsed();
+    // Each push returned after its node activated the deployment, so every node should answer at
+    // once. Asking anyway keeps the comparison like-for-like: the convergence clock stops when a
+    // node serves, not when it says it has the deployment.
+    let served = wait_for_all(&nodes, started).await?;
+    let total = served.iter().map(|a| a.1).max().unwrap_or(returned);
+    Ok(DirectPushes {
+        pushes,
+        returned,
+        total,
+    })
+}
+
+/// The middle value (the upper one of an even count); `None` when there is none.
+fn median(mut values: Vec<f64>) -> Option<f64> {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied()
 }
 
 pub async fn run(params: &Params, work: &Path) -> Result<(Vec<Summary>, Vec<Ratio>, Vec<Figure>)> {
@@ -427,6 +570,13 @@ pub async fn run(params: &Params, work: &Path) -> Result<(Vec<Summary>, Vec<Rati
     if params.rounds == 0 {
         bail!("--sync-rounds must be at least 1");
     }
+    let others = params.nodes - 1;
+    let secs = |list: &[(String, Duration)]| -> String {
+        list.iter()
+            .map(|(name, t)| format!("{name} {:.2} s", t.as_secs_f64()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     let mut rounds = Vec::with_capacity(params.rounds);
     for index in 0..params.rounds {
         println!(
@@ -439,69 +589,96 @@ pub async fn run(params: &Params, work: &Path) -> Result<(Vec<Summary>, Vec<Rati
         let round = round(params, work, index)
             .await
             .with_context(|| format!("sync round {}", index + 1))?;
-        let arrivals: Vec<String> = round
-            .arrivals
-            .iter()
-            .map(|(name, t)| format!("{name} {:.2} s", t.as_secs_f64()))
-            .collect();
-        let served: Vec<String> = round
+        let (sync, direct) = (&round.sync, &round.direct);
+        let served: Vec<String> = sync
             .served
             .iter()
             .enumerate()
-            .map(|(i, bytes)| format!("node-{i} {:.2}", bytes / round.blob_bytes))
+            .map(|(i, bytes)| format!("node-{i} {:.2}", bytes / sync.blob_bytes))
             .collect();
         println!(
             "  arrivals after the push: {}\n  served to peers, in copies of the blobs ({:.1} MiB): \
              {}; origin {:.2}×, fleet {:.2}× per syncing node",
-            arrivals.join(", "),
-            round.blob_bytes / f64::from(1 << 20),
+            secs(&sync.arrivals),
+            sync.blob_bytes / f64::from(1 << 20),
             served.join(", "),
-            round.origin_multiple(),
-            round.fleet_multiple(),
+            sync.origin_multiple(),
+            sync.fleet_multiple(),
+        );
+        println!(
+            "  baseline, direct pushes one after another: {}; last returned after {:.2} s\n  \
+             sync convergence {:.2} s vs direct pushes to {others} nodes {:.2} s: {:.2}×",
+            secs(&direct.pushes),
+            direct.returned.as_secs_f64(),
+            sync.convergence().as_secs_f64(),
+            direct.total.as_secs_f64(),
+            round.ratio(),
         );
         rounds.push(round);
     }
 
     let label = format!("({} nodes, {} MiB)", params.nodes, params.artifact_mb);
-    let convergence: Vec<Duration> = rounds.iter().map(Round::convergence).collect();
-    let first: Vec<Duration> = rounds.iter().map(Round::first).collect();
+    let convergence: Vec<Duration> = rounds.iter().map(|r| r.sync.convergence()).collect();
+    let first: Vec<Duration> = rounds.iter().map(|r| r.sync.first()).collect();
     let every: Vec<Duration> = rounds
         .iter()
-        .flat_map(|r| r.arrivals.iter().map(|a| a.1))
+        .flat_map(|r| r.sync.arrivals.iter().map(|a| a.1))
         .collect();
+    let direct: Vec<Duration> = rounds.iter().map(|r| r.direct.total).collect();
+    let convergence = summarize(&format!("sync convergence {label}"), &convergence);
     let phases = vec![
-        summarize(&format!("sync convergence {label}"), &convergence),
+        convergence.clone(),
+        summarize(
+            &format!("direct pushes to {others} nodes (baseline)"),
+            &direct,
+        ),
         summarize("sync first node", &first),
         summarize("sync every node", &every),
     ];
 
-    let max = |f: fn(&Round) -> f64| rounds.iter().map(f).fold(f64::MIN, f64::max);
-    let ratios = vec![Ratio::new(
-        "sync: origin egress / artifact set (max over rounds)",
-        max(Round::origin_multiple),
-        &format!("<= {ORIGIN_EGRESS_GOAL}"),
-        |v| v <= ORIGIN_EGRESS_GOAL,
-    )];
+    let max = |f: fn(&SyncFleet) -> f64| rounds.iter().map(|r| f(&r.sync)).fold(f64::MIN, f64::max);
+    // The median of the per-round ratios rather than p50 over p50: each fleet is paired with the
+    // baseline measured right after it, so a slow stretch of the shared machine that spans the
+    // pair cancels out instead of landing in one of the two p50s.
+    let ratio = median(rounds.iter().map(Round::ratio).collect()).unwrap_or_default();
+    let ratios = vec![
+        Ratio::new(
+            "sync: origin egress / artifact set (max over rounds)",
+            max(SyncFleet::origin_multiple),
+            &format!("<= {ORIGIN_EGRESS_GOAL}"),
+            |v| v <= ORIGIN_EGRESS_GOAL,
+        ),
+        // Not "<= 1.0": on a real fleet the operator's uplink is the bottleneck, and sync moves
+        // the N-1 copies onto the nodes' own links, which is where it should win. On loopback
+        // there are no links to win on: a push is CPU-bound (hashing, verifying, writing the
+        // blobs), the fleet and the pushes share the same two cores, and a node only hears of
+        // the deployment at its next sync interval. Within 2× of pushing by hand says sync costs
+        // the fleet no more than that where it cannot win.
+        Ratio::new(
+            "sync convergence / direct pushes to every node (median of per-round ratios)",
+            ratio,
+            "<= 2.0",
+            |v| v <= 2.0,
+        ),
+    ];
 
     let mut figures = vec![
         Figure {
             name: format!("sync: convergence p50 {label}"),
-            value: phases[0].p50_us / 1e3,
+            value: convergence.p50_us / 1e3,
             unit: "ms".into(),
         },
         // In percent: the table prints figures to one decimal, too coarse for a multiple near 1.
         Figure {
             name: "sync: fleet egress per syncing node, max".into(),
-            value: max(Round::fleet_multiple) * 100.0,
+            value: max(SyncFleet::fleet_multiple) * 100.0,
             unit: "% of the artifact set".into(),
         },
     ];
-    let mut rates: Vec<f64> = rounds.iter().filter_map(|r| r.push_mb_per_s).collect();
-    if !rates.is_empty() {
-        rates.sort_by(f64::total_cmp);
+    if let Some(rate) = median(rounds.iter().filter_map(|r| r.sync.push_mb_per_s).collect()) {
         figures.push(Figure {
             name: "sync: push to the origin, median".into(),
-            value: rates[rates.len() / 2],
+            value: rate,
             unit: "MB/s".into(),
         });
     }
@@ -523,6 +700,13 @@ mod tests {
         assert_eq!(counter(text, "edged_sync_fetched_bytes_total"), Some(123.0));
         assert_eq!(counter(text, "edged_sync_served_bytes_total"), Some(7.0));
         assert_eq!(counter(text, "edged_sync_uploads_total"), None);
+    }
+
+    #[test]
+    fn median_is_the_middle_value_or_the_upper_of_two() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(vec![4.0, 1.0, 3.0, 2.0]), Some(3.0));
+        assert_eq!(median(Vec::new()), None);
     }
 
     #[test]

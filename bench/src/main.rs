@@ -7,8 +7,8 @@
 //!
 //! `cargo build --release -p edged -p bench && target/release/bench [--phases coldstart,http]`
 //!
-//! The fleet phase (peer sync convergence and the origin's egress) takes longer and runs only
-//! when asked: `cargo build --release -p edged -p edgectl -p bench && target/release/bench
+//! The fleet phase (peer sync convergence against pushing to every node directly, and the
+//! origin's egress) takes longer and runs only when asked: `cargo build --release -p edged -p edgectl -p bench && target/release/bench
 //! --phases sync [--nodes 4 --artifact-mb 20 --sync-rounds 3]`
 
 mod coldstart;

@@ -54,13 +54,14 @@ pub fn print(report: &Report) {
     if !report.note.is_empty() {
         println!("{}", report.note);
     }
+    let phase = column(report.phases.iter().map(|p| p.phase.as_str()), 34);
     println!(
-        "{:<34} {:>7} {:>12} {:>12} {:>12}",
+        "{:<phase$} {:>7} {:>12} {:>12} {:>12}",
         "phase", "n", "p50", "p99", "max"
     );
     for p in &report.phases {
         println!(
-            "{:<34} {:>7} {:>12} {:>12} {:>12}",
+            "{:<phase$} {:>7} {:>12} {:>12} {:>12}",
             p.phase,
             p.samples,
             format_us(p.p50_us),
@@ -68,20 +69,34 @@ pub fn print(report: &Report) {
             format_us(p.max_us)
         );
     }
+    let name = column(
+        report
+            .figures
+            .iter()
+            .map(|f| f.name.as_str())
+            .chain(report.ratios.iter().map(|r| r.name.as_str())),
+        58,
+    );
     println!();
     for f in &report.figures {
-        println!("{:<58} {:>10.1} {}", f.name, f.value, f.unit);
+        println!("{:<name$} {:>10.1} {}", f.name, f.value, f.unit);
     }
     println!();
     for r in &report.ratios {
         println!(
-            "{:<58} {:>10.2}×  goal {:<8} {}",
+            "{:<name$} {:>10.2}×  goal {:<8} {}",
             r.name,
             r.value,
             r.goal,
             if r.met { "met" } else { "NOT met" }
         );
     }
+}
+
+/// A name column as wide as its longest name and at least `least`, so one long name does not
+/// push its row's value out of line with the others.
+fn column<'a>(names: impl Iterator<Item = &'a str>, least: usize) -> usize {
+    names.map(|n| n.chars().count()).fold(least, usize::max)
 }
 
 pub fn write_json(report: &Report, path: &Path) -> Result<()> {
