@@ -308,17 +308,7 @@ async fn large_push_reports_throughput_and_resumes_after_a_kill() {
         ])
         .spawn()
         .unwrap();
-    let tmp = edged.state_dir().join("state/tmp");
-    let partial_bytes = || -> u64 {
-        std::fs::read_dir(&tmp)
-            .map(|d| {
-                d.flatten()
-                    .filter(|e| e.file_name().to_string_lossy().starts_with("upload-"))
-                    .map(|e| e.metadata().map(|m| m.len()).unwrap_or(0))
-                    .sum()
-            })
-            .unwrap_or(0)
-    };
+    let partial_bytes = || edged.partial_bytes("upload-");
     let mut waited = Duration::ZERO;
     while partial_bytes() < 10 << 20 {
         assert!(waited < Duration::from_secs(60), "upload never started");

@@ -90,14 +90,7 @@ fn push(fleet: &Fleet, node: &Edged, file: &Path, name: &str) {
 
 /// Verified bytes of blobs being fetched into `node`'s store (its `tmp/sync-*` files).
 fn partial_sync_bytes(node: &Edged) -> u64 {
-    std::fs::read_dir(node.state_dir().join("state/tmp"))
-        .map(|dir| {
-            dir.flatten()
-                .filter(|e| e.file_name().to_string_lossy().starts_with("sync-"))
-                .map(|e| e.metadata().map(|m| m.len()).unwrap_or(0))
-                .sum()
-        })
-        .unwrap_or(0)
+    node.partial_bytes("sync-")
 }
 
 #[tokio::test(flavor = "multi_thread")]

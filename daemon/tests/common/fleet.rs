@@ -49,38 +49,37 @@ impl Fleet {
     /// Issues a node certificate `name` (like `edgectl issue-node`) into its own directory.
     pub fn issue_node(&self, name: &str) -> PathBuf {
         let out = self.operator.parent().unwrap().join(name);
-        let run = Command::new(edgectl_bin())
-            .args(["--identity", self.operator.to_str().unwrap()])
-            .args(["issue-node", name, "--out", out.to_str().unwrap()])
-            .output()
-            .unwrap();
-        assert!(
-            run.status.success(),
-            "{}",
-            String::from_utf8_lossy(&run.stderr)
+        as_operator(
+            &self.operator,
+            &["issue-node", name, "--out", out.to_str().unwrap()],
         );
         out
     }
+}
+
+/// Runs an offline `edgectl` command with the operator identity in `operator`; must succeed.
+fn as_operator(operator: &Path, args: &[&str]) {
+    let out = Command::new(edgectl_bin())
+        .args(["--identity", operator.to_str().unwrap()])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 pub fn new_fleet() -> Fleet {
     let dir = tempfile::tempdir().unwrap();
     let operator = dir.path().join("operator");
     let node = dir.path().join("node");
-    let run = |args: &[&str]| {
-        let out = Command::new(edgectl_bin())
-            .args(["--identity", operator.to_str().unwrap()])
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    run(&["init"]);
-    run(&["issue-node", "node", "--out", node.to_str().unwrap()]);
+    as_operator(&operator, &["init"]);
+    as_operator(
+        &operator,
+        &["issue-node", "node", "--out", node.to_str().unwrap()],
+    );
     Fleet {
         _dir: dir,
         operator,

@@ -135,6 +135,18 @@ impl Edged {
     pub fn state_dir(&self) -> &Path {
         self.dir.path()
     }
+
+    /// Bytes in the store's `tmp/` files named `<prefix>…` (partial uploads or downloads).
+    pub fn partial_bytes(&self, prefix: &str) -> u64 {
+        std::fs::read_dir(self.dir.path().join("state/tmp"))
+            .map(|dir| {
+                dir.flatten()
+                    .filter(|e| e.file_name().to_string_lossy().starts_with(prefix))
+                    .map(|e| e.metadata().map(|m| m.len()).unwrap_or(0))
+                    .sum()
+            })
+            .unwrap_or(0)
+    }
 }
 
 impl Drop for Edged {
