@@ -76,6 +76,8 @@ pub struct Syncer {
     /// One fetch per blob at a time (deployments may share blobs).
     blob_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     in_progress: Mutex<BTreeMap<String, Transfer>>,
+    /// Names whose deployments a task is syncing now.
+    names_in_sync: Mutex<HashSet<String>>,
     fetched_bytes: AtomicU64,
 }
 
@@ -137,6 +139,7 @@ impl Syncer {
             wake: Notify::new(),
             blob_locks: Mutex::default(),
             in_progress: Mutex::default(),
+            names_in_sync: Mutex::default(),
             fetched_bytes: AtomicU64::new(0),
         });
         syncer.plane.attach_syncer(&syncer);
@@ -309,22 +312,46 @@ impl Syncer {
                 return;
             }
         };
-        // Names sync concurrently; the versions of one name in order, oldest first, so each
-        // passes the "newer than seen" check.
-        futures_util::future::join_all(wanted.into_iter().map(|(name, versions)| async move {
-            for version in versions {
-                let id = format!("{name}@{version}");
-                match self.sync_deployment(&name, version).await {
-                    Ok(()) => self.count_deployment("stored"),
-                    Err(e) => {
-                        tracing::warn!(deployment = %id, error = %format!("{e:#}"), "sync of deployment failed; retrying next round");
-                        self.count_deployment("failed");
-                        break;
+        // Each name syncs in its own task, so a long transfer does not hold up the next round
+        // (a newly pushed deployment of another name, a penalty, a new peer). The versions of
+        // one name go in order, oldest first, so each passes the "newer than seen" check.
+        for (name, versions) in wanted {
+            if !self
+                .names_in_sync
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(name.clone())
+            {
+                continue; // already being synced
+            }
+            let syncer = self.clone();
+            tokio::spawn(async move {
+                let mut progressed = false;
+                for version in versions {
+                    let id = format!("{name}@{version}");
+                    match syncer.sync_deployment(&name, version).await {
+                        Ok(()) => {
+                            syncer.count_deployment("stored");
+                            progressed = true;
+                        }
+                        Err(e) => {
+                            tracing::warn!(deployment = %id, error = %format!("{e:#}"), "sync of deployment failed; retrying next round");
+                            syncer.count_deployment("failed");
+                            break;
+                        }
                     }
                 }
-            }
-        }))
-        .await;
+                syncer
+                    .names_in_sync
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&name);
+                if progressed {
+                    // A newer version may have been announced meanwhile.
+                    syncer.wake();
+                }
+            });
+        }
     }
 
     fn count_deployment(&self, outcome: &str) {
