@@ -2,8 +2,9 @@
 //!
 //! The performance harness. Measures DESIGN.md's cold-start phases and the HTTP path in one
 //! run, each against a baseline measured in the same run (raw wasmtime, a JIT baseline, a bare
-//! hyper server), prints p50/p99/max and the ratios, and writes `results.json` and
-//! `bench.svg`. Absolute times drift between machines; quote the ratios.
+//! hyper server, a bare wasmtime `wasi:http` server), prints p50/p99/max and the ratios, and
+//! writes `results.json` and `bench.svg`. Absolute times drift between machines; quote the
+//! ratios.
 //!
 //! `cargo build --release -p edged -p bench && target/release/bench [--phases coldstart,http]`
 //!
