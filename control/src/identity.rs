@@ -136,6 +136,15 @@ pub fn role_of(cert: &CertificateDer<'_>) -> Result<Role, IdentityError> {
     ))
 }
 
+/// The certificate chain the other end of `conn` presented (verified against the fleet CA by the
+/// handshake), leaf first.
+pub fn peer_certificates(conn: &quinn::Connection) -> Option<Vec<CertificateDer<'static>>> {
+    conn.peer_identity()?
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .ok()
+        .map(|certs| *certs)
+}
+
 /// The common name of a peer certificate, for logs.
 pub fn common_name(cert: &CertificateDer<'_>) -> String {
     use x509_parser::prelude::*;

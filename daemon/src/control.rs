@@ -268,12 +268,7 @@ impl ControlPlane {
         let conn = incoming
             .await
             .with_context(|| format!("handshake with {remote} refused"))?;
-        let certs = conn
-            .peer_identity()
-            .and_then(|id| {
-                id.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
-                    .ok()
-            })
+        let certs = identity::peer_certificates(&conn)
             .ok_or_else(|| anyhow!("{remote} presented no certificate"))?;
         let leaf = certs
             .first()

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use bytes::Bytes;
-use edged_control::identity::{NODE_SERVER_NAME, common_name};
+use edged_control::identity::{NODE_SERVER_NAME, common_name, peer_certificates};
 use edged_control::pacing::Pacer;
 use edged_control::signing::{SignError, SignedManifest};
 use edged_control::transport::{read_frame, write_frame};
@@ -230,13 +230,7 @@ impl Syncer {
             .await
             .map_err(|_| anyhow!("connecting to {addr} timed out"))?
             .with_context(|| format!("connecting to {addr}"))?;
-        let node_name = conn
-            .peer_identity()
-            .and_then(|id| {
-                id.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
-                    .ok()
-            })
-            .and_then(|certs| certs.first().map(common_name));
+        let node_name = peer_certificates(&conn).and_then(|certs| certs.first().map(common_name));
         if let Some(peer) = self.lock_peers().get_mut(addr) {
             peer.conn = Some(conn.clone());
             peer.node = node_name.or(peer.node.take());

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::fleet::{control_section, edgectl, edgectl_bin, new_fleet, ok, refused};
+use common::fleet::{control_section, edgectl, edgectl_bin, new_fleet, ok, push_x86_64, refused};
 use common::{Edged, get, guest};
 use edged_testkit::big_module;
 
@@ -267,22 +267,8 @@ async fn large_push_reports_throughput_and_resumes_after_a_kill() {
     std::fs::write(&big, big_module(50 << 20, 1)).unwrap();
 
     // The JSON report of an uncapped x86_64-only push of `file` as `name`.
-    let push = |file: &std::path::Path, name: &str| -> serde_json::Value {
-        let out = ok(edgectl(
-            &fleet.operator,
-            &edged,
-            &[
-                "--json",
-                "push",
-                file.to_str().unwrap(),
-                "--name",
-                name,
-                "--target",
-                "x86_64",
-            ],
-        ));
-        serde_json::from_str(out.trim()).unwrap()
-    };
+    let push =
+        |file: &std::path::Path, name: &str| push_x86_64(&fleet.operator, &edged, file, name);
 
     // Uncapped, for the throughput figure.
     let report = push(&big, "big");

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::fleet::{Fleet, edgectl, new_fleet, ok, sync_node_config};
+use common::fleet::{Fleet, edgectl, new_fleet, ok, push_x86_64, sync_node_config};
 use common::{Edged, get};
 use edged_testkit::big_module;
 
@@ -74,18 +74,7 @@ async fn metric(node: &Edged, prefix: &str) -> Option<f64> {
 }
 
 fn push(fleet: &Fleet, node: &Edged, file: &Path, name: &str) {
-    ok(edgectl(
-        &fleet.operator,
-        node,
-        &[
-            "push",
-            file.to_str().unwrap(),
-            "--name",
-            name,
-            "--target",
-            "x86_64",
-        ],
-    ));
+    push_x86_64(&fleet.operator, node, file, name);
 }
 
 /// Verified bytes of blobs being fetched into `node`'s store (its `tmp/sync-*` files).

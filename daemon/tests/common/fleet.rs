@@ -23,6 +23,25 @@ pub fn edgectl(identity: &Path, node: &Edged, args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// `edgectl --json push FILE --name NAME --target x86_64` (one target keeps tests quick); its
+/// JSON report.
+pub fn push_x86_64(operator: &Path, node: &Edged, file: &Path, name: &str) -> serde_json::Value {
+    let out = ok(edgectl(
+        operator,
+        node,
+        &[
+            "--json",
+            "push",
+            file.to_str().unwrap(),
+            "--name",
+            name,
+            "--target",
+            "x86_64",
+        ],
+    ));
+    serde_json::from_str(out.trim()).unwrap()
+}
+
 pub fn ok(output: Output) -> String {
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     assert!(
