@@ -25,7 +25,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::io::{self, Read};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -59,6 +59,8 @@ const PENALTY: Duration = Duration::from_secs(600);
 const BUSY_PAUSE: Duration = Duration::from_millis(200);
 /// How long fetchers wait for other holders before pulling from the node that got the push.
 const ORIGIN_PATIENCE: Duration = Duration::from_secs(10);
+/// How long a round waits for slower peers' holdings once one peer has answered.
+const HOLDINGS_PATIENCE: Duration = Duration::from_secs(1);
 /// Longest wait before asking an unreachable peer again.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// How long one blob may wait for a free holder within one round.
@@ -255,44 +257,88 @@ impl Syncer {
         .map_err(|_| anyhow!("{addr} did not answer within {REQUEST_TIMEOUT:?}"))?
     }
 
-    /// Asks every peer for its holdings (concurrently) and records the answers.
-    async fn refresh_holdings(&self) {
-        let addrs = self.peer_addrs();
-        let answers = futures_util::future::join_all(addrs.iter().map(|addr| async move {
-            match self.call(addr, &Request::Holdings {}).await {
-                Ok(Response::Holdings { items }) => Ok(items),
-                Ok(other) => Err(anyhow!("unexpected answer to holdings: {other:?}")),
-                Err(e) => Err(e),
-            }
-        }))
-        .await;
-        let mut reachable = 0;
-        let mut peers = self.lock_peers();
-        for (addr, answer) in addrs.iter().zip(answers) {
-            let Some(peer) = peers.get_mut(addr) else {
-                continue;
+    /// Asks every peer for its holdings (concurrently) and records the answers. Waits for all of
+    /// them, but once one has answered, for at most [`HOLDINGS_PATIENCE`] more: a peer that
+    /// stopped answering must not hold every round up for the full request timeout. Its answer,
+    /// if it still comes, is recorded, and starts a round if it holds something new.
+    async fn refresh_holdings(self: &Arc<Self>) {
+        use futures_util::StreamExt;
+        let round_moved_on = Arc::new(AtomicBool::new(false));
+        let mut answers: futures_util::stream::FuturesUnordered<_> = self
+            .peer_addrs()
+            .into_iter()
+            .map(|addr| {
+                let (syncer, round_moved_on) = (self.clone(), round_moved_on.clone());
+                tokio::spawn(async move {
+                    let answer = match syncer.call(&addr, &Request::Holdings {}).await {
+                        Ok(Response::Holdings { items }) => Ok(items),
+                        Ok(other) => Err(anyhow!("unexpected answer to holdings: {other:?}")),
+                        Err(e) => Err(e),
+                    };
+                    let (answered, news) = syncer.record_holdings(&addr, answer);
+                    if news && round_moved_on.load(Ordering::SeqCst) {
+                        syncer.wake();
+                    }
+                    answered
+                })
+            })
+            .collect();
+        let started = Instant::now();
+        let mut any_answered = false;
+        loop {
+            let patience = if any_answered {
+                HOLDINGS_PATIENCE.saturating_sub(started.elapsed())
+            } else {
+                REQUEST_TIMEOUT * 2
             };
-            match answer {
-                Ok(items) => {
-                    reachable += 1;
-                    peer.holdings = items;
-                    peer.last_seen = Some(Instant::now());
-                    peer.last_error = None;
-                    peer.failures = 0;
-                    peer.retry_at = None;
-                }
-                Err(e) => {
-                    peer.holdings.clear();
-                    peer.last_error = Some(format!("{e:#}"));
-                    peer.failures += 1;
-                    let backoff = Duration::from_millis(500)
-                        .saturating_mul(1 << peer.failures.min(6))
-                        .min(MAX_BACKOFF);
-                    peer.retry_at = Some(Instant::now() + backoff);
-                }
+            match tokio::time::timeout(patience, answers.next()).await {
+                Ok(Some(answered)) => any_answered |= answered.unwrap_or(false),
+                Ok(None) | Err(_) => break,
             }
         }
-        self.node.metrics.sync_peers_reachable.set(reachable);
+        round_moved_on.store(true, Ordering::SeqCst);
+    }
+
+    /// Records one peer's holdings answer. Returns whether it answered, and whether it holds a
+    /// deployment newer than any this node has seen.
+    fn record_holdings(&self, addr: &str, answer: Result<Vec<Holding>>) -> (bool, bool) {
+        let store = self.node.store();
+        let mut peers = self.lock_peers();
+        let Some(peer) = peers.get_mut(addr) else {
+            return (false, false);
+        };
+        let outcome = match answer {
+            Ok(items) => {
+                let news = items.iter().any(|h| {
+                    h.complete
+                        && store
+                            .newest_version_seen(&h.name)
+                            .is_ok_and(|seen| h.version > seen)
+                });
+                peer.holdings = items;
+                peer.last_seen = Some(Instant::now());
+                peer.last_error = None;
+                peer.failures = 0;
+                peer.retry_at = None;
+                (true, news)
+            }
+            Err(e) => {
+                peer.holdings.clear();
+                peer.last_error = Some(format!("{e:#}"));
+                peer.failures += 1;
+                let backoff = Duration::from_millis(500)
+                    .saturating_mul(1 << peer.failures.min(6))
+                    .min(MAX_BACKOFF);
+                peer.retry_at = Some(Instant::now() + backoff);
+                (false, false)
+            }
+        };
+        let reachable = peers
+            .values()
+            .filter(|p| p.failures == 0 && p.last_seen.is_some())
+            .count();
+        self.node.metrics.sync_peers_reachable.set(reachable as i64);
+        outcome
     }
 
     /// One anti-entropy round: learn what every peer holds, fetch what this node lacks.
@@ -567,7 +613,7 @@ impl Syncer {
 
     /// Fetches one blob into the store from whichever holder can serve it, resuming the verified
     /// partial download across holders.
-    async fn fetch_blob(&self, id: &str, blob: &BlobRef, kind: BlobKind) -> Result<()> {
+    async fn fetch_blob(self: &Arc<Self>, id: &str, blob: &BlobRef, kind: BlobKind) -> Result<()> {
         let hash = &blob.blake3;
         let lock = self.blob_lock(hash);
         let _one_fetch_per_blob = lock.lock().await;
