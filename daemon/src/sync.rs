@@ -565,33 +565,35 @@ impl Syncer {
         results.into_iter().collect()
     }
 
-    /// Peers (not penalised) whose holdings list `hash`: `(address, pushed there)`.
+    /// Peers (not penalised) whose holdings list `hash` as stored: `(address, pushed there)`.
     fn holders_of(&self, hash: &str) -> Vec<(String, bool)> {
-        self.lock_peers()
-            .iter()
-            .filter(|(_, p)| !p.is_penalised())
-            .filter_map(|(addr, p)| {
-                let held: Vec<&Holding> = p
-                    .holdings
-                    .iter()
-                    .filter(|h| h.blobs.iter().any(|b| b == hash))
-                    .collect();
-                (!held.is_empty()).then(|| (addr.clone(), held.iter().all(|h| h.pushed_here)))
-            })
-            .collect()
+        self.peers_listing(hash, |h| &h.blobs)
     }
 
     /// Peers (not penalised) downloading `hash` right now.
     fn fetchers_of(&self, hash: &str) -> Vec<String> {
+        let fetchers = self.peers_listing(hash, |h| &h.fetching);
+        fetchers.into_iter().map(|(addr, _)| addr).collect()
+    }
+
+    /// Peers (not penalised) with a holding whose `list` names `hash`, and whether every such
+    /// holding was pushed to that peer by an operator.
+    fn peers_listing(
+        &self,
+        hash: &str,
+        list: impl Fn(&Holding) -> &Vec<String>,
+    ) -> Vec<(String, bool)> {
         self.lock_peers()
             .iter()
             .filter(|(_, p)| !p.is_penalised())
-            .filter(|(_, p)| {
-                p.holdings
+            .filter_map(|(addr, p)| {
+                let listing: Vec<&Holding> = p
+                    .holdings
                     .iter()
-                    .any(|h| h.fetching.iter().any(|b| b == hash))
+                    .filter(|h| list(h).iter().any(|b| b == hash))
+                    .collect();
+                (!listing.is_empty()).then(|| (addr.clone(), listing.iter().all(|h| h.pushed_here)))
             })
-            .map(|(addr, _)| addr.clone())
             .collect()
     }
 
@@ -748,7 +750,7 @@ impl Syncer {
             let (hash, size, kind) = (hash.clone(), blob.size, kind.clone());
             let (store, partial) = (self.node.store().clone(), partial.to_path_buf());
             let have = have.clone();
-            tokio::task::spawn_blocking(move || {
+            tokio::task::spawn_blocking(move || -> std::result::Result<(), FetchError> {
                 let mut file = file;
                 let reader = ChannelReader {
                     chunks: chunks_rx,
@@ -759,7 +761,9 @@ impl Syncer {
                 })?;
                 file.sync_all()?;
                 drop(file);
-                adopt(&store, &partial, kind, &hash)
+                // Hash and kind are checked once more as the file is renamed into the store.
+                store.adopt_blob_file(&partial, kind, &hash)?;
+                Ok(())
             })
         };
         let fetched_bytes = self
@@ -966,17 +970,6 @@ enum FetchError {
     Io(#[from] io::Error),
     #[error(transparent)]
     Store(#[from] StoreError),
-}
-
-/// Moves a complete, verified download into the store (hash and kind checked again there).
-fn adopt(
-    store: &edged_snapshots::Store,
-    partial: &Path,
-    kind: BlobKind,
-    hash: &str,
-) -> std::result::Result<(), FetchError> {
-    store.adopt_blob_file(partial, kind, hash)?;
-    Ok(())
 }
 
 /// The fetched stream as a blocking reader for the Bao decoder.
