@@ -13,7 +13,7 @@
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -21,6 +21,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 
+use crate::process::{self, EdgedProcess};
 use crate::report::{Figure, Ratio};
 use crate::stats::{Summary, summarize};
 
@@ -47,7 +48,7 @@ const ORIGIN_EGRESS_GOAL: f64 = 1.1;
 
 /// One running `edged` of the fleet; killed on drop.
 struct Node {
-    child: Child,
+    _process: EdgedProcess,
     info: NodeInfo,
 }
 
@@ -58,13 +59,6 @@ struct NodeInfo {
     http: SocketAddr,
     control: SocketAddr,
     log: PathBuf,
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 impl NodeInfo {
@@ -82,21 +76,11 @@ fn tail(path: &Path, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
-fn command(emulator: &[String], binary: &Path) -> Command {
-    match emulator.split_first() {
-        Some((emulator, args)) => {
-            let mut command = Command::new(emulator);
-            command.args(args).arg(binary);
-            command
-        }
-        None => Command::new(binary),
-    }
-}
-
 /// Runs `edgectl --identity <operator> args...` to completion; its stdout, or an error with
 /// its stderr.
 async fn edgectl(params: &Params, operator: &Path, args: &[&str]) -> Result<String> {
-    let mut command = tokio::process::Command::from(command(&params.emulator, &params.edgectl));
+    let mut command =
+        tokio::process::Command::from(process::command(&params.emulator, &params.edgectl));
     let output = command
         .arg("--identity")
         .arg(operator)
@@ -168,67 +152,25 @@ fn start_node(
     let config_path = dir.join(format!("{name}.toml"));
     std::fs::write(&config_path, config)?;
     let log = dir.join(format!("{name}.log"));
-    let mut child = command(&params.emulator, &params.edged)
-        .arg("--config")
-        .arg(&config_path)
-        .env("EDGED_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&log)?)
-        .spawn()
-        .with_context(|| {
-            format!(
-                "starting {} (build it with `cargo build --release -p edged`)",
-                params.edged.display()
-            )
-        })?;
-    let stdout = child.stdout.take().context("edged stdout")?;
-    let (tx, rx) = std::sync::mpsc::channel();
-    // Keeps draining stdout after the addresses so edged never blocks on a full pipe.
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        let mut control = None;
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if let Some(addr) = line.strip_prefix("edged control on quic://") {
-                control = Some(addr.to_string());
-            }
-            if let Some(addr) = line.strip_prefix("edged listening on http://") {
-                let _ = tx.send((control.take(), addr.to_string()));
-            }
-        }
-    });
-    // The node owns the child from here, so an error below still kills it.
-    let mut node = Node {
-        child,
+    let stderr = Stdio::from(std::fs::File::create(&log)?);
+    let log_tail = || tail(&log, 40);
+    let process = EdgedProcess::start(&params.emulator, &params.edged, &config_path, stderr)
+        .with_context(|| format!("{name} did not start; log tail:\n{}", log_tail()))?;
+    let control = process.control.with_context(|| {
+        format!(
+            "{name} printed no control address (is its [control] table refused?); log tail:\n{}",
+            log_tail()
+        )
+    })?;
+    Ok(Node {
         info: NodeInfo {
+            http: process.http,
+            control,
             name,
-            http: ([127, 0, 0, 1], 0).into(),
-            control: ([127, 0, 0, 1], 0).into(),
             log,
         },
-    };
-    let info = &mut node.info;
-    // Generous: under an emulator a start takes a while.
-    let (control, http) = rx.recv_timeout(Duration::from_secs(300)).map_err(|_| {
-        anyhow::anyhow!(
-            "{} did not report its addresses; log tail:\n{}",
-            info.name,
-            info.log_tail()
-        )
-    })?;
-    let control = control.with_context(|| {
-        format!(
-            "{} printed no control address (is its [control] table refused?); log tail:\n{}",
-            info.name,
-            info.log_tail()
-        )
-    })?;
-    info.control = control.parse()?;
-    info.http = http.parse()?;
-    Ok(node)
+        _process: process,
+    })
 }
 
 /// One HTTP/1.1 GET on a fresh connection: status and body.

@@ -13,12 +13,12 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use bytes::Bytes;
 use edged_snapshots::{RuntimeSettings, runtime_engine};
 use http_body_util::{BodyExt, Empty, Full};
@@ -31,6 +31,7 @@ use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
+use crate::process::EdgedProcess;
 use crate::report::{Figure, Ratio};
 use crate::stats::{Summary, summarize};
 
@@ -42,19 +43,6 @@ pub struct Params {
     pub emulator: Vec<String>,
     /// Pooling-allocator slots for edged, when not its default.
     pub pool_slots: Option<u32>,
-}
-
-/// A running `edged` with the sample functions; killed on drop.
-struct EdgedProcess {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Drop for EdgedProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn start_edged(
@@ -83,45 +71,7 @@ fn start_edged(
     }
     let config_path = work.join("edged.toml");
     std::fs::write(&config_path, config)?;
-    let mut command = match params.emulator.split_first() {
-        Some((emulator, emulator_args)) => {
-            let mut command = Command::new(emulator);
-            command.args(emulator_args).arg(binary);
-            command
-        }
-        None => Command::new(binary),
-    };
-    let mut child = command
-        .arg("--config")
-        .arg(&config_path)
-        .env("EDGED_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .with_context(|| {
-            format!(
-                "starting {} (build it with `cargo build --release -p edged`)",
-                binary.display()
-            )
-        })?;
-    let stdout = child.stdout.take().context("edged stdout")?;
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if let Some(addr) = line.strip_prefix("edged listening on http://") {
-                let _ = tx.send(addr.to_string());
-            }
-        }
-    });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(300))
-        .context("edged did not report its address")?
-        .parse()?;
-    Ok(EdgedProcess { child, addr })
+    EdgedProcess::start(&params.emulator, binary, &config_path, Stdio::inherit())
 }
 
 fn rss_kib(pid: u32) -> Option<u64> {
@@ -431,20 +381,20 @@ pub async fn run(params: &Params, work: &Path) -> Result<(Vec<Summary>, Vec<Rati
     let serve = start_wasmtime_serve(&guests[0].2, params.pool_slots)?;
     // Let the node settle, then read its idle footprint with every sample function prepared.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let idle_rss = rss_kib(edged.child.id());
+    let idle_rss = rss_kib(edged.pid());
 
     let targets = [
         ("http: bare hyper floor", floor, "/"),
         ("http: wasmtime-serve hello (floor 2)", serve.addr, "/"),
-        ("http: hello component", edged.addr, "/hello"),
+        ("http: hello component", edged.http, "/hello"),
         (
             "http: init-heavy component (Wizer)",
-            edged.addr,
+            edged.http,
             "/heavy?key=4242",
         ),
         (
             "http: init-heavy p1 CGI (Wizer)",
-            edged.addr,
+            edged.http,
             "/cgi?key=4242",
         ),
     ];

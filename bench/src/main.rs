@@ -15,6 +15,7 @@
 mod coldstart;
 mod fleet;
 mod http;
+mod process;
 mod report;
 mod stats;
 

@@ -1,0 +1,96 @@
+//! A real `edged` process for the bench's phases: started (optionally under an emulator) on a
+//! config file, its addresses read from the stable lines it prints on stdout, killed on drop.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+
+pub struct EdgedProcess {
+    child: Child,
+    pub http: SocketAddr,
+    /// The QUIC control address, when the config has a `[control]` table.
+    pub control: Option<SocketAddr>,
+}
+
+impl Drop for EdgedProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl EdgedProcess {
+    /// Runs `edged --config <config>` with warn-level logs to `stderr`, and waits until it
+    /// prints its addresses.
+    pub fn start(
+        emulator: &[String],
+        edged: &Path,
+        config: &Path,
+        stderr: Stdio,
+    ) -> Result<EdgedProcess> {
+        let mut child = command(emulator, edged)
+            .arg("--config")
+            .arg(config)
+            .env("EDGED_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .with_context(|| {
+                format!(
+                    "starting {} (build it with `cargo build --release -p edged`)",
+                    edged.display()
+                )
+            })?;
+        let stdout = child.stdout.take().context("edged stdout")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        // Keeps draining stdout after the addresses so edged never blocks on a full pipe.
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            let mut control = None;
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if let Some(addr) = line.strip_prefix("edged control on quic://") {
+                    control = Some(addr.to_string());
+                }
+                if let Some(addr) = line.strip_prefix("edged listening on http://") {
+                    let _ = tx.send((control.take(), addr.to_string()));
+                }
+            }
+        });
+        // Owned from here, so an error below still kills the child.
+        let mut process = EdgedProcess {
+            child,
+            http: ([127, 0, 0, 1], 0).into(),
+            control: None,
+        };
+        // Generous: under an emulator a start takes a while.
+        let (control, http) = rx
+            .recv_timeout(Duration::from_secs(300))
+            .context("edged did not report its addresses")?;
+        process.http = http.parse()?;
+        process.control = control.map(|c| c.parse()).transpose()?;
+        Ok(process)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+/// `binary`, or `emulator… binary` when the bench runs the daemon under an emulator.
+pub fn command(emulator: &[String], binary: &Path) -> Command {
+    match emulator.split_first() {
+        Some((emulator, args)) => {
+            let mut command = Command::new(emulator);
+            command.args(args).arg(binary);
+            command
+        }
+        None => Command::new(binary),
+    }
+}
