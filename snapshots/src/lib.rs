@@ -21,4 +21,4 @@ pub use restore::{
     Linkers, LoadPath, PoolSettings, Prepared, RestoreError, Restorer, RuntimeSettings,
     runtime_engine,
 };
-pub use store::{BlobKind, BlobMeta, GcReport, Store, StoreError, VerifyReport};
+pub use store::{BlobKind, BlobMeta, GcReport, Partial, Store, StoreError, VerifyReport};

@@ -3,8 +3,14 @@
 //! ```text
 //! <root>/index/        sled: blobs, manifests, active, compiled
 //! <root>/blobs/ab/…    immutable files named by their BLAKE3 hash
-//! <root>/tmp/          partial writes; cleared on open
+//! <root>/tmp/          partial writes (see below)
 //! ```
+//!
+//! `tmp/` holds three kinds of partial file, all named by the store ([`Partial`]):
+//! `put-*` (a [`Store::put_blob`] in progress; removed when the store opens, since nothing
+//! resumes them), and `upload-<hash>` (a blob an operator is pushing) and `sync-<hash>` (a blob
+//! being fetched from peers), which are **kept** across restarts so their transfers resume, and
+//! are removed by [`Store::expire_partials`] once abandoned.
 //!
 //! The invariant every operation keeps, crash or not: **an index entry never points at a
 //! missing or unverified blob.** A blob is written to `tmp/`, fsynced, hashed, renamed into
@@ -131,6 +137,15 @@ pub struct Store {
     blob_lock: Mutex<()>,
 }
 
+/// A resumable partial blob in `tmp/`, by the blob's BLAKE3 name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Partial<'a> {
+    /// Being received from an operator's push.
+    PushUpload(&'a str),
+    /// Being fetched from peers, verified chunk by chunk.
+    PeerFetch(&'a str),
+}
+
 /// Names concurrent puts' temp files apart.
 static PUT_SEQ: AtomicU64 = AtomicU64::new(0);
 
@@ -195,8 +210,8 @@ fn fsync_dir(dir: &Path) -> Result<(), StoreError> {
 }
 
 impl Store {
-    /// Opens (creating if needed) the store under `root`. Partial writes left in `tmp/` by a
-    /// crash are discarded.
+    /// Opens (creating if needed) the store under `root`. `put-*` files a crash left in `tmp/`
+    /// are removed; resumable partials (push uploads, peer fetches) are kept.
     pub fn open(root: impl AsRef<Path>) -> Result<Store, StoreError> {
         let root = root.as_ref().to_path_buf();
         for dir in ["blobs", "tmp"] {
@@ -229,6 +244,23 @@ impl Store {
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// Where the resumable partial file `partial` lives. Callers write it, then hand it to
+    /// [`Store::adopt_blob_file`].
+    pub fn partial_path(&self, partial: Partial<'_>) -> PathBuf {
+        let name = match partial {
+            Partial::PushUpload(hash) => format!("upload-{hash}"),
+            Partial::PeerFetch(hash) => format!("sync-{hash}"),
+        };
+        self.root.join("tmp").join(name)
+    }
+
+    /// How many bytes of `partial` are on disk (0 when there is none).
+    pub fn partial_len(&self, partial: Partial<'_>) -> u64 {
+        fs::metadata(self.partial_path(partial))
+            .map(|m| m.len())
+            .unwrap_or(0)
     }
 
     /// Where the blob named `hash` lives (whether or not it is stored).

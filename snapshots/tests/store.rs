@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use edged_compiler::{CompileOptions, Target, compile};
-use edged_snapshots::{BlobKind, Manifest, Store, StoreError};
+use edged_snapshots::{BlobKind, Manifest, Partial, Store, StoreError};
 use edged_testkit::guest_bytes;
 
 /// Compiles the init-heavy guest and stores it as `name@version`.
@@ -254,7 +254,7 @@ fn adopting_an_uploaded_file_checks_it_and_moves_it_into_place() {
     let store = Store::open(dir.path()).unwrap();
     let source = guest_bytes("hello-http.wasm");
     let hash = edged_compiler::content_hash(&source);
-    let upload = store.root().join("tmp").join(format!("upload-{hash}"));
+    let upload = store.partial_path(Partial::PushUpload(&hash));
 
     // Bytes that do not hash to the expected name: refused, the file removed, nothing indexed.
     let mut flipped = source.clone();
@@ -306,9 +306,9 @@ fn adopting_an_uploaded_file_checks_it_and_moves_it_into_place() {
 fn abandoned_partial_uploads_expire_and_fresh_ones_stay() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
-    let tmp = store.root().join("tmp");
-    let old = tmp.join(format!("upload-{}", "a".repeat(64)));
-    let fresh = tmp.join(format!("upload-{}", "b".repeat(64)));
+    let (a, b) = ("a".repeat(64), "b".repeat(64));
+    let old = store.partial_path(Partial::PushUpload(&a));
+    let fresh = store.partial_path(Partial::PeerFetch(&b));
     std::fs::write(&old, vec![1u8; 4096]).unwrap();
     std::fs::write(&fresh, vec![2u8; 100]).unwrap();
     let two_days_ago = std::time::SystemTime::now() - Duration::from_secs(48 * 3600);
@@ -325,4 +325,25 @@ fn abandoned_partial_uploads_expire_and_fresh_ones_stay() {
     assert_eq!((files, bytes), (1, 4096));
     assert!(!old.exists());
     assert!(fresh.exists());
+}
+
+#[test]
+fn resumable_partials_survive_a_reopen_and_interrupted_puts_do_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let hash = "c".repeat(64);
+    let pushed = store.partial_path(Partial::PushUpload(&hash));
+    let fetched = store.partial_path(Partial::PeerFetch(&hash));
+    assert_ne!(pushed, fetched);
+    std::fs::write(&pushed, vec![1u8; 300]).unwrap();
+    std::fs::write(&fetched, vec![2u8; 200]).unwrap();
+    let interrupted_put = store.root().join("tmp").join("put-7-x");
+    std::fs::write(&interrupted_put, b"half").unwrap();
+    drop(store);
+
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(store.partial_len(Partial::PushUpload(&hash)), 300);
+    assert_eq!(store.partial_len(Partial::PeerFetch(&hash)), 200);
+    assert_eq!(store.partial_len(Partial::PeerFetch(&"d".repeat(64))), 0);
+    assert!(!interrupted_put.exists());
 }
