@@ -14,7 +14,6 @@ use tokio::sync::Semaphore;
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 
 use crate::host::{GuestState, OutboundPolicy};
-use crate::metrics::{LoadLabels, Metrics};
 
 /// One servable function: its configuration and its prepared active deployment.
 pub struct Function {
@@ -158,7 +157,7 @@ pub fn pushed_function_config(manifest: &Manifest) -> FunctionConfig {
     FunctionConfig {
         name: manifest.name.clone(),
         wasm: std::path::PathBuf::new(),
-        route: route_of(manifest),
+        route: pushed_route(manifest),
         host: None,
         init: InitSetting::Auto,
         limits,
@@ -168,8 +167,8 @@ pub fn pushed_function_config(manifest: &Manifest) -> FunctionConfig {
     }
 }
 
-/// The route a pushed deployment serves.
-pub fn route_of(manifest: &Manifest) -> String {
+/// The route a pushed deployment serves: the one its manifest names, else `/<name>`.
+pub fn pushed_route(manifest: &Manifest) -> String {
     manifest
         .route
         .clone()
@@ -180,37 +179,23 @@ pub fn route_of(manifest: &Manifest) -> String {
 pub fn prepare_declared(
     restorer: &Restorer<GuestState>,
     engine: &EngineSettings,
-    metrics: &Metrics,
     config: &FunctionConfig,
-) -> Result<Function> {
+) -> Result<(Function, LoadPath)> {
     let manifest = ensure_deployed(restorer.store(), engine, config)
         .with_context(|| format!("function `{}`", config.name))?;
-    prepare(restorer, metrics, config, manifest)
+    prepare(restorer, config, manifest)
 }
 
 /// Prepares `manifest` as the function `config`. Blocking: maps (or compiles) the artifact.
+/// Returns how the artifact was had (cached, mapped, recompiled), for the cold-load metric.
 pub fn prepare(
     restorer: &Restorer<GuestState>,
-    metrics: &Metrics,
     config: &FunctionConfig,
     manifest: Manifest,
-) -> Result<Function> {
+) -> Result<(Function, LoadPath)> {
     let (prepared, how) = restorer
         .prepare(&manifest)
         .with_context(|| format!("function `{}`: preparing {}", config.name, manifest.id()))?;
-    if how != LoadPath::Cached {
-        metrics
-            .cold_loads
-            .get_or_create(&LoadLabels {
-                function: config.name.clone(),
-                path: match how {
-                    LoadPath::Recompiled => "recompiled",
-                    _ => "loaded",
-                }
-                .into(),
-            })
-            .inc();
-    }
     let proxy = match prepared.as_ref() {
         Prepared::Component(pre) => Some(
             ProxyPre::new(pre.clone())
@@ -234,14 +219,15 @@ pub fn prepare(
             "function ready"
         );
     }
-    Ok(Function {
+    let function = Function {
         config: config.clone(),
         manifest,
         prepared,
         proxy,
         permits: Arc::new(Semaphore::new(config.limits.max_concurrency)),
         outbound: OutboundPolicy::new(config.outbound_hosts.clone()),
-    })
+    };
+    Ok((function, how))
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use edged_node_config::FunctionConfig;
 use edged_snapshots::Linkers;
 use wasmtime::component::ResourceTable;
-use wasmtime::{Engine, StoreLimits, StoreLimitsBuilder};
+use wasmtime::{Engine, ResourceLimiter};
 use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
@@ -15,7 +15,7 @@ use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpVi
 /// one; each is linked only against its own kind's imports.
 pub struct GuestState {
     wasi: GuestWasi,
-    pub limits: StoreLimits,
+    pub limits: MemoryCap,
 }
 
 enum GuestWasi {
@@ -32,7 +32,7 @@ impl GuestState {
     pub fn p1(ctx: WasiP1Ctx, memory_bytes: usize) -> GuestState {
         GuestState {
             wasi: GuestWasi::P1(ctx),
-            limits: memory_limits(memory_bytes),
+            limits: MemoryCap::new(memory_bytes),
         }
     }
 
@@ -44,7 +44,7 @@ impl GuestState {
                 http: WasiHttpCtx::new(),
                 outbound,
             },
-            limits: memory_limits(memory_bytes),
+            limits: MemoryCap::new(memory_bytes),
         }
     }
 
@@ -56,12 +56,90 @@ impl GuestState {
     }
 }
 
-fn memory_limits(memory_bytes: usize) -> StoreLimits {
-    StoreLimitsBuilder::new()
-        .memory_size(memory_bytes)
-        // A guest that grows past its cap is faulted, rather than handed -1 to ignore.
-        .trap_on_grow_failure(true)
-        .build()
+/// The error the node's resource limiter raises when a guest asks for more memory (or table
+/// elements) than its function may have: a typed marker, so the fault is told apart from other
+/// traps without reading the message.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{what} growth to {desired} refused: the limit is {limit}")]
+pub struct GrowthRefused {
+    pub what: Growth,
+    pub desired: usize,
+    pub limit: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Growth {
+    /// Linear memory, in bytes.
+    Memory,
+    /// Table elements.
+    Table,
+}
+
+impl std::fmt::Display for Growth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Growth::Memory => "memory",
+            Growth::Table => "table",
+        })
+    }
+}
+
+/// The per-instance resource limiter: a guest that grows its memory past its function's cap (or
+/// any memory or table past its declared maximum) is faulted with [`GrowthRefused`], rather than
+/// handed -1 to ignore.
+pub struct MemoryCap {
+    memory_bytes: usize,
+}
+
+impl MemoryCap {
+    pub fn new(memory_bytes: usize) -> MemoryCap {
+        MemoryCap { memory_bytes }
+    }
+}
+
+impl ResourceLimiter for MemoryCap {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let limit = maximum.map_or(self.memory_bytes, |max| max.min(self.memory_bytes));
+        if desired > limit {
+            return Err(GrowthRefused {
+                what: Growth::Memory,
+                desired,
+                limit,
+            }
+            .into());
+        }
+        Ok(true)
+    }
+
+    fn memory_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
+        Err(error.context("memory growth failed"))
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        match maximum {
+            Some(limit) if desired > limit => Err(GrowthRefused {
+                what: Growth::Table,
+                desired,
+                limit,
+            }
+            .into()),
+            _ => Ok(true),
+        }
+    }
+
+    fn table_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
+        Err(error.context("table growth failed"))
+    }
 }
 
 impl WasiView for GuestState {

@@ -8,12 +8,13 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
 use tokio_util::task::TaskTracker;
-use wasmtime::{Engine, Store, Trap, UpdateDeadline};
+use wasmtime::{Engine, Store, UpdateDeadline};
 use wasmtime_wasi::I32Exit;
 use wasmtime_wasi::p2::pipe::{MemoryInputPipe, MemoryOutputPipe};
 use wasmtime_wasi_http::WasiHttpView;
 use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 
+use crate::fault::Fault;
 use crate::functions::Function;
 use crate::host::{GuestState, wasi_builder};
 
@@ -25,83 +26,21 @@ const MAX_CGI_OUTPUT: usize = 16 << 20;
 /// Guest stderr kept for the log line of a fault.
 const MAX_STDERR: usize = 4 << 10;
 
-/// Why a request did not get a response from its guest.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum Fault {
-    #[error("deadline of {0:?} exceeded")]
-    Deadline(Duration),
-    #[error("memory limit exceeded: {0}")]
-    OutOfMemory(String),
-    #[error("stack overflow")]
-    StackOverflow,
-    #[error("trap: {0}")]
-    Trap(String),
-    #[error("guest exited with status {0}")]
-    Exit(i32),
-    #[error("guest returned no response: {0}")]
-    NoResponse(String),
-    #[error("host error: {0}")]
-    Host(String),
-    /// The node's instance pool is full (every slot busy): an overload, not the guest's fault.
-    #[error("instance pool exhausted: {0}")]
-    Capacity(String),
-}
-
-impl Fault {
-    /// Short label for metrics and logs.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Fault::Deadline(_) => "deadline",
-            Fault::OutOfMemory(_) => "oom",
-            Fault::StackOverflow => "stack_overflow",
-            Fault::Trap(_) => "trap",
-            Fault::Exit(_) => "exit",
-            Fault::NoResponse(_) => "no_response",
-            Fault::Host(_) => "host",
-            Fault::Capacity(_) => "capacity",
-        }
-    }
-
-    pub fn status(&self) -> StatusCode {
-        match self {
-            Fault::Deadline(_) => StatusCode::GATEWAY_TIMEOUT,
-            Fault::Host(_) | Fault::Capacity(_) => StatusCode::SERVICE_UNAVAILABLE,
-            _ => StatusCode::INTERNAL_SERVER_ERROR,
-        }
-    }
-
-    fn classify(error: wasmtime::Error, deadline: Duration) -> Fault {
-        if let Some(trap) = error.downcast_ref::<Trap>() {
-            return match trap {
-                Trap::Interrupt => Fault::Deadline(deadline),
-                Trap::StackOverflow => Fault::StackOverflow,
-                other => Fault::Trap(other.to_string()),
-            };
-        }
-        if let Some(exit) = error.downcast_ref::<I32Exit>() {
-            return Fault::Exit(exit.0);
-        }
-        if let Some(full) = error.downcast_ref::<wasmtime::PoolConcurrencyLimitError>() {
-            return Fault::Capacity(full.to_string());
-        }
-        // Keep log lines to one line: the wasm backtrace goes to debug logs only.
-        tracing::debug!(error = ?error, "guest error");
-        let message = format!("{error:#}");
-        if let Some(line) = message
-            .lines()
-            .find(|l| l.contains("forcing trap when growing memory"))
-        {
-            let detail = line.rsplit(": ").next().unwrap_or(line).trim();
-            return Fault::OutOfMemory(detail.to_string());
-        }
-        Fault::Trap(message.lines().next().unwrap_or_default().to_string())
-    }
-}
-
 pub fn full_body(bytes: impl Into<Bytes>) -> ResponseBody {
     Full::new(bytes.into())
         .map_err(|never| match never {})
         .boxed_unsync()
+}
+
+/// A plain-text response the node writes itself (refusals, faults, health answers).
+pub fn text_response(status: StatusCode, body: &str) -> Response<ResponseBody> {
+    let mut response = Response::new(full_body(body.to_string()));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
 }
 
 /// Timing of one invocation, for metrics.

@@ -1,24 +1,47 @@
 //! # edged (library)
 //!
-//! The node daemon's parts, used by the `edged` binary and by the bench:
+//! The node daemon's parts, used by the `edged` binary. Imports run one way, downwards:
 //!
-//! - [`node`]: the running node — store, serving engine, function set, HTTP ingress (hyper),
-//!   `/metrics` `/healthz` `/readyz`, SIGHUP reload and SIGTERM drain;
-//! - [`functions`]: deploying config-declared functions and routing requests to them;
-//! - [`invoke`]: one request in one fresh instance (WASI p1 CGI or `wasi:http/proxy`), with
-//!   memory caps, epoch deadlines and fault classification;
-//! - [`host`]: guest store state, linkers and capabilities (environment, preopens, outbound
-//!   HTTP allowlist), denied by default;
-//! - [`metrics`]: Prometheus metrics;
-//! - [`notify`]: the systemd notify protocol and watchdog;
-//! - [`control`]: the node's side of the QUIC control plane (push, list, activate, serving peers);
-//! - [`sync`]: fetching the fleet's signed deployments from peers, verified while streaming.
+//! ```text
+//! lifecycle                      wiring, signals, reload, drain
+//!   │
+//!   ├─► ingress                  HTTP: accept, /metrics /healthz /readyz, routing
+//!   ├─► control                  QUIC server: roles, dispatch
+//!   │     ├ push                   operator pushes      (shell) ─► push_session (sans-IO core)
+//!   │     └ peer_serving           answering peers      (shell + ServeSlots core)
+//!   ├─► sync                     fetching from peers   (shell) ─► policy (sans-IO core), fetch
+//!   ├─► housekeeping, epoch, notify
+//!   │
+//!   ▼
+//! deployments                    admission, needed blobs, commit, activate/rollback/remove,
+//!   │                            holdings; emits events
+//!   ▼
+//! serving                        engine, live function set, admission, request metrics
+//!   ▼
+//! invoke                         one request in one fresh instance (p1 CGI, wasi:http)
+//!   ▼
+//! functions, fault               preparing and routing functions; classifying guest faults
+//!   ▼
+//! host, metrics, events          guest state, linkers, memory cap; the registry; news
+//! ```
+//!
+//! A module imports only modules below it in this picture (parts on one line import none of
+//! each other). News travels up or sideways only through [`events`]: the deployments core
+//! broadcasts commits, the control server sends [`events::PeerNews`] to sync over a channel, and
+//! reads sync's status through [`events::SyncStatusSource`].
 
 pub mod control;
+pub mod deployments;
+pub mod epoch;
+pub mod events;
+pub mod fault;
 pub mod functions;
 pub mod host;
+pub mod housekeeping;
+pub mod ingress;
 pub mod invoke;
+pub mod lifecycle;
 pub mod metrics;
-pub mod node;
 pub mod notify;
+pub mod serving;
 pub mod sync;

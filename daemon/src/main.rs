@@ -8,7 +8,6 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use edged::node::Node;
 use edged_node_config::NodeConfig;
 
 #[derive(Parser)]
@@ -71,8 +70,7 @@ fn main() -> Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let node = Node::open(config, cli.config.clone())?;
-        node.serve(|http, control| {
+        edged::lifecycle::run(config, cli.config.clone(), |http, control| {
             // Stable lines on stdout for scripts and tests to find the bound ports.
             if let Some(control) = control {
                 println!("edged control on quic://{control}");

@@ -5,13 +5,12 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use http_body_util::Empty;
 use hyper_util::rt::TokioIo;
 use sd_notify::NotifyState;
-
-use crate::node::Node;
 
 fn send(states: &[NotifyState]) {
     if let Err(e) = sd_notify::notify(states) {
@@ -57,16 +56,16 @@ async fn serving_path_answers(addr: SocketAddr) -> bool {
     )
 }
 
-/// Pings the watchdog at half its interval while the node is healthy and its HTTP path
+/// Pings the watchdog at half its interval while the node is ready and its HTTP path at `addr`
 /// answers; stays silent otherwise, so systemd restarts a wedged daemon.
-pub fn spawn_watchdog(node: Arc<Node>, addr: SocketAddr) -> tokio::task::JoinHandle<()> {
+pub fn spawn_watchdog(ready: Arc<AtomicBool>, addr: SocketAddr) -> tokio::task::JoinHandle<()> {
     let interval = sd_notify::watchdog_enabled();
     tokio::spawn(async move {
         let Some(interval) = interval else { return };
         let mut tick = tokio::time::interval(interval / 2);
         loop {
             tick.tick().await;
-            if node.is_healthy() && serving_path_answers(addr).await {
+            if ready.load(Ordering::SeqCst) && serving_path_answers(addr).await {
                 send(&[NotifyState::Watchdog]);
             } else {
                 tracing::error!("serving path did not answer; withholding the watchdog ping");

@@ -1,0 +1,352 @@
+//! Serving peers that sync from this node: what it holds, signed manifests, and blobs as Bao
+//! slices. The [`ServeSlots`] core decides who gets a blob (each blob to one peer at a time,
+//! within a cap on blobs served at once); the rest is the tokio shell that streams.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Result, anyhow, bail};
+use edged_control::transport::write_frame;
+use edged_control::verified::SliceSource;
+use edged_control::wire::Response;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::registry::Registry;
+use tokio_util::sync::CancellationToken;
+
+use crate::deployments::Deployments;
+
+/// A peer that stops reading for this long loses its slot.
+const SERVE_STALL: Duration = Duration::from_secs(15);
+
+/// Which peer each blob is being served to, sans-IO.
+pub struct ServeSlots {
+    max: usize,
+    /// By blob hash: the peer being served and the generation of that serving.
+    active: HashMap<String, (String, u64)>,
+    next_generation: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlotDecision {
+    /// Serve it. `superseded` is the same peer's earlier serving of this blob, to cancel.
+    Granted {
+        generation: u64,
+        superseded: Option<u64>,
+    },
+    /// Another peer is being served this blob, or the cap is reached: try another holder.
+    Busy,
+}
+
+impl ServeSlots {
+    pub fn new(max: usize) -> ServeSlots {
+        ServeSlots {
+            max,
+            active: HashMap::new(),
+            next_generation: 0,
+        }
+    }
+
+    /// A node fetches each blob once at a time, so a second request from the same peer means
+    /// its first stream is dead (a crashed daemon's streams linger until the idle timeout): the
+    /// new request takes over the slot.
+    pub fn try_take(&mut self, hash: &str, peer: &str) -> SlotDecision {
+        let superseded = match self.active.get(hash) {
+            Some((current, generation)) if current == peer => Some(*generation),
+            Some(_) => return SlotDecision::Busy,
+            None if self.active.len() >= self.max => return SlotDecision::Busy,
+            None => None,
+        };
+        self.next_generation += 1;
+        let generation = self.next_generation;
+        self.active
+            .insert(hash.to_string(), (peer.to_string(), generation));
+        SlotDecision::Granted {
+            generation,
+            superseded,
+        }
+    }
+
+    /// The serving `generation` of `hash` ended; a superseded one's end changes nothing.
+    pub fn release(&mut self, hash: &str, generation: u64) {
+        if self.active.get(hash).is_some_and(|(_, g)| *g == generation) {
+            self.active.remove(hash);
+        }
+    }
+}
+
+pub struct PeerServing {
+    deployments: Arc<Deployments>,
+    slots: Arc<Mutex<SlotState>>,
+    metrics: PeerServingMetrics,
+}
+
+struct SlotState {
+    slots: ServeSlots,
+    cancels: HashMap<u64, CancellationToken>,
+}
+
+/// One blob being served; frees its slot on drop.
+struct Slot {
+    state: Arc<Mutex<SlotState>>,
+    hash: String,
+    generation: u64,
+    cancel: CancellationToken,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut state = lock(&self.state);
+        state.cancels.remove(&self.generation);
+        state.slots.release(&self.hash, self.generation);
+    }
+}
+
+impl PeerServing {
+    pub fn new(
+        deployments: Arc<Deployments>,
+        max_serving: usize,
+        registry: &mut Registry,
+    ) -> PeerServing {
+        PeerServing {
+            deployments,
+            slots: Arc::new(Mutex::new(SlotState {
+                slots: ServeSlots::new(max_serving),
+                cancels: HashMap::new(),
+            })),
+            metrics: PeerServingMetrics::register(registry),
+        }
+    }
+
+    /// Blob bytes served to peers since start.
+    pub fn served_bytes(&self) -> u64 {
+        self.metrics.served_bytes.get()
+    }
+
+    fn take_slot(&self, hash: &str, peer: &str) -> Option<Slot> {
+        let mut state = lock(&self.slots);
+        match state.slots.try_take(hash, peer) {
+            SlotDecision::Busy => None,
+            SlotDecision::Granted {
+                generation,
+                superseded,
+            } => {
+                if let Some(old) = superseded.and_then(|g| state.cancels.remove(&g)) {
+                    old.cancel();
+                }
+                let cancel = CancellationToken::new();
+                state.cancels.insert(generation, cancel.clone());
+                Some(Slot {
+                    state: self.slots.clone(),
+                    hash: hash.to_string(),
+                    generation,
+                    cancel,
+                })
+            }
+        }
+    }
+
+    /// Answers a `FetchBlob`: streams the slice and returns `None`, or returns the answer to
+    /// send instead (busy, or why not).
+    pub async fn serve_blob(
+        &self,
+        hash: &str,
+        start: u64,
+        peer: &str,
+        send: &mut quinn::SendStream,
+    ) -> Option<Response> {
+        let Some(slot) = self.take_slot(hash, peer) else {
+            return Some(Response::Busy {
+                message: format!(
+                    "already serving blob {hash} or at the upload cap; try another holder"
+                ),
+            });
+        };
+        match self.stream_slice(hash, start, send, slot).await {
+            Ok(()) => None,
+            Err(e) => Some(Response::Error {
+                message: format!("{e:#}"),
+            }),
+        }
+    }
+
+    /// Streams a held blob from `start` as a Bao slice. The blob is hashed while its tree is
+    /// built, so a copy damaged on this node's disk is refused rather than served.
+    async fn stream_slice(
+        &self,
+        hash: &str,
+        start: u64,
+        send: &mut quinn::SendStream,
+        slot: Slot,
+    ) -> Result<()> {
+        let store = self.deployments.store().clone();
+        let (map, meta) = store
+            .map_blob(hash)
+            .map_err(|e| anyhow!("blob {hash} is not held here: {e}"))?;
+        if start > meta.size {
+            bail!(
+                "start {start} is past the {} bytes of blob {hash}",
+                meta.size
+            );
+        }
+        let (chunks_tx, mut chunks) = tokio::sync::mpsc::channel::<std::io::Result<Vec<u8>>>(4);
+        let (ready_tx, ready) = tokio::sync::oneshot::channel();
+        let expected = hash.to_string();
+        // Building the tree reads the whole blob: off the async threads, streamed in pieces.
+        tokio::task::spawn_blocking(move || {
+            let mut source = match SliceSource::checked(map, &expected, start) {
+                Ok(source) => {
+                    let _ = ready_tx.send(Ok(()));
+                    source
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            // The extractor hands out about one 1 KiB chunk per read: gather 256 KiB pieces so
+            // the stream is written in large writes, not one per chunk.
+            loop {
+                let mut buf = vec![0u8; 256 << 10];
+                let mut filled = 0;
+                while filled < buf.len() {
+                    match std::io::Read::read(&mut source, &mut buf[filled..]) {
+                        Ok(0) => break,
+                        Ok(n) => filled += n,
+                        Err(e) => {
+                            let _ = chunks_tx.blocking_send(Err(e));
+                            return;
+                        }
+                    }
+                }
+                if filled == 0 {
+                    return;
+                }
+                buf.truncate(filled);
+                if chunks_tx.blocking_send(Ok(buf)).is_err() {
+                    return; // the fetcher went away
+                }
+            }
+        });
+        if let Err(e) = ready.await? {
+            tracing::error!(blob = %hash, error = %e, "stored blob is damaged; not serving it");
+            bail!("this node's copy of blob {hash} is damaged; fetch it elsewhere");
+        }
+        write_frame(send, &Response::BlobSlice { size: meta.size }).await?;
+        while let Some(chunk) = chunks.recv().await {
+            let chunk = chunk?;
+            tokio::select! {
+                written = tokio::time::timeout(SERVE_STALL, send.write_all(&chunk)) => {
+                    written.map_err(|_| {
+                        anyhow!("peer stopped reading blob {hash}; serving it abandoned")
+                    })??
+                }
+                () = slot.cancel.cancelled() => {
+                    bail!("serving blob {hash} superseded by a newer request from the same peer")
+                }
+            }
+            self.metrics.served_bytes.inc_by(chunk.len() as u64);
+        }
+        send.finish()?;
+        self.metrics.blobs_served.inc();
+        Ok(())
+    }
+}
+
+/// What this node served to peers.
+struct PeerServingMetrics {
+    blobs_served: Counter,
+    served_bytes: Counter,
+}
+
+impl PeerServingMetrics {
+    fn register(registry: &mut Registry) -> PeerServingMetrics {
+        let metrics = PeerServingMetrics {
+            blobs_served: Counter::default(),
+            served_bytes: Counter::default(),
+        };
+        registry.register(
+            "sync_uploads",
+            "Blobs served to peers in full",
+            metrics.blobs_served.clone(),
+        );
+        registry.register(
+            "sync_served_bytes",
+            "Blob bytes served to peers (Bao slices, content and tree)",
+            metrics.served_bytes.clone(),
+        );
+        metrics
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_blob_goes_to_one_peer_at_a_time() {
+        let mut slots = ServeSlots::new(4);
+        let SlotDecision::Granted { generation, .. } = slots.try_take("h", "b") else {
+            panic!("the first fetcher gets the blob");
+        };
+        assert_eq!(slots.try_take("h", "c"), SlotDecision::Busy);
+        // Another blob is served to c meanwhile.
+        assert!(matches!(
+            slots.try_take("other", "c"),
+            SlotDecision::Granted { .. }
+        ));
+        slots.release("h", generation);
+        assert!(matches!(
+            slots.try_take("h", "c"),
+            SlotDecision::Granted {
+                superseded: None,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn the_same_peer_asking_again_supersedes_its_dead_stream() {
+        let mut slots = ServeSlots::new(1);
+        let SlotDecision::Granted {
+            generation: first, ..
+        } = slots.try_take("h", "b")
+        else {
+            panic!("granted");
+        };
+        let SlotDecision::Granted {
+            generation: second,
+            superseded,
+        } = slots.try_take("h", "b")
+        else {
+            panic!("the same peer takes over its slot, even at the cap");
+        };
+        assert_eq!(superseded, Some(first));
+        // The dead stream's late end does not free the new one's slot.
+        slots.release("h", first);
+        assert_eq!(slots.try_take("h", "c"), SlotDecision::Busy);
+        slots.release("h", second);
+        assert!(matches!(
+            slots.try_take("h", "c"),
+            SlotDecision::Granted { .. }
+        ));
+    }
+
+    #[test]
+    fn the_cap_counts_blobs_served_at_once() {
+        let mut slots = ServeSlots::new(2);
+        assert!(matches!(
+            slots.try_take("h1", "b"),
+            SlotDecision::Granted { .. }
+        ));
+        assert!(matches!(
+            slots.try_take("h2", "c"),
+            SlotDecision::Granted { .. }
+        ));
+        assert_eq!(slots.try_take("h3", "d"), SlotDecision::Busy);
+    }
+}

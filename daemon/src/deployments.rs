@@ -1,0 +1,374 @@
+//! The deployments core: what this node holds of the fleet's signed deployments, and the only
+//! place that changes it.
+//!
+//! It owns admission of a signed manifest ([`Deployments::admit`], the same rules for an
+//! operator's push and for a manifest a peer relays, with a typed [`Refusal`] so callers can
+//! branch on the reason), which blobs this node needs for it, committing it, activation,
+//! rollback and removal, and the holdings peers are told about. It knows nothing of QUIC or
+//! HTTP: the control server and sync call it, and it tells them what changed through
+//! [`DeploymentEvent`]s.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context, Result, anyhow};
+use edged_control::TrustedKeys;
+use edged_control::signing::{SignError, SignedManifest};
+use edged_control::wire::{DeploymentInfo, Holding};
+use edged_snapshots::manifest::BlobRef;
+use edged_snapshots::{BlobKind, Manifest, Store, StoreError};
+use tokio::sync::broadcast;
+
+use crate::events::{DeploymentEvent, Origin};
+use crate::serving::Serving;
+
+/// Why a signed manifest is not admitted.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    /// Unsigned, signed by a key this node does not trust, or a signature that does not match.
+    #[error(transparent)]
+    Signature(#[from] SignError),
+    #[error("{id}: {reason}")]
+    BadName { id: String, reason: String },
+    #[error("{id} is already stored with different content")]
+    Conflict { id: String },
+    #[error(
+        "{id} is not newer than version {newest} already seen for `{name}`: refused (an older \
+         signed manifest replayed would roll the function back; use `edgectl activate` to go \
+         back to a version the node holds)"
+    )]
+    NotNewer {
+        id: String,
+        name: String,
+        newest: u64,
+    },
+    #[error("reading the store: {0}")]
+    Store(#[from] StoreError),
+}
+
+impl Refusal {
+    /// The manifest was altered after signing: whoever relayed it is lying. (An untrusted
+    /// signer or an old version would get the same answer from every peer.)
+    pub fn is_forgery(&self) -> bool {
+        matches!(self, Refusal::Signature(SignError::BadSignature(_)))
+    }
+}
+
+/// The blobs of a deployment this node still needs, by hash.
+pub type NeededBlobs = BTreeMap<String, (BlobRef, BlobKind)>;
+
+pub struct Deployments {
+    serving: Arc<Serving>,
+    trusted: TrustedKeys,
+    /// Deployments an operator pushed to this node (since it started): peers are steered to
+    /// other holders, so this node uploads each blob about once.
+    pushed_here: Mutex<HashSet<String>>,
+    /// Deployments being fetched from peers, by id: their admitted manifests. Peers may already
+    /// fetch the blobs that arrived.
+    syncing: Mutex<BTreeMap<String, SignedManifest>>,
+    /// Blobs being fetched from peers right now.
+    fetching: Mutex<HashSet<String>>,
+    events: broadcast::Sender<DeploymentEvent>,
+}
+
+impl Deployments {
+    pub fn new(serving: Arc<Serving>, trusted: TrustedKeys) -> Arc<Deployments> {
+        if trusted.is_empty() {
+            tracing::warn!("no trusted operator keys: every push will be refused");
+        }
+        Arc::new(Deployments {
+            serving,
+            trusted,
+            pushed_here: Mutex::default(),
+            syncing: Mutex::default(),
+            fetching: Mutex::default(),
+            events: broadcast::channel(64).0,
+        })
+    }
+
+    pub fn store(&self) -> &Arc<Store> {
+        self.serving.store()
+    }
+
+    pub fn serving(&self) -> &Arc<Serving> {
+        &self.serving
+    }
+
+    /// News of commits, for sync to pass on to peers.
+    pub fn subscribe(&self) -> broadcast::Receiver<DeploymentEvent> {
+        self.events.subscribe()
+    }
+
+    /// The checks every manifest passes before anything it names is stored, whether it comes
+    /// from an operator's push or from a peer: trusted signature, valid name, and a version newer
+    /// than any seen for the name (or exactly the one stored).
+    pub fn admit(&self, signed: &SignedManifest) -> Result<(), Refusal> {
+        signed.verify(&self.trusted)?;
+        let manifest = &signed.manifest;
+        let id = manifest.id();
+        edged_snapshots::manifest::validate_name(&manifest.name).map_err(|reason| {
+            Refusal::BadName {
+                id: id.clone(),
+                reason,
+            }
+        })?;
+        let store = self.store();
+        match store.manifest(&manifest.name, manifest.version)? {
+            Some(stored) if &stored == manifest => Ok(()),
+            Some(_) => Err(Refusal::Conflict { id }),
+            None => {
+                let newest = store.newest_version_seen(&manifest.name)?;
+                if manifest.version <= newest {
+                    return Err(Refusal::NotNewer {
+                        id,
+                        name: manifest.name.clone(),
+                        newest,
+                    });
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// The blobs of `manifest` this node stores and does not have yet: its source, and the
+    /// artifact for this node's target and engine fingerprint (never another target's).
+    pub fn needed_blobs(&self, manifest: &Manifest) -> NeededBlobs {
+        let store = self.store();
+        let target = self.serving.target();
+        let fingerprint = self.serving.fingerprint();
+        let mut needed = BTreeMap::new();
+        needed.insert(
+            manifest.source.blake3.clone(),
+            (manifest.source.clone(), BlobKind::Source),
+        );
+        if let Some(a) = manifest.artifact_for(target, fingerprint) {
+            needed.insert(
+                a.blake3.clone(),
+                (
+                    BlobRef {
+                        blake3: a.blake3.clone(),
+                        size: a.size,
+                    },
+                    BlobKind::Artifact {
+                        target: a.target,
+                        fingerprint: a.fingerprint.clone(),
+                    },
+                ),
+            );
+        }
+        needed.retain(|hash, _| !self.holds(store, hash));
+        needed
+    }
+
+    fn holds(&self, store: &Store, hash: &str) -> bool {
+        matches!(store.blob_meta(hash), Ok(Some(_)))
+    }
+
+    /// Of `hashes`, those this node does not hold.
+    pub fn missing<'a>(&self, hashes: impl IntoIterator<Item = &'a String>) -> Vec<String> {
+        let store = self.store();
+        hashes
+            .into_iter()
+            .filter(|h| !self.holds(store, h))
+            .cloned()
+            .collect()
+    }
+
+    /// Indexes an admitted deployment whose blobs are stored (the manifest, then the signed form
+    /// peers are given), activates it if asked, and only then tells sync about it: a peer that
+    /// hears of it sees it active where it is meant to be.
+    pub async fn commit(
+        &self,
+        signed: &SignedManifest,
+        origin: Origin,
+        activate: bool,
+    ) -> Result<()> {
+        let store = self.store();
+        let manifest = &signed.manifest;
+        let id = manifest.id();
+        store.put_manifest(manifest)?;
+        store.put_signature(
+            &manifest.name,
+            manifest.version,
+            &serde_json::to_vec(signed)?,
+        )?;
+        if origin == Origin::Push {
+            lock(&self.pushed_here).insert(id.clone());
+        }
+        tracing::info!(deployment = %id, ?origin, "deployment stored");
+        if activate {
+            self.activate(&manifest.name, manifest.version).await?;
+        }
+        // Nobody listening (no sync) is fine.
+        let _ = self.events.send(DeploymentEvent::Committed { id, origin });
+        Ok(())
+    }
+
+    /// Makes `name@version` the active version and starts serving it.
+    pub async fn activate(&self, name: &str, version: u64) -> Result<()> {
+        self.store().activate(name, version)?;
+        self.serving.rebuild().await?;
+        tracing::info!(deployment = %format!("{name}@{version}"), "activated");
+        Ok(())
+    }
+
+    /// Activates the newest version older than the active one. Returns `(from, to)`.
+    pub async fn rollback(&self, name: &str) -> Result<(u64, u64)> {
+        let store = self.store();
+        let current = store
+            .active_version(name)?
+            .ok_or_else(|| anyhow!("`{name}` has no active version"))?;
+        let previous = store
+            .manifests()?
+            .into_iter()
+            .filter(|m| m.name == name && m.version < current)
+            .map(|m| m.version)
+            .max()
+            .ok_or_else(|| anyhow!("`{name}` has no version older than {current} on this node"))?;
+        self.activate(name, previous).await?;
+        Ok((current, previous))
+    }
+
+    /// Forgets `name@version` (refused while it is active); its blobs go at the next gc.
+    pub fn remove(&self, name: &str, version: u64) -> Result<()> {
+        self.store().remove_manifest(name, version)?;
+        Ok(())
+    }
+
+    /// Every deployment stored here, for `edgectl ls`.
+    pub fn list(&self) -> Result<Vec<DeploymentInfo>> {
+        let store = self.store();
+        let mut items = Vec::new();
+        for m in store.manifests()? {
+            let signer = store
+                .signature(&m.name, m.version)?
+                .and_then(|s| serde_json::from_slice::<SignedManifest>(&s).ok())
+                .map(|s| s.signer);
+            items.push(DeploymentInfo {
+                active: store.active_version(&m.name)? == Some(m.version),
+                kind: m.kind.to_string(),
+                route: self.serving.route_of(&m),
+                init_func: m.init_func.clone(),
+                signer,
+                created_at: m.created_at,
+                name: m.name,
+                version: m.version,
+            });
+        }
+        Ok(items)
+    }
+
+    /// The signed deployments held here (config-declared functions are node-local and not
+    /// offered to peers) and those being fetched, with the blobs this node can serve for each.
+    pub fn holdings(&self) -> Result<Vec<Holding>> {
+        let store = self.store();
+        let fetching = lock(&self.fetching).clone();
+        let blobs_of = |manifest: &Manifest| -> (Vec<String>, Vec<String>) {
+            let all = manifest.blob_hashes().map(str::to_string);
+            let (stored, rest): (Vec<String>, Vec<String>) =
+                all.partition(|hash| self.holds(store, hash));
+            let downloading = rest.into_iter().filter(|h| fetching.contains(h)).collect();
+            (stored, downloading)
+        };
+        let pushed_here = lock(&self.pushed_here).clone();
+        let mut items = Vec::new();
+        for manifest in store.manifests()? {
+            if store.signature(&manifest.name, manifest.version)?.is_none() {
+                continue;
+            }
+            let (blobs, fetching) = blobs_of(&manifest);
+            items.push(Holding {
+                active: store.active_version(&manifest.name)? == Some(manifest.version),
+                complete: true,
+                pushed_here: pushed_here.contains(&manifest.id()),
+                blobs,
+                fetching,
+                name: manifest.name,
+                version: manifest.version,
+            });
+        }
+        for signed in lock(&self.syncing).values() {
+            let manifest = &signed.manifest;
+            if items
+                .iter()
+                .any(|h| h.name == manifest.name && h.version == manifest.version)
+            {
+                continue;
+            }
+            let (blobs, fetching) = blobs_of(manifest);
+            items.push(Holding {
+                name: manifest.name.clone(),
+                version: manifest.version,
+                active: false,
+                complete: false,
+                pushed_here: false,
+                blobs,
+                fetching,
+            });
+        }
+        Ok(items)
+    }
+
+    /// The signed manifest of `name@version`, held or being fetched.
+    pub fn signed_manifest(&self, name: &str, version: u64) -> Result<SignedManifest> {
+        let id = format!("{name}@{version}");
+        if let Some(signed) = lock(&self.syncing).get(&id) {
+            return Ok(signed.clone());
+        }
+        let bytes = self
+            .store()
+            .signature(name, version)?
+            .ok_or_else(|| anyhow!("{id} is not a signed deployment held here"))?;
+        serde_json::from_slice(&bytes)
+            .with_context(|| format!("stored signature of {id} is unreadable"))
+    }
+
+    /// Marks an admitted deployment as being fetched from peers until the mark drops: peers are
+    /// told about it (and may take the blobs already here) while it is incomplete.
+    pub fn begin_sync(self: &Arc<Self>, signed: &SignedManifest) -> SyncMark {
+        let id = signed.manifest.id();
+        lock(&self.syncing).insert(id.clone(), signed.clone());
+        SyncMark {
+            deployments: self.clone(),
+            id,
+        }
+    }
+
+    /// Marks blob `hash` as being fetched from peers until the mark drops.
+    pub fn begin_fetch(self: &Arc<Self>, hash: &str) -> FetchMark {
+        lock(&self.fetching).insert(hash.to_string());
+        FetchMark {
+            deployments: self.clone(),
+            hash: hash.to_string(),
+        }
+    }
+}
+
+/// A deployment being fetched from peers; see [`Deployments::begin_sync`].
+pub struct SyncMark {
+    deployments: Arc<Deployments>,
+    id: String,
+}
+
+impl Drop for SyncMark {
+    fn drop(&mut self) {
+        lock(&self.deployments.syncing).remove(&self.id);
+    }
+}
+
+/// A blob being fetched from peers; see [`Deployments::begin_fetch`].
+pub struct FetchMark {
+    deployments: Arc<Deployments>,
+    hash: String,
+}
+
+impl Drop for FetchMark {
+    fn drop(&mut self) {
+        lock(&self.deployments.fetching).remove(&self.hash);
+    }
+}
+
+/// A poisoned lock only means another thread panicked mid-update of plain bookkeeping: go on.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}

@@ -1,0 +1,515 @@
+//! The serving core: the engine, the live function set, and running one request in a guest
+//! with the function's admission rules (body cap, concurrency permits) and fault accounting.
+//!
+//! It knows nothing of sockets: the HTTP ingress hands it routed requests, the control server
+//! hands it `edgectl invoke` calls, and the deployments core asks it to rebuild the set after an
+//! activation. A set is immutable once built and swapped in atomically, so a request always sees
+//! one consistent set; rebuilds run one at a time.
+
+use std::num::NonZeroUsize;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use edged_compiler::{EngineSettings, Target};
+use edged_node_config::NodeConfig;
+use edged_snapshots::{
+    LoadPath, Manifest, PoolSettings, Prepared, Restorer, RuntimeSettings, Store, runtime_engine,
+};
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use tokio_util::task::TaskTracker;
+
+use crate::fault::Fault;
+use crate::functions::{
+    Function, FunctionSet, prepare, prepare_declared, pushed_function_config, pushed_route,
+};
+use crate::host::{GuestState, linkers};
+use crate::invoke::{ResponseBody, Timing, run_cgi, run_proxy, text_response};
+use crate::metrics::{FunctionLabel, latency_histogram};
+
+pub struct Serving {
+    config: ArcSwap<NodeConfig>,
+    restorer: Arc<Restorer<GuestState>>,
+    engine_settings: EngineSettings,
+    functions: ArcSwap<FunctionSet>,
+    metrics: ServingMetrics,
+    /// Guest tasks that may outlive their response head (streaming components).
+    guest_tasks: TaskTracker,
+    /// Function-set rebuilds (reload, activation) run one at a time.
+    rebuild_lock: tokio::sync::Mutex<()>,
+}
+
+fn runtime_settings(config: &NodeConfig) -> RuntimeSettings {
+    RuntimeSettings {
+        engine: EngineSettings {
+            memory_reservation: config.engine.memory_reservation_bytes,
+            memory_guard_size: config.engine.memory_guard_bytes,
+        },
+        pool: PoolSettings {
+            total_instances: config.engine.total_instances,
+            total_memories: config.engine.total_memories,
+            max_memory_bytes: config.engine.max_memory_bytes,
+            ..PoolSettings::default()
+        },
+    }
+}
+
+impl Serving {
+    /// Opens the store and builds the engine. Serves nothing until [`Serving::rebuild`].
+    pub fn open(config: NodeConfig, registry: &mut Registry) -> Result<Arc<Serving>> {
+        let store = Arc::new(
+            Store::open(&config.state_dir)
+                .with_context(|| format!("opening the store in {}", config.state_dir.display()))?,
+        );
+        let settings = runtime_settings(&config);
+        let (engine, _) = runtime_engine(&settings)?;
+        let linkers = linkers(&engine)?;
+        let capacity = NonZeroUsize::new(config.cache_capacity).unwrap_or(NonZeroUsize::MIN);
+        let engine_settings = settings.engine.clone();
+        let restorer = Arc::new(Restorer::new(engine, settings, linkers, store, capacity)?);
+        Ok(Arc::new(Serving {
+            config: ArcSwap::from_pointee(config),
+            restorer,
+            engine_settings,
+            functions: ArcSwap::from_pointee(FunctionSet::default()),
+            metrics: ServingMetrics::register(registry),
+            guest_tasks: TaskTracker::new(),
+            rebuild_lock: tokio::sync::Mutex::new(()),
+        }))
+    }
+
+    pub fn functions(&self) -> Arc<FunctionSet> {
+        self.functions.load_full()
+    }
+
+    pub fn config(&self) -> Arc<NodeConfig> {
+        self.config.load_full()
+    }
+
+    pub fn store(&self) -> &Arc<Store> {
+        self.restorer.store()
+    }
+
+    pub fn engine(&self) -> &wasmtime::Engine {
+        self.restorer.engine()
+    }
+
+    pub fn target(&self) -> Target {
+        self.restorer.target()
+    }
+
+    pub fn fingerprint(&self) -> &str {
+        self.restorer.fingerprint()
+    }
+
+    /// Guests still running after their response head; a drain waits for them.
+    pub fn guest_tasks(&self) -> &TaskTracker {
+        &self.guest_tasks
+    }
+
+    /// Rebuilds the function set from the current config and store, and swaps it in.
+    pub async fn rebuild(&self) -> Result<()> {
+        let _serialized = self.rebuild_lock.lock().await;
+        let config = self.config.load_full();
+        let set = self.build_functions(&config).await?;
+        self.functions.store(Arc::new(set));
+        Ok(())
+    }
+
+    /// Builds the set `config` declares and swaps both in, or leaves the running set and
+    /// config untouched if any declared function fails to deploy.
+    pub async fn apply_config(&self, config: NodeConfig) -> Result<()> {
+        let _serialized = self.rebuild_lock.lock().await;
+        let set = self.build_functions(&config).await?;
+        self.functions.store(Arc::new(set));
+        self.config.store(Arc::new(config));
+        Ok(())
+    }
+
+    /// Deploys and prepares every function `config` declares, plus the active version of every
+    /// pushed deployment (a name declared in the config wins). Declared functions are all or
+    /// nothing; a pushed deployment that cannot be prepared is logged and left out.
+    async fn build_functions(&self, config: &NodeConfig) -> Result<FunctionSet> {
+        let restorer = self.restorer.clone();
+        let engine_settings = self.engine_settings.clone();
+        let config = config.clone();
+        let prepared = tokio::task::spawn_blocking(move || -> Result<Vec<(Function, LoadPath)>> {
+            let mut functions = Vec::new();
+            for declared in &config.functions {
+                functions.push(prepare_declared(&restorer, &engine_settings, declared)?);
+            }
+            let store = restorer.store();
+            let mut names: Vec<String> = store.manifests()?.into_iter().map(|m| m.name).collect();
+            names.dedup();
+            for name in names {
+                if config.functions.iter().any(|f| f.name == name) {
+                    continue;
+                }
+                let Some(manifest) = store.active_manifest(&name)? else { continue };
+                let function_config = pushed_function_config(&manifest);
+                match prepare(&restorer, &function_config, manifest) {
+                    Ok(function) => functions.push(function),
+                    // One bad pushed deployment must not take the others (or the node) down.
+                    Err(e) => tracing::error!(function = %name, error = %format!("{e:#}"), "cannot serve pushed deployment"),
+                }
+            }
+            Ok(functions)
+        })
+        .await
+        .context("deploy task panicked")??;
+        let functions = prepared
+            .into_iter()
+            .map(|(function, how)| {
+                self.metrics.cold_load(&function.config.name, how);
+                Arc::new(function)
+            })
+            .collect();
+        Ok(FunctionSet::new(functions))
+    }
+
+    /// The route `manifest` is (or would be) served on: a config declaration of its name wins.
+    pub fn route_of(&self, manifest: &Manifest) -> String {
+        let config = self.config.load();
+        match config.functions.iter().find(|f| f.name == manifest.name) {
+            Some(declared) => declared.route.clone(),
+            None => pushed_route(manifest),
+        }
+    }
+
+    /// Serves one routed HTTP request: body cap, concurrency permit, the guest, metrics.
+    /// Never fails: every problem is a status code.
+    pub async fn serve(
+        &self,
+        function: &Arc<Function>,
+        request: Request<hyper::body::Incoming>,
+    ) -> Response<ResponseBody> {
+        let started = Instant::now();
+        let response = self.collect_and_run(function, request).await;
+        self.metrics
+            .request_served(&function.config.name, response.status(), started.elapsed());
+        response
+    }
+
+    async fn collect_and_run(
+        &self,
+        function: &Arc<Function>,
+        request: Request<hyper::body::Incoming>,
+    ) -> Response<ResponseBody> {
+        let limits = function.config.limits;
+        let declared = request
+            .headers()
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|len| len > limits.max_body_bytes as u64) {
+            return self.body_too_large(function);
+        }
+        let permit = match self.admit(function) {
+            Ok(permit) => permit,
+            Err(refusal) => return refusal,
+        };
+        let (parts, body) = request.into_parts();
+        let body = match Limited::new(body, limits.max_body_bytes).collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(e)
+                if e.downcast_ref::<http_body_util::LengthLimitError>()
+                    .is_some() =>
+            {
+                return self.body_too_large(function);
+            }
+            Err(e) => {
+                return text_response(
+                    StatusCode::BAD_REQUEST,
+                    &format!("reading request body: {e}\n"),
+                );
+            }
+        };
+        self.run_guest(function, Request::from_parts(parts, body), permit)
+            .await
+    }
+
+    /// Runs one request against the function `name`, as `edgectl invoke` does: the status and
+    /// the whole body.
+    pub async fn invoke_by_name(
+        &self,
+        name: &str,
+        method: &str,
+        path: &str,
+        body: Vec<u8>,
+    ) -> Result<(u16, Vec<u8>)> {
+        let function = self
+            .functions()
+            .iter()
+            .find(|f| f.config.name == name)
+            .cloned()
+            .ok_or_else(|| anyhow::anyhow!("no function `{name}` is being served"))?;
+        let request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(http::header::HOST, "localhost")
+            .body(Bytes::from(body))
+            .context("building the request")?;
+        let response = if request.body().len() > function.config.limits.max_body_bytes {
+            self.body_too_large(&function)
+        } else {
+            match self.admit(&function) {
+                Ok(permit) => self.run_guest(&function, request, permit).await,
+                Err(refusal) => refusal,
+            }
+        };
+        let status = response.status().as_u16();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| anyhow::anyhow!("reading the response: {e}"))?
+            .to_bytes()
+            .to_vec();
+        Ok((status, body))
+    }
+
+    fn reject(
+        &self,
+        function: &Function,
+        kind: &str,
+        status: StatusCode,
+        message: &str,
+    ) -> Response<ResponseBody> {
+        self.metrics.rejected(&function.config.name, kind);
+        tracing::info!(function = %function.config.name, %status, "{message}");
+        text_response(status, &format!("{message}\n"))
+    }
+
+    fn body_too_large(&self, function: &Function) -> Response<ResponseBody> {
+        self.reject(
+            function,
+            "body_too_large",
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "request body exceeds the function's limit",
+        )
+    }
+
+    /// A concurrency permit, or the 503 that answers overload at once (no unbounded queue in
+    /// front of the guests).
+    #[allow(clippy::result_large_err)]
+    fn admit(
+        &self,
+        function: &Function,
+    ) -> Result<tokio::sync::OwnedSemaphorePermit, Response<ResponseBody>> {
+        function.permits.clone().try_acquire_owned().map_err(|_| {
+            self.reject(
+                function,
+                "overloaded",
+                StatusCode::SERVICE_UNAVAILABLE,
+                "function is at its concurrency limit",
+            )
+        })
+    }
+
+    async fn run_guest(
+        &self,
+        function: &Arc<Function>,
+        request: Request<Bytes>,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) -> Response<ResponseBody> {
+        let in_flight = self.metrics.in_flight(&function.config.name);
+        in_flight.inc();
+        let engine = self.restorer.engine().clone();
+        let mut timing = Timing {
+            instantiate: Duration::ZERO,
+        };
+        let result = match function.prepared.as_ref() {
+            Prepared::Module(pre) => {
+                let result = run_cgi(&engine, function, pre, request, &mut timing).await;
+                if let Err(fault) = &result {
+                    self.metrics.fault(function, fault);
+                }
+                in_flight.dec();
+                drop(permit);
+                result
+            }
+            Prepared::Component(_) => {
+                let metrics = self.metrics.clone();
+                let function_for_done = function.clone();
+                // The permit and in-flight count are held until the guest ends, which may be
+                // after the response head (streaming bodies).
+                let on_done = move |fault: Option<Fault>| {
+                    if let Some(fault) = &fault {
+                        metrics.fault(&function_for_done, fault);
+                    }
+                    in_flight.dec();
+                    drop(permit);
+                };
+                run_proxy(
+                    &engine,
+                    function,
+                    request,
+                    &mut timing,
+                    on_done,
+                    &self.guest_tasks,
+                )
+                .await
+            }
+        };
+        if timing.instantiate > Duration::ZERO {
+            self.metrics
+                .instantiated(&function.config.name, timing.instantiate);
+        }
+        match result {
+            Ok(response) => response,
+            // Details stay in the log line; the client learns the kind only.
+            Err(fault) => {
+                text_response(fault.status(), &format!("guest fault: {}\n", fault.kind()))
+            }
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    function: String,
+    status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FaultLabels {
+    function: String,
+    kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LoadLabels {
+    function: String,
+    /// `loaded` (mapped a stored artifact) or `recompiled` (compiled from source).
+    path: String,
+}
+
+/// The serving core's metrics: requests, latency, instantiation, cold loads, faults, refusals.
+#[derive(Clone)]
+struct ServingMetrics {
+    requests: Family<RequestLabels, Counter>,
+    request_seconds: Family<FunctionLabel, Histogram, fn() -> Histogram>,
+    instantiate_seconds: Family<FunctionLabel, Histogram, fn() -> Histogram>,
+    cold_loads: Family<LoadLabels, Counter>,
+    faults: Family<FaultLabels, Counter>,
+    in_flight: Family<FunctionLabel, Gauge>,
+    rejected: Family<FaultLabels, Counter>,
+}
+
+impl ServingMetrics {
+    fn register(registry: &mut Registry) -> ServingMetrics {
+        let metrics = ServingMetrics {
+            requests: Family::default(),
+            request_seconds: Family::new_with_constructor(latency_histogram),
+            instantiate_seconds: Family::new_with_constructor(latency_histogram),
+            cold_loads: Family::default(),
+            faults: Family::default(),
+            in_flight: Family::default(),
+            rejected: Family::default(),
+        };
+        registry.register(
+            "requests",
+            "HTTP requests served, by function and status",
+            metrics.requests.clone(),
+        );
+        registry.register(
+            "request_seconds",
+            "Request latency inside edged, from routing to response head",
+            metrics.request_seconds.clone(),
+        );
+        registry.register(
+            "instantiate_seconds",
+            "Time to create a fresh instance from the cached InstancePre",
+            metrics.instantiate_seconds.clone(),
+        );
+        registry.register(
+            "cold_loads",
+            "Deployments prepared (artifact mapped and linked, or recompiled)",
+            metrics.cold_loads.clone(),
+        );
+        registry.register("faults", "Guest faults, by kind", metrics.faults.clone());
+        registry.register(
+            "in_flight",
+            "Requests currently running in a guest",
+            metrics.in_flight.clone(),
+        );
+        registry.register(
+            "rejected",
+            "Requests refused before reaching a guest (overload, body too large)",
+            metrics.rejected.clone(),
+        );
+        metrics
+    }
+
+    fn request_served(&self, function: &str, status: StatusCode, took: Duration) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                function: function.to_string(),
+                status: status.as_u16(),
+            })
+            .inc();
+        self.request_seconds
+            .get_or_create(&FunctionLabel::new(function))
+            .observe(took.as_secs_f64());
+    }
+
+    fn instantiated(&self, function: &str, took: Duration) {
+        self.instantiate_seconds
+            .get_or_create(&FunctionLabel::new(function))
+            .observe(took.as_secs_f64());
+    }
+
+    fn in_flight(&self, function: &str) -> Gauge {
+        self.in_flight
+            .get_or_create(&FunctionLabel::new(function))
+            .clone()
+    }
+
+    fn cold_load(&self, function: &str, how: LoadPath) {
+        let path = match how {
+            LoadPath::Cached => return,
+            LoadPath::Recompiled => "recompiled",
+            _ => "loaded",
+        };
+        self.cold_loads
+            .get_or_create(&LoadLabels {
+                function: function.to_string(),
+                path: path.into(),
+            })
+            .inc();
+    }
+
+    fn rejected(&self, function: &str, kind: &str) {
+        self.rejected
+            .get_or_create(&FaultLabels {
+                function: function.to_string(),
+                kind: kind.into(),
+            })
+            .inc();
+    }
+
+    fn fault(&self, function: &Function, fault: &Fault) {
+        self.faults
+            .get_or_create(&FaultLabels {
+                function: function.config.name.clone(),
+                kind: fault.kind().into(),
+            })
+            .inc();
+        tracing::warn!(
+            function = %function.config.name,
+            deployment = %function.manifest.id(),
+            fault = fault.kind(),
+            status = fault.status().as_u16(),
+            "guest fault: {fault}"
+        );
+    }
+}

@@ -1,0 +1,586 @@
+//! Peer sync: a node converges on the fleet's signed deployments by fetching what it lacks from
+//! other nodes, so an operator pushes to one node and every node serves the new version.
+//!
+//! This file is the tokio shell: rounds, connections, requests. The decisions (backoff,
+//! penalties, what is wanted, which holder next) are the sans-IO [`policy`] core's; fetching one
+//! blob is [`fetch`]'s.
+//!
+//! Every `interval`, and at once when a peer announces something new, the syncer asks each peer
+//! for its holdings. For each deployment newer than any this node has seen for its name, it
+//! takes the signed manifest from a peer and admits it exactly as a push is admitted (trusted
+//! signer, newer version) — a peer is never trusted for content. Then it fetches the blobs it
+//! needs (the source, and the artifact for this node's target and engine fingerprint) as Bao
+//! slices verified chunk by chunk. When no peer holds an artifact for this node's fingerprint,
+//! the node compiles one from the verified source when it first serves the deployment.
+//!
+//! Peers are the configured addresses plus every node that connects to this one (the syncer
+//! dials from the control endpoint, so an inbound node connection comes from its listen address).
+
+mod fetch;
+pub mod policy;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use edged_control::identity::{NODE_SERVER_NAME, common_name, peer_certificates};
+use edged_control::pacing::Pacer;
+use edged_control::signing::SignedManifest;
+use edged_control::transport::{read_frame, write_frame};
+use edged_control::wire::{DeploymentSpread, Request, Response, SyncStatus, TransferStatus};
+use edged_node_config::SyncConfig;
+use edged_snapshots::BlobKind;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::sync::{Notify, Semaphore, broadcast, mpsc};
+
+use crate::deployments::Deployments;
+use crate::events::{DeploymentEvent, Origin, PeerNews, SyncStatusSource};
+use crate::metrics::{OutcomeLabel, PeerLabel};
+use policy::PeerTable;
+
+/// A peer that does not answer a request within this long is skipped for the round.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a round waits for slower peers' holdings once one peer has answered.
+const HOLDINGS_PATIENCE: Duration = Duration::from_secs(1);
+
+pub struct Syncer {
+    deployments: Arc<Deployments>,
+    endpoint: quinn::Endpoint,
+    client_config: quinn::ClientConfig,
+    config: SyncConfig,
+    table: Mutex<PeerTable>,
+    /// Live connections by peer address.
+    conns: Mutex<HashMap<String, quinn::Connection>>,
+    /// Fetches from each peer at once, by peer address.
+    peer_slots: Mutex<HashMap<String, Arc<Semaphore>>>,
+    wake: Notify,
+    transfers: Semaphore,
+    pacer: Pacer,
+    /// One fetch per blob at a time (deployments may share blobs).
+    blob_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Transfers in progress by blob hash, for status.
+    in_progress: Mutex<BTreeMap<String, Transfer>>,
+    /// Names whose deployments a task is syncing now.
+    names_in_sync: Mutex<HashSet<String>>,
+    fetched_bytes: AtomicU64,
+    metrics: SyncMetrics,
+}
+
+struct Transfer {
+    deployment: String,
+    peer: String,
+    have: Arc<AtomicU64>,
+    size: u64,
+}
+
+impl Syncer {
+    pub fn new(
+        deployments: Arc<Deployments>,
+        endpoint: quinn::Endpoint,
+        client_config: quinn::ClientConfig,
+        config: SyncConfig,
+        registry: &mut Registry,
+    ) -> Arc<Syncer> {
+        Arc::new(Syncer {
+            table: Mutex::new(PeerTable::new(&config.peers)),
+            transfers: Semaphore::new(config.max_transfers),
+            pacer: Pacer::new(config.max_rate_bytes),
+            deployments,
+            endpoint,
+            client_config,
+            config,
+            conns: Mutex::default(),
+            peer_slots: Mutex::default(),
+            wake: Notify::new(),
+            blob_locks: Mutex::default(),
+            in_progress: Mutex::default(),
+            names_in_sync: Mutex::default(),
+            fetched_bytes: AtomicU64::new(0),
+            metrics: SyncMetrics::register(registry),
+        })
+    }
+
+    /// Runs sync rounds forever: at start, every interval, and when woken by news from the
+    /// control server or a push committed here.
+    pub async fn run(self: Arc<Self>, mut news: mpsc::UnboundedReceiver<PeerNews>) {
+        let mut events = self.deployments.subscribe();
+        let listener = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    heard = news.recv() => match heard {
+                        Some(PeerNews::Connected { addr, node_name }) => listener.learn_peer(addr, &node_name),
+                        Some(PeerNews::Announced) => listener.wake.notify_one(),
+                        None => return,
+                    },
+                    event = events.recv() => match event {
+                        Ok(DeploymentEvent::Committed { origin: Origin::Push, .. }) => listener.announce(),
+                        // Sync announces what it stored itself, once it is activated.
+                        Ok(DeploymentEvent::Committed { origin: Origin::Sync, .. }) => {}
+                        Err(broadcast::error::RecvError::Lagged(_)) => listener.announce(),
+                        Err(broadcast::error::RecvError::Closed) => return,
+                    },
+                }
+            }
+        });
+        let mut interval = tokio::time::interval(self.config.interval);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = interval.tick() => {}
+                () = self.wake.notified() => {}
+            }
+            self.round().await;
+        }
+    }
+
+    fn table(&self) -> std::sync::MutexGuard<'_, PeerTable> {
+        lock(&self.table)
+    }
+
+    /// Adds a node that connected to this one as a peer (if it is not one already).
+    fn learn_peer(&self, addr: SocketAddr, node_name: &str) {
+        let key = addr.to_string();
+        let known_as = lock(&self.conns)
+            .iter()
+            .find(|(_, conn)| conn.remote_address() == addr)
+            .map(|(k, _)| k.clone());
+        if self.table().learn(&key, known_as.as_deref(), node_name) {
+            tracing::info!(peer = %key, node = node_name, "learned a sync peer");
+        }
+    }
+
+    /// Tells every peer this node holds something new, so they fetch it now rather than at
+    /// their next interval.
+    fn announce(self: &Arc<Self>) {
+        for addr in self.table().to_ask(Instant::now()) {
+            let syncer = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = syncer.call(&addr, &Request::Announce {}).await {
+                    tracing::debug!(peer = %addr, error = %format!("{e:#}"), "announce not delivered");
+                }
+            });
+        }
+    }
+
+    /// The peer's connection, reusing a live one.
+    async fn connection(&self, addr: &str) -> Result<quinn::Connection> {
+        if let Some(conn) = lock(&self.conns).get(addr).cloned()
+            && conn.close_reason().is_none()
+        {
+            return Ok(conn);
+        }
+        let resolved = tokio::net::lookup_host(addr)
+            .await
+            .with_context(|| format!("resolving {addr}"))?
+            .next()
+            .ok_or_else(|| anyhow!("{addr} resolves to no address"))?;
+        if Some(resolved) == self.endpoint.local_addr().ok() {
+            bail!("{addr} is this node");
+        }
+        let connecting =
+            self.endpoint
+                .connect_with(self.client_config.clone(), resolved, NODE_SERVER_NAME)?;
+        let conn = tokio::time::timeout(REQUEST_TIMEOUT, connecting)
+            .await
+            .map_err(|_| anyhow!("connecting to {addr} timed out"))?
+            .with_context(|| format!("connecting to {addr}"))?;
+        if let Some(name) =
+            peer_certificates(&conn).and_then(|certs| certs.first().map(common_name))
+        {
+            self.table().set_node_name(addr, name);
+        }
+        lock(&self.conns).insert(addr.to_string(), conn.clone());
+        Ok(conn)
+    }
+
+    /// One request, one answer, within [`REQUEST_TIMEOUT`].
+    async fn call(&self, addr: &str, request: &Request) -> Result<Response> {
+        tokio::time::timeout(REQUEST_TIMEOUT, async {
+            let conn = self.connection(addr).await?;
+            let (mut send, mut recv) = conn.open_bi().await?;
+            write_frame(&mut send, request).await?;
+            send.finish()?;
+            let response: Response = read_frame(&mut recv).await?;
+            match response {
+                Response::Error { message } => bail!("{addr} refused: {message}"),
+                other => Ok(other),
+            }
+        })
+        .await
+        .map_err(|_| anyhow!("{addr} did not answer within {REQUEST_TIMEOUT:?}"))?
+    }
+
+    fn newest_seen(&self) -> impl Fn(&str) -> u64 + '_ {
+        let store = self.deployments.store();
+        move |name| store.newest_version_seen(name).unwrap_or(0)
+    }
+
+    /// Asks every peer for its holdings (concurrently) and records the answers. Waits for all of
+    /// them, but once one has answered, for at most [`HOLDINGS_PATIENCE`] more: a peer that
+    /// stopped answering must not hold every round up for the full request timeout. Its answer,
+    /// if it still comes, is recorded, and starts a round if it holds something new.
+    async fn refresh_holdings(self: &Arc<Self>) {
+        use futures_util::StreamExt;
+        let round_moved_on = Arc::new(AtomicBool::new(false));
+        let mut answers: futures_util::stream::FuturesUnordered<_> = self
+            .table()
+            .to_ask(Instant::now())
+            .into_iter()
+            .map(|addr| {
+                let (syncer, round_moved_on) = (self.clone(), round_moved_on.clone());
+                tokio::spawn(async move {
+                    let answer = match syncer.call(&addr, &Request::Holdings {}).await {
+                        Ok(Response::Holdings { items }) => Ok(items),
+                        Ok(other) => Err(format!("unexpected answer to holdings: {other:?}")),
+                        Err(e) => Err(format!("{e:#}")),
+                    };
+                    let outcome = {
+                        let mut table = syncer.table();
+                        let outcome = table.record_holdings(
+                            &addr,
+                            answer,
+                            Instant::now(),
+                            syncer.newest_seen(),
+                        );
+                        syncer.metrics.peers_reachable.set(table.reachable() as i64);
+                        outcome
+                    };
+                    if outcome.news && round_moved_on.load(Ordering::SeqCst) {
+                        syncer.wake.notify_one();
+                    }
+                    outcome.answered
+                })
+            })
+            .collect();
+        let started = Instant::now();
+        let mut any_answered = false;
+        loop {
+            let patience = if any_answered {
+                HOLDINGS_PATIENCE.saturating_sub(started.elapsed())
+            } else {
+                REQUEST_TIMEOUT * 2
+            };
+            match tokio::time::timeout(patience, answers.next()).await {
+                Ok(Some(answered)) => any_answered |= answered.unwrap_or(false),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        round_moved_on.store(true, Ordering::SeqCst);
+    }
+
+    /// One anti-entropy round: learn what every peer holds, fetch what this node lacks.
+    async fn round(self: &Arc<Self>) {
+        self.metrics.rounds.inc();
+        self.refresh_holdings().await;
+        let wanted = self.table().wanted(self.newest_seen(), |name| {
+            edged_snapshots::manifest::validate_name(name).is_ok()
+        });
+        // Each name syncs in its own task, so a long transfer does not hold up the next round
+        // (a newly pushed deployment of another name, a penalty, a new peer). The versions of
+        // one name go in order, oldest first, so each passes the "newer than seen" check.
+        for (name, versions) in wanted {
+            if !lock(&self.names_in_sync).insert(name.clone()) {
+                continue; // already being synced
+            }
+            let syncer = self.clone();
+            tokio::spawn(async move {
+                let mut progressed = false;
+                for version in versions {
+                    let id = format!("{name}@{version}");
+                    match syncer.sync_deployment(&name, version).await {
+                        Ok(()) => {
+                            syncer.metrics.deployment("stored");
+                            progressed = true;
+                        }
+                        Err(e) => {
+                            tracing::warn!(deployment = %id, error = %format!("{e:#}"), "sync of deployment failed; retrying next round");
+                            syncer.metrics.deployment("failed");
+                            break;
+                        }
+                    }
+                }
+                lock(&syncer.names_in_sync).remove(&name);
+                if progressed {
+                    // A newer version may have been announced meanwhile.
+                    syncer.wake.notify_one();
+                }
+            });
+        }
+    }
+
+    /// Fetches, admits and stores one deployment; activates it if a peer serves it as active
+    /// and it is newer than the version active here.
+    async fn sync_deployment(self: &Arc<Self>, name: &str, version: u64) -> Result<()> {
+        let id = format!("{name}@{version}");
+        let (signed, from) = self.manifest_from_peers(name, version).await?;
+        tracing::info!(deployment = %id, peer = %from, "syncing deployment from peers");
+        // Peers see it as incomplete (and may take the blobs already here) until it is stored.
+        let _syncing = self.deployments.begin_sync(&signed);
+        self.fetch_blobs(&signed).await?;
+        let active_at_peer = self.table().active_at_a_peer(name, version);
+        let active_here = self.deployments.store().active_version(name)?;
+        let activate = active_at_peer && active_here.is_none_or(|v| v < version);
+        self.deployments
+            .commit(&signed, Origin::Sync, activate)
+            .await?;
+        tracing::info!(deployment = %id, "deployment synced and stored");
+        self.announce();
+        Ok(())
+    }
+
+    /// The signed manifest of `name@version` from a peer holding it whole, admitted like a push:
+    /// trusted signer, the name and version asked for, newer than any seen here. A peer whose
+    /// manifest was tampered with is penalised.
+    async fn manifest_from_peers(
+        &self,
+        name: &str,
+        version: u64,
+    ) -> Result<(SignedManifest, String)> {
+        let holders = self.table().manifest_holders(name, version, Instant::now());
+        let mut last_error = anyhow!("no reachable peer holds {name}@{version}");
+        for addr in holders {
+            let request = Request::GetManifest {
+                name: name.into(),
+                version,
+            };
+            let signed = match self.call(&addr, &request).await {
+                Ok(Response::Manifest { signed }) => signed,
+                Ok(other) => {
+                    last_error = anyhow!("{addr}: unexpected answer {other:?}");
+                    continue;
+                }
+                Err(e) => {
+                    last_error = e;
+                    continue;
+                }
+            };
+            if signed.manifest.name != name || signed.manifest.version != version {
+                let reason = format!(
+                    "sent {} when asked for {name}@{version}",
+                    signed.manifest.id()
+                );
+                self.penalise(&addr, &reason);
+                continue;
+            }
+            match self.deployments.admit(&signed) {
+                Ok(()) => return Ok((signed, addr)),
+                Err(refusal) if refusal.is_forgery() => {
+                    self.penalise(&addr, &refusal.to_string());
+                    last_error = refusal.into();
+                }
+                // Untrusted signer or an old version: the same answer from every peer.
+                Err(refusal) => {
+                    self.metrics.deployment("refused");
+                    return Err(anyhow::Error::from(refusal)
+                        .context(format!("manifest of {name}@{version} from {addr} refused")));
+                }
+            }
+        }
+        Err(last_error)
+    }
+
+    /// Fetches the blobs of `signed` this node lacks, concurrently. An artifact for this node's
+    /// target and fingerprint that no peer holds is left out: the node compiles it from the
+    /// source instead.
+    async fn fetch_blobs(self: &Arc<Self>, signed: &SignedManifest) -> Result<()> {
+        let id = signed.manifest.id();
+        let needed = self.deployments.needed_blobs(&signed.manifest);
+        let serving = self.deployments.serving();
+        if signed
+            .manifest
+            .artifact_for(serving.target(), serving.fingerprint())
+            .is_none()
+        {
+            tracing::info!(
+                deployment = %id,
+                fingerprint = serving.fingerprint(),
+                "the deployment ships no artifact for this node's engine; it will be compiled \
+                 from the verified source"
+            );
+        }
+        let results = futures_util::future::join_all(needed.into_values().map(|(blob, kind)| {
+            let id = id.clone();
+            async move {
+                if matches!(kind, BlobKind::Artifact { .. })
+                    && self
+                        .table()
+                        .holders_of(&blob.blake3, Instant::now())
+                        .is_empty()
+                {
+                    tracing::info!(
+                        deployment = %id,
+                        artifact = %blob.blake3,
+                        "no peer holds this node's artifact; it will be compiled from the verified \
+                         source"
+                    );
+                    return Ok(());
+                }
+                self.fetch_blob(&id, &blob, kind).await
+            }
+        }))
+        .await;
+        results.into_iter().collect()
+    }
+
+    /// `addr` lied (bad data, a forged or wrong manifest): not fetched from for a while.
+    fn penalise(&self, addr: &str, reason: &str) {
+        self.report_penalty(addr, reason);
+        self.table().penalise(addr, reason, Instant::now());
+    }
+
+    /// The log line and metric of a penalty (the peer table records it separately).
+    fn report_penalty(&self, addr: &str, reason: &str) {
+        tracing::warn!(peer = %addr, "peer served bad data, not fetching from it for {:?}: {reason}", policy::PENALTY);
+        self.metrics.penalised(addr);
+    }
+}
+
+impl SyncStatusSource for Syncer {
+    /// Peers, where each deployment is, transfers in progress. `served_bytes` is the control
+    /// server's to fill in.
+    fn sync_status(&self) -> SyncStatus {
+        let store = self.deployments.store();
+        let now = Instant::now();
+        let table = self.table();
+        let mut spread: BTreeMap<(String, u64), (bool, Vec<String>)> = table
+            .spread()
+            .into_iter()
+            .map(|(key, peers)| (key, (false, peers)))
+            .collect();
+        for manifest in store.manifests().unwrap_or_default() {
+            if matches!(
+                store.signature(&manifest.name, manifest.version),
+                Ok(Some(_))
+            ) {
+                spread
+                    .entry((manifest.name, manifest.version))
+                    .or_default()
+                    .0 = true;
+            }
+        }
+        SyncStatus {
+            peers: table.peer_status(now),
+            deployments: spread
+                .into_iter()
+                .map(|((name, version), (here, peers))| DeploymentSpread {
+                    name,
+                    version,
+                    here,
+                    peers,
+                })
+                .collect(),
+            transfers: lock(&self.in_progress)
+                .iter()
+                .map(|(hash, t)| TransferStatus {
+                    deployment: t.deployment.clone(),
+                    blob: hash.clone(),
+                    peer: t.peer.clone(),
+                    have: t.have.load(Ordering::Relaxed),
+                    size: t.size,
+                })
+                .collect(),
+            fetched_bytes: self.fetched_bytes.load(Ordering::Relaxed),
+            served_bytes: 0,
+        }
+    }
+}
+
+/// Sync's metrics: rounds, deployments and fetches by outcome, bytes by peer, penalties.
+struct SyncMetrics {
+    rounds: Counter,
+    deployments: Family<OutcomeLabel, Counter>,
+    fetches: Family<OutcomeLabel, Counter>,
+    fetched_bytes: Family<PeerLabel, Counter>,
+    penalties: Family<PeerLabel, Counter>,
+    transfers: Gauge,
+    peers_reachable: Gauge,
+}
+
+impl SyncMetrics {
+    fn register(registry: &mut Registry) -> SyncMetrics {
+        let metrics = SyncMetrics {
+            rounds: Counter::default(),
+            deployments: Family::default(),
+            fetches: Family::default(),
+            fetched_bytes: Family::default(),
+            penalties: Family::default(),
+            transfers: Gauge::default(),
+            peers_reachable: Gauge::default(),
+        };
+        registry.register(
+            "sync_rounds",
+            "Sync rounds (every peer asked for its holdings)",
+            metrics.rounds.clone(),
+        );
+        registry.register(
+            "sync_deployments",
+            "Deployments fetched from peers, by outcome (stored, refused, failed)",
+            metrics.deployments.clone(),
+        );
+        registry.register(
+            "sync_fetches",
+            "Blob fetch attempts from peers, by outcome (ok, busy, bad_data, failed)",
+            metrics.fetches.clone(),
+        );
+        registry.register(
+            "sync_fetched_bytes",
+            "Verified blob bytes fetched, by peer",
+            metrics.fetched_bytes.clone(),
+        );
+        registry.register(
+            "sync_penalties",
+            "Times a peer served data that failed verification",
+            metrics.penalties.clone(),
+        );
+        registry.register(
+            "sync_transfers",
+            "Blob fetches in progress",
+            metrics.transfers.clone(),
+        );
+        registry.register(
+            "sync_peers_reachable",
+            "Peers that answered the last holdings request",
+            metrics.peers_reachable.clone(),
+        );
+        metrics
+    }
+
+    fn deployment(&self, outcome: &str) {
+        self.deployments
+            .get_or_create(&OutcomeLabel::new(outcome))
+            .inc();
+    }
+
+    fn fetch(&self, outcome: &str) {
+        self.fetches
+            .get_or_create(&OutcomeLabel::new(outcome))
+            .inc();
+    }
+
+    fn fetched_from(&self, peer: &str) -> Counter {
+        self.fetched_bytes
+            .get_or_create(&PeerLabel {
+                peer: peer.to_string(),
+            })
+            .clone()
+    }
+
+    fn penalised(&self, peer: &str) {
+        self.penalties
+            .get_or_create(&PeerLabel {
+                peer: peer.to_string(),
+            })
+            .inc();
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}

@@ -1,0 +1,701 @@
+//! Sync policy, sans-IO: the peer table (holdings, backoff, penalties), what this node wants,
+//! and which holder a blob is fetched from next. Every decision takes `now` as an argument and
+//! touches no socket, clock or file, so it is unit-tested with a fake clock; `sync/mod.rs` is
+//! the tokio shell that asks peers, streams blobs and feeds the answers back in.
+//!
+//! The rules, in one place:
+//! - a peer that does not answer is asked again only after a backoff (1 s doubling to 30 s), and
+//!   at once when it connects to us (a healed partition, a restart);
+//! - a peer that served data failing verification (or a tampered manifest) is not fetched from
+//!   for [`PENALTY`];
+//! - a blob is fetched from holders that got the deployment by sync before the node an operator
+//!   pushed it to ("the origin"), so the origin uploads each blob about once; while some peer is
+//!   fetching the blob (a relay is coming) the others wait for it, but for at most
+//!   [`ORIGIN_PATIENCE`];
+//! - a busy holder is asked again later; a holder that failed is not asked again in that fetch.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::time::{Duration, Instant};
+
+use edged_control::wire::{Holding, PeerStatus};
+
+/// How long a peer that served bad data is not fetched from.
+pub const PENALTY: Duration = Duration::from_secs(600);
+/// How long fetchers wait for other holders before pulling from the node that got the push.
+pub const ORIGIN_PATIENCE: Duration = Duration::from_secs(10);
+/// Longest wait before asking an unreachable peer again.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// How long one blob may wait for a free holder within one round.
+pub const BUSY_GIVE_UP: Duration = Duration::from_secs(60);
+
+/// How long to wait before asking a peer again after `failures` unanswered requests in a row.
+pub fn backoff(failures: u32) -> Duration {
+    Duration::from_millis(500)
+        .saturating_mul(1 << failures.min(6))
+        .min(MAX_BACKOFF)
+}
+
+/// Why one attempt to fetch a blob from one peer ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Attempt {
+    /// It is serving that blob to someone else, or is at its serving cap.
+    Busy,
+    /// It sent data that fails verification (or a size the manifest contradicts).
+    BadData(String),
+    /// It could not be reached, died, stalled or refused.
+    Failed(String),
+}
+
+#[derive(Debug, Clone, Default)]
+struct PeerState {
+    learned: bool,
+    /// The name on its node certificate.
+    node_name: Option<String>,
+    last_seen: Option<Instant>,
+    last_error: Option<String>,
+    penalised_until: Option<Instant>,
+    /// Its last holdings answer (empty while unreachable).
+    holdings: Vec<Holding>,
+    /// Unanswered holdings requests in a row.
+    failures: u32,
+    retry_at: Option<Instant>,
+}
+
+impl PeerState {
+    fn backing_off(&self, now: Instant) -> bool {
+        self.retry_at.is_some_and(|at| now < at)
+    }
+
+    fn is_penalised(&self, now: Instant) -> bool {
+        self.penalised_until.is_some_and(|until| now < until)
+    }
+}
+
+/// What one holdings answer told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HoldingsOutcome {
+    pub answered: bool,
+    /// It holds whole a deployment newer than any this node has seen.
+    pub news: bool,
+}
+
+/// Every peer this node syncs with, by control address.
+#[derive(Debug, Default)]
+pub struct PeerTable {
+    peers: BTreeMap<String, PeerState>,
+}
+
+impl PeerTable {
+    /// A table of the configured peer addresses.
+    pub fn new<'a>(configured: impl IntoIterator<Item = &'a String>) -> PeerTable {
+        PeerTable {
+            peers: configured
+                .into_iter()
+                .map(|addr| (addr.clone(), PeerState::default()))
+                .collect(),
+        }
+    }
+
+    pub fn contains(&self, addr: &str) -> bool {
+        self.peers.contains_key(addr)
+    }
+
+    /// A node connected to us from `addr`. `known_as` is the address under which the table
+    /// already knows it, if the shell found one (a configured name that resolved to `addr`).
+    /// A known peer is reachable again at once; an unknown one joins the table. Returns whether
+    /// it was new.
+    pub fn learn(&mut self, addr: &str, known_as: Option<&str>, node_name: &str) -> bool {
+        let key = known_as.unwrap_or(addr);
+        if let Some(peer) = self.peers.get_mut(key) {
+            peer.retry_at = None;
+            return false;
+        }
+        self.peers.insert(
+            addr.to_string(),
+            PeerState {
+                learned: true,
+                node_name: Some(node_name.to_string()),
+                ..PeerState::default()
+            },
+        );
+        true
+    }
+
+    /// Records the name a peer's certificate carries, once connected.
+    pub fn set_node_name(&mut self, addr: &str, node_name: String) {
+        if let Some(peer) = self.peers.get_mut(addr) {
+            peer.node_name = Some(node_name);
+        }
+    }
+
+    /// Peers to talk to now: those not backing off after failures.
+    pub fn to_ask(&self, now: Instant) -> Vec<String> {
+        self.peers
+            .iter()
+            .filter(|(_, p)| !p.backing_off(now))
+            .map(|(addr, _)| addr.clone())
+            .collect()
+    }
+
+    /// Records one peer's holdings answer (or why there was none). `newest_seen` is the newest
+    /// version of a name this node has seen.
+    pub fn record_holdings(
+        &mut self,
+        addr: &str,
+        answer: Result<Vec<Holding>, String>,
+        now: Instant,
+        newest_seen: impl Fn(&str) -> u64,
+    ) -> HoldingsOutcome {
+        let Some(peer) = self.peers.get_mut(addr) else {
+            return HoldingsOutcome {
+                answered: false,
+                news: false,
+            };
+        };
+        match answer {
+            Ok(items) => {
+                let news = items
+                    .iter()
+                    .any(|h| h.complete && h.version > newest_seen(&h.name));
+                peer.holdings = items;
+                peer.last_seen = Some(now);
+                peer.last_error = None;
+                peer.failures = 0;
+                peer.retry_at = None;
+                HoldingsOutcome {
+                    answered: true,
+                    news,
+                }
+            }
+            Err(reason) => {
+                peer.holdings.clear();
+                peer.last_error = Some(reason);
+                peer.failures += 1;
+                peer.retry_at = Some(now + backoff(peer.failures));
+                HoldingsOutcome {
+                    answered: false,
+                    news: false,
+                }
+            }
+        }
+    }
+
+    /// Peers whose last holdings request was answered.
+    pub fn reachable(&self) -> usize {
+        self.peers
+            .values()
+            .filter(|p| p.failures == 0 && p.last_seen.is_some())
+            .count()
+    }
+
+    /// Remembers why the last request to `addr` failed, for status.
+    pub fn note_error(&mut self, addr: &str, reason: String) {
+        if let Some(peer) = self.peers.get_mut(addr) {
+            peer.last_error = Some(reason);
+        }
+    }
+
+    /// `addr` served bad data: not fetched from until [`PENALTY`] has passed.
+    pub fn penalise(&mut self, addr: &str, reason: &str, now: Instant) {
+        if let Some(peer) = self.peers.get_mut(addr) {
+            peer.penalised_until = Some(now + PENALTY);
+            peer.last_error = Some(format!("penalised: {reason}"));
+        }
+    }
+
+    pub fn is_penalised(&self, addr: &str, now: Instant) -> bool {
+        self.peers.get(addr).is_some_and(|p| p.is_penalised(now))
+    }
+
+    /// Deployments some peer holds whole that are newer than any this node has seen, by name,
+    /// versions in order. Names that are not valid deployment names are ignored.
+    pub fn wanted(
+        &self,
+        newest_seen: impl Fn(&str) -> u64,
+        valid_name: impl Fn(&str) -> bool,
+    ) -> BTreeMap<String, BTreeSet<u64>> {
+        let mut wanted: BTreeMap<String, BTreeSet<u64>> = BTreeMap::new();
+        for holding in self.peers.values().flat_map(|p| &p.holdings) {
+            if !holding.complete
+                || holding.version <= newest_seen(&holding.name)
+                || !valid_name(&holding.name)
+            {
+                continue;
+            }
+            wanted
+                .entry(holding.name.clone())
+                .or_default()
+                .insert(holding.version);
+        }
+        wanted
+    }
+
+    /// Peers (not penalised) holding `name@version` whole: where its manifest may come from.
+    pub fn manifest_holders(&self, name: &str, version: u64, now: Instant) -> Vec<String> {
+        self.peers
+            .iter()
+            .filter(|(_, p)| !p.is_penalised(now))
+            .filter(|(_, p)| {
+                p.holdings
+                    .iter()
+                    .any(|h| h.name == name && h.version == version && h.complete)
+            })
+            .map(|(addr, _)| addr.clone())
+            .collect()
+    }
+
+    /// Some peer serves `name@version` as its active version.
+    pub fn active_at_a_peer(&self, name: &str, version: u64) -> bool {
+        self.peers.values().any(|p| {
+            p.holdings
+                .iter()
+                .any(|h| h.name == name && h.version == version && h.active)
+        })
+    }
+
+    /// Peers (not penalised) that can serve blob `hash`: `(address, is the origin)`, where the
+    /// origin is a peer every listing holding of which was pushed there by an operator.
+    pub fn holders_of(&self, hash: &str, now: Instant) -> Vec<(String, bool)> {
+        self.listing(hash, now, |h| &h.blobs)
+    }
+
+    /// Peers (not penalised) downloading `hash` right now.
+    pub fn fetchers_of(&self, hash: &str, now: Instant) -> Vec<String> {
+        let fetchers = self.listing(hash, now, |h| &h.fetching);
+        fetchers.into_iter().map(|(addr, _)| addr).collect()
+    }
+
+    fn listing(
+        &self,
+        hash: &str,
+        now: Instant,
+        list: impl Fn(&Holding) -> &Vec<String>,
+    ) -> Vec<(String, bool)> {
+        self.peers
+            .iter()
+            .filter(|(_, p)| !p.is_penalised(now))
+            .filter_map(|(addr, p)| {
+                let listing: Vec<&Holding> = p
+                    .holdings
+                    .iter()
+                    .filter(|h| list(h).iter().any(|b| b == hash))
+                    .collect();
+                (!listing.is_empty()).then(|| (addr.clone(), listing.iter().all(|h| h.pushed_here)))
+            })
+            .collect()
+    }
+
+    /// Each peer as `edgectl status` shows it.
+    pub fn peer_status(&self, now: Instant) -> Vec<PeerStatus> {
+        self.peers
+            .iter()
+            .map(|(addr, p)| PeerStatus {
+                addr: addr.clone(),
+                node: p.node_name.clone(),
+                learned: p.learned,
+                last_seen_ms: p
+                    .last_seen
+                    .map(|t| now.saturating_duration_since(t).as_millis() as u64),
+                last_error: p.last_error.clone(),
+                penalised: p.is_penalised(now),
+            })
+            .collect()
+    }
+
+    /// Which peers reported each deployment whole in their last holdings.
+    pub fn spread(&self) -> BTreeMap<(String, u64), Vec<String>> {
+        let mut spread: BTreeMap<(String, u64), Vec<String>> = BTreeMap::new();
+        for (addr, peer) in &self.peers {
+            for h in peer.holdings.iter().filter(|h| h.complete) {
+                spread
+                    .entry((h.name.clone(), h.version))
+                    .or_default()
+                    .push(addr.clone());
+            }
+        }
+        spread
+    }
+}
+
+/// The holder choice for fetching one blob, across attempts.
+#[derive(Debug)]
+pub struct BlobFetch {
+    hash: String,
+    started: Instant,
+    /// Holders that failed this fetch (died, refused, lied): not asked again in it.
+    failed: HashSet<String>,
+    /// Spreads fetchers over equal holders.
+    rotation: usize,
+}
+
+/// Whom to ask next for a blob.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NextHolders {
+    /// Ask these, in order (empty: wait a moment, a relay is coming).
+    Ask(Vec<String>),
+    /// Nobody usable holds it or is getting it.
+    Nobody,
+}
+
+impl BlobFetch {
+    pub fn new(hash: &str, now: Instant) -> BlobFetch {
+        BlobFetch {
+            hash: hash.to_string(),
+            started: now,
+            failed: HashSet::new(),
+            rotation: 0,
+        }
+    }
+
+    /// Holders to try now. The node that got the push serves a blob only when nobody else has
+    /// it or is getting it, or once [`ORIGIN_PATIENCE`] has passed (a slow relay must not hold
+    /// everyone up).
+    pub fn next_holders(&mut self, table: &PeerTable, now: Instant) -> NextHolders {
+        let (mut preferred, origins): (Vec<_>, Vec<_>) = table
+            .holders_of(&self.hash, now)
+            .into_iter()
+            .filter(|(addr, _)| !self.failed.contains(addr))
+            .partition(|(_, origin)| !origin);
+        if !preferred.is_empty() {
+            let by = self.rotation % preferred.len();
+            preferred.rotate_left(by);
+        }
+        self.rotation += 1;
+        let relay_coming = table
+            .fetchers_of(&self.hash, now)
+            .iter()
+            .any(|addr| !self.failed.contains(addr));
+        if preferred.is_empty() && origins.is_empty() && !relay_coming {
+            return NextHolders::Nobody;
+        }
+        let patience_over = now.saturating_duration_since(self.started) >= ORIGIN_PATIENCE;
+        let use_origins = (preferred.is_empty() && !relay_coming) || patience_over;
+        NextHolders::Ask(
+            preferred
+                .into_iter()
+                .chain(origins.into_iter().filter(|_| use_origins))
+                .map(|(addr, _)| addr)
+                .collect(),
+        )
+    }
+
+    /// Feeds back how an attempt with `addr` ended.
+    pub fn record(&mut self, table: &mut PeerTable, addr: &str, attempt: &Attempt, now: Instant) {
+        match attempt {
+            Attempt::Busy => {}
+            Attempt::BadData(reason) => {
+                table.penalise(addr, reason, now);
+                self.failed.insert(addr.to_string());
+            }
+            Attempt::Failed(reason) => {
+                table.note_error(addr, reason.clone());
+                self.failed.insert(addr.to_string());
+            }
+        }
+    }
+
+    /// Every holder stayed busy for too long: give up for this round.
+    pub fn gave_up(&self, now: Instant) -> bool {
+        now.saturating_duration_since(self.started) >= BUSY_GIVE_UP
+    }
+
+    /// Holders that failed this fetch, for the error message.
+    pub fn failed(&self) -> Vec<String> {
+        let mut failed: Vec<String> = self.failed.iter().cloned().collect();
+        failed.sort();
+        failed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BLOB: &str = "b10b";
+
+    fn holding(name: &str, version: u64) -> Holding {
+        Holding {
+            name: name.into(),
+            version,
+            active: true,
+            complete: true,
+            pushed_here: false,
+            blobs: vec![BLOB.into()],
+            fetching: Vec::new(),
+        }
+    }
+
+    fn origin_holding() -> Holding {
+        Holding {
+            pushed_here: true,
+            ..holding("app", 1)
+        }
+    }
+
+    fn fetching_holding() -> Holding {
+        Holding {
+            complete: false,
+            active: false,
+            blobs: Vec::new(),
+            fetching: vec![BLOB.into()],
+            ..holding("app", 1)
+        }
+    }
+
+    fn table(peers: &[(&str, Vec<Holding>)], now: Instant) -> PeerTable {
+        let addrs: Vec<String> = peers.iter().map(|(a, _)| a.to_string()).collect();
+        let mut table = PeerTable::new(&addrs);
+        for (addr, holdings) in peers {
+            table.record_holdings(addr, Ok(holdings.clone()), now, |_| 0);
+        }
+        table
+    }
+
+    fn fail(table: &mut PeerTable, addr: &str, now: Instant) {
+        table.record_holdings(addr, Err("no answer".into()), now, |_| 0);
+    }
+
+    #[test]
+    fn backoff_grows_to_its_cap() {
+        let waits: Vec<u64> = (1..=8).map(|f| backoff(f).as_secs()).collect();
+        assert_eq!(waits, [1, 2, 4, 8, 16, 30, 30, 30]);
+    }
+
+    #[test]
+    fn an_unreachable_peer_backs_off_and_is_asked_again_at_once_when_it_connects() {
+        let t0 = Instant::now();
+        let mut table = table(&[("a", vec![]), ("b", vec![])], t0);
+        fail(&mut table, "a", t0);
+        assert_eq!(table.to_ask(t0), ["b"]);
+        assert_eq!(table.to_ask(t0 + Duration::from_secs(1)), ["a", "b"]);
+        // A second failure in a row doubles the wait.
+        let t1 = t0 + Duration::from_secs(1);
+        fail(&mut table, "a", t1);
+        assert_eq!(table.to_ask(t1 + Duration::from_millis(1999)), ["b"]);
+        assert_eq!(table.to_ask(t1 + Duration::from_secs(2)), ["a", "b"]);
+        assert_eq!(table.reachable(), 1);
+        // It connects to us (healed partition): no waiting out the backoff.
+        fail(&mut table, "a", t1);
+        assert!(!table.learn("a", None, "node-a"));
+        assert_eq!(table.to_ask(t1), ["a", "b"]);
+        // An answer clears the failure count: the next failure waits 1 s again.
+        table.record_holdings("a", Ok(vec![]), t1, |_| 0);
+        assert_eq!(table.reachable(), 2);
+        fail(&mut table, "a", t1);
+        assert_eq!(table.to_ask(t1 + Duration::from_secs(1)), ["a", "b"]);
+    }
+
+    #[test]
+    fn a_connecting_node_joins_once_under_the_name_it_is_known_by() {
+        let t0 = Instant::now();
+        let mut table = PeerTable::new(&["seed.example:7000".to_string()]);
+        assert!(table.learn("10.0.0.9:7000", None, "node-x"));
+        assert!(!table.learn("10.0.0.9:7000", None, "node-x"));
+        // The configured seed, once connected, is recognised by its resolved address.
+        assert!(!table.learn("10.0.0.1:7000", Some("seed.example:7000"), "node-seed"));
+        assert_eq!(table.to_ask(t0).len(), 2);
+        let status = table.peer_status(t0);
+        assert!(status.iter().any(|p| p.addr == "10.0.0.9:7000"
+            && p.learned
+            && p.node.as_deref() == Some("node-x")));
+    }
+
+    #[test]
+    fn a_penalty_expires() {
+        let t0 = Instant::now();
+        let mut table = table(&[("liar", vec![holding("app", 1)])], t0);
+        table.penalise("liar", "bad chunk", t0);
+        let just_before = t0 + PENALTY - Duration::from_millis(1);
+        assert!(table.is_penalised("liar", just_before));
+        assert!(table.holders_of(BLOB, just_before).is_empty());
+        assert!(table.manifest_holders("app", 1, just_before).is_empty());
+        assert!(table.peer_status(just_before)[0].penalised);
+        let after = t0 + PENALTY;
+        assert!(!table.is_penalised("liar", after));
+        assert_eq!(table.holders_of(BLOB, after), [("liar".to_string(), false)]);
+    }
+
+    #[test]
+    fn holders_that_synced_come_before_the_origin() {
+        let t0 = Instant::now();
+        let table = table(
+            &[
+                ("origin", vec![origin_holding()]),
+                ("relay", vec![holding("app", 1)]),
+            ],
+            t0,
+        );
+        let mut fetch = BlobFetch::new(BLOB, t0);
+        assert_eq!(
+            fetch.next_holders(&table, t0),
+            NextHolders::Ask(vec!["relay".into()])
+        );
+        // After the patience runs out the origin is a fallback behind the relay.
+        let later = t0 + ORIGIN_PATIENCE;
+        assert_eq!(
+            fetch.next_holders(&table, later),
+            NextHolders::Ask(vec!["relay".into(), "origin".into()])
+        );
+    }
+
+    #[test]
+    fn fetchers_wait_for_a_relay_then_fall_back_to_the_origin() {
+        let t0 = Instant::now();
+        let table = table(
+            &[
+                ("origin", vec![origin_holding()]),
+                ("relay", vec![fetching_holding()]),
+            ],
+            t0,
+        );
+        let mut fetch = BlobFetch::new(BLOB, t0);
+        // Someone is getting it: wait rather than take a second copy from the origin.
+        assert_eq!(fetch.next_holders(&table, t0), NextHolders::Ask(vec![]));
+        let almost = t0 + ORIGIN_PATIENCE - Duration::from_millis(1);
+        assert_eq!(fetch.next_holders(&table, almost), NextHolders::Ask(vec![]));
+        assert_eq!(
+            fetch.next_holders(&table, t0 + ORIGIN_PATIENCE),
+            NextHolders::Ask(vec!["origin".into()])
+        );
+    }
+
+    #[test]
+    fn the_origin_serves_at_once_when_nobody_else_has_it_or_is_getting_it() {
+        let t0 = Instant::now();
+        let table = table(&[("origin", vec![origin_holding()]), ("idle", vec![])], t0);
+        let mut fetch = BlobFetch::new(BLOB, t0);
+        assert_eq!(
+            fetch.next_holders(&table, t0),
+            NextHolders::Ask(vec!["origin".into()])
+        );
+        let empty = PeerTable::new(&["idle".to_string()]);
+        assert_eq!(
+            BlobFetch::new(BLOB, t0).next_holders(&empty, t0),
+            NextHolders::Nobody
+        );
+    }
+
+    #[test]
+    fn a_busy_holder_is_asked_again_until_the_fetch_gives_up() {
+        let t0 = Instant::now();
+        let mut table = table(&[("b", vec![holding("app", 1)])], t0);
+        let mut fetch = BlobFetch::new(BLOB, t0);
+        fetch.record(&mut table, "b", &Attempt::Busy, t0);
+        let later = t0 + Duration::from_secs(30);
+        assert_eq!(
+            fetch.next_holders(&table, later),
+            NextHolders::Ask(vec!["b".into()])
+        );
+        assert!(!fetch.gave_up(later));
+        assert!(fetch.gave_up(t0 + BUSY_GIVE_UP));
+        assert!(!table.is_penalised("b", later));
+    }
+
+    #[test]
+    fn a_lying_peer_is_never_asked_again_while_penalised() {
+        let t0 = Instant::now();
+        let mut table = table(
+            &[
+                ("liar", vec![holding("app", 1)]),
+                ("honest", vec![holding("app", 1)]),
+            ],
+            t0,
+        );
+        let mut fetch = BlobFetch::new(BLOB, t0);
+        let NextHolders::Ask(first) = fetch.next_holders(&table, t0) else {
+            panic!("two holders");
+        };
+        assert_eq!(first, ["honest", "liar"]);
+        fetch.record(&mut table, "liar", &Attempt::BadData("chunk 3".into()), t0);
+        for step in 1..5 {
+            let now = t0 + Duration::from_secs(step);
+            assert_eq!(
+                fetch.next_holders(&table, now),
+                NextHolders::Ask(vec!["honest".into()])
+            );
+        }
+        // Nor in the next fetch, nor for its manifests.
+        let mut next = BlobFetch::new(BLOB, t0 + Duration::from_secs(60));
+        assert_eq!(
+            next.next_holders(&table, t0 + Duration::from_secs(60)),
+            NextHolders::Ask(vec!["honest".into()])
+        );
+        assert_eq!(table.manifest_holders("app", 1, t0), ["honest"]);
+        assert!(
+            table.peer_status(t0)[1]
+                .last_error
+                .as_deref()
+                .unwrap()
+                .contains("chunk 3")
+        );
+    }
+
+    #[test]
+    fn a_failed_holder_is_skipped_for_that_fetch_only() {
+        let t0 = Instant::now();
+        let mut table = table(&[("b", vec![holding("app", 1)])], t0);
+        let mut fetch = BlobFetch::new(BLOB, t0);
+        fetch.record(&mut table, "b", &Attempt::Failed("reset".into()), t0);
+        assert_eq!(fetch.next_holders(&table, t0), NextHolders::Nobody);
+        assert_eq!(fetch.failed(), ["b"]);
+        assert!(!table.is_penalised("b", t0));
+        assert_eq!(
+            BlobFetch::new(BLOB, t0).next_holders(&table, t0),
+            NextHolders::Ask(vec!["b".into()])
+        );
+    }
+
+    #[test]
+    fn equal_holders_take_turns() {
+        let t0 = Instant::now();
+        let table = table(
+            &[
+                ("b", vec![holding("app", 1)]),
+                ("c", vec![holding("app", 1)]),
+            ],
+            t0,
+        );
+        let mut fetch = BlobFetch::new(BLOB, t0);
+        let firsts: Vec<String> = (0..4)
+            .map(|_| match fetch.next_holders(&table, t0) {
+                NextHolders::Ask(holders) => holders[0].clone(),
+                NextHolders::Nobody => panic!("two holders"),
+            })
+            .collect();
+        assert_eq!(firsts, ["b", "c", "b", "c"]);
+    }
+
+    #[test]
+    fn only_whole_newer_deployments_with_valid_names_are_wanted_and_news() {
+        let t0 = Instant::now();
+        let addrs = vec!["b".to_string()];
+        let mut table = PeerTable::new(&addrs);
+        let seen = |name: &str| if name == "app" { 2 } else { 0 };
+        let holdings = vec![
+            holding("app", 2),
+            holding("app", 3),
+            holding("app", 4),
+            Holding {
+                complete: false,
+                ..holding("other", 1)
+            },
+            holding("../bad", 1),
+        ];
+        let outcome = table.record_holdings("b", Ok(holdings), t0, seen);
+        assert_eq!(
+            outcome,
+            HoldingsOutcome {
+                answered: true,
+                news: true
+            }
+        );
+        let wanted = table.wanted(seen, |name| !name.contains('/'));
+        assert_eq!(wanted.len(), 1);
+        assert_eq!(wanted["app"].iter().copied().collect::<Vec<_>>(), [3, 4]);
+        // Nothing newer than seen: no news.
+        let outcome = table.record_holdings("b", Ok(vec![holding("app", 2)]), t0, seen);
+        assert!(outcome.answered && !outcome.news);
+        assert!(table.active_at_a_peer("app", 2));
+        assert!(!table.active_at_a_peer("app", 3));
+    }
+}
