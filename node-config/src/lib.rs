@@ -34,6 +34,31 @@ impl fmt::Display for ConfigError {
     }
 }
 
+/// The rules every route follows, a config function's or a pushed deployment's: it starts with
+/// `/`, has no spaces, and is none of the node's own endpoints.
+pub fn check_route(route: &str) -> Result<(), String> {
+    if !route.starts_with('/') || route.contains(char::is_whitespace) {
+        return Err(format!(
+            "route `{route}` must start with `/` and contain no spaces"
+        ));
+    }
+    if matches!(
+        route.trim_end_matches('/'),
+        "/metrics" | "/healthz" | "/readyz"
+    ) {
+        return Err(format!("route `{route}` is reserved by edged"));
+    }
+    Ok(())
+}
+
+/// Whether two routes serve the same paths (a trailing `/` makes no difference).
+pub fn same_route(a: &str, b: &str) -> bool {
+    a.trim_end_matches('/') == b.trim_end_matches('/')
+}
+
+/// Longest head or body timeout a node accepts: a client that needs longer is stalled.
+const MAX_CLIENT_TIMEOUT_MS: u64 = 3_600_000;
+
 /// A validated node configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NodeConfig {
@@ -44,6 +69,11 @@ pub struct NodeConfig {
     pub drain_timeout: Duration,
     /// Epoch tick: the resolution of guest deadlines.
     pub epoch_tick: Duration,
+    /// How long a client may take to send a request head; the connection is closed after.
+    pub head_timeout: Duration,
+    /// How long a client may take to send a request body; the request gets a 408 and frees the
+    /// function's concurrency slot after.
+    pub body_timeout: Duration,
     /// Prepared deployments kept mapped.
     pub cache_capacity: usize,
     pub engine: EngineConfig,
@@ -213,6 +243,8 @@ struct RawNode {
     http_listen: Spanned<String>,
     drain_timeout_ms: u64,
     epoch_tick_ms: Spanned<u64>,
+    head_timeout_ms: Spanned<u64>,
+    body_timeout_ms: Spanned<u64>,
     cache_capacity: Spanned<usize>,
 }
 
@@ -223,6 +255,8 @@ impl Default for RawNode {
             http_listen: Spanned::new(0..0, "127.0.0.1:8080".into()),
             drain_timeout_ms: 10_000,
             epoch_tick_ms: Spanned::new(0..0, 10),
+            head_timeout_ms: Spanned::new(0..0, 10_000),
+            body_timeout_ms: Spanned::new(0..0, 30_000),
             cache_capacity: Spanned::new(0..0, 64),
         }
     }
@@ -347,6 +381,17 @@ impl NodeConfig {
                     format!("http_listen `{}`: {e}", node.http_listen.get_ref()),
                 )
             })?;
+        for (value, key) in [
+            (&node.head_timeout_ms, "head_timeout_ms"),
+            (&node.body_timeout_ms, "body_timeout_ms"),
+        ] {
+            if !(1..=MAX_CLIENT_TIMEOUT_MS).contains(value.get_ref()) {
+                return Err(err_at(
+                    value.span(),
+                    format!("{key} must be between 1 and {MAX_CLIENT_TIMEOUT_MS} (one hour)"),
+                ));
+            }
+        }
         if *node.epoch_tick_ms.get_ref() == 0 || *node.epoch_tick_ms.get_ref() > 1000 {
             return Err(err_at(
                 node.epoch_tick_ms.span(),
@@ -430,6 +475,8 @@ impl NodeConfig {
             http_listen,
             drain_timeout: Duration::from_millis(node.drain_timeout_ms),
             epoch_tick: Duration::from_millis(*node.epoch_tick_ms.get_ref()),
+            head_timeout: Duration::from_millis(*node.head_timeout_ms.get_ref()),
+            body_timeout: Duration::from_millis(*node.body_timeout_ms.get_ref()),
             cache_capacity: *node.cache_capacity.get_ref(),
             engine: EngineConfig {
                 memory_reservation_bytes: reservation,
@@ -531,16 +578,11 @@ fn validate_function(
         ));
     }
     let route = f.route.get_ref();
-    if !route.starts_with('/') || route.contains(char::is_whitespace) {
-        return Err(err_at(
-            f.route.span(),
-            format!("route `{route}` must start with `/` and contain no spaces"),
-        ));
-    }
+    check_route(route).map_err(|reason| err_at(f.route.span(), reason))?;
     let host = f.host.as_ref().map(|h| h.to_ascii_lowercase());
     if let Some(other) = earlier
         .iter()
-        .find(|g| g.route.trim_end_matches('/') == route.trim_end_matches('/') && g.host == host)
+        .find(|g| same_route(&g.route, route) && g.host == host)
     {
         return Err(err_at(
             f.route.span(),
@@ -548,12 +590,6 @@ fn validate_function(
                 "route `{route}` is already served by function `{}`",
                 other.name
             ),
-        ));
-    }
-    if matches!(route.as_str(), "/metrics" | "/healthz" | "/readyz") {
-        return Err(err_at(
-            f.route.span(),
-            format!("route `{route}` is reserved by edged"),
         ));
     }
     let wasm = resolve(f.wasm.get_ref());
