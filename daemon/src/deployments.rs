@@ -20,6 +20,7 @@ use edged_snapshots::{BlobKind, Manifest, Store, StoreError};
 use tokio::sync::broadcast;
 
 use crate::events::{DeploymentEvent, Origin};
+use crate::functions::pushed_route;
 use crate::serving::Serving;
 
 /// Why a signed manifest is not admitted.
@@ -32,6 +33,14 @@ pub enum Refusal {
     BadName { id: String, reason: String },
     #[error("{id} is already stored with different content")]
     Conflict { id: String },
+    #[error("{id}: {reason}")]
+    BadRoute { id: String, reason: String },
+    #[error("{id}: route `{route}` is already served by function `{by}`")]
+    RouteTaken {
+        id: String,
+        route: String,
+        by: String,
+    },
     #[error(
         "{id} is not newer than version {newest} already seen for `{name}`: refused (an older \
          signed manifest replayed would roll the function back; use `edgectl activate` to go \
@@ -112,6 +121,7 @@ impl Deployments {
                 reason,
             }
         })?;
+        self.check_route(manifest)?;
         let store = self.store();
         match store.manifest(&manifest.name, manifest.version)? {
             Some(stored) if &stored == manifest => Ok(()),
@@ -127,6 +137,36 @@ impl Deployments {
                 }
                 Ok(())
             }
+        }
+    }
+
+    /// A pushed deployment's route follows the rules of a config route, and no other function
+    /// (declared in the config or pushed under another name) serves it already.
+    fn check_route(&self, manifest: &Manifest) -> Result<(), Refusal> {
+        let id = manifest.id();
+        let route = pushed_route(manifest);
+        edged_node_config::check_route(&route).map_err(|reason| Refusal::BadRoute {
+            id: id.clone(),
+            reason,
+        })?;
+        let config = self.serving.config();
+        let declared = config
+            .functions
+            .iter()
+            .filter(|f| f.host.is_none())
+            .map(|f| (f.name.clone(), f.route.clone()));
+        let served = self
+            .serving
+            .functions()
+            .iter()
+            .filter(|f| f.config.host.is_none())
+            .map(|f| (f.config.name.clone(), f.config.route.clone()))
+            .collect::<Vec<_>>();
+        match declared.chain(served).find(|(name, other)| {
+            *name != manifest.name && edged_node_config::same_route(other, &route)
+        }) {
+            Some((by, _)) => Err(Refusal::RouteTaken { id, route, by }),
+            None => Ok(()),
         }
     }
 
@@ -204,8 +244,14 @@ impl Deployments {
         Ok(())
     }
 
-    /// Makes `name@version` the active version and starts serving it.
+    /// Makes `name@version` the active version and starts serving it, once the node has proven
+    /// it can serve it: a version that cannot be served never replaces one that can.
     pub async fn activate(&self, name: &str, version: u64) -> Result<()> {
+        let manifest = self
+            .store()
+            .manifest(name, version)?
+            .ok_or_else(|| anyhow!("{name}@{version} is not stored on this node"))?;
+        self.serving.prove(&manifest).await?;
         self.store().activate(name, version)?;
         self.serving.rebuild().await?;
         tracing::info!(deployment = %format!("{name}@{version}"), "activated");

@@ -5,6 +5,7 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use edged_snapshots::Prepared;
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
 use tokio_util::task::TaskTracker;
@@ -112,6 +113,43 @@ pub async fn run_cgi(
         }
     }
     Ok(parse_cgi_output(stdout.contents()))
+}
+
+/// Creates one instance of `function` in a throwaway store and drops it, running no guest code
+/// beyond instantiation: proof that the deployment links against the host and fits the
+/// instance pool and the function's memory cap.
+pub async fn instantiate_once(engine: &Engine, function: &Function) -> Result<(), Fault> {
+    let limits = function.config.limits;
+    let classify = |e: wasmtime::Error| Fault::classify(e, limits.timeout);
+    match function.prepared.as_ref() {
+        Prepared::Module(pre) => {
+            let ctx = wasi_builder(&function.config)
+                .map_err(|e| Fault::Host(format!("{e:#}")))?
+                .build_p1();
+            let mut store = new_store(
+                engine,
+                GuestState::p1(ctx, limits.memory_bytes),
+                limits.timeout,
+            );
+            pre.instantiate_async(&mut store).await.map_err(classify)?;
+        }
+        Prepared::Component(_) => {
+            let proxy = function
+                .proxy
+                .as_ref()
+                .ok_or_else(|| Fault::Host("component has no wasi:http/proxy view".into()))?;
+            let ctx = wasi_builder(&function.config)
+                .map_err(|e| Fault::Host(format!("{e:#}")))?
+                .build();
+            let state = GuestState::p2(ctx, function.outbound.clone(), limits.memory_bytes);
+            let mut store = new_store(engine, state, limits.timeout);
+            proxy
+                .instantiate_async(&mut store)
+                .await
+                .map_err(classify)?;
+        }
+    }
+    Ok(())
 }
 
 /// CGI/1.1 meta-variables (RFC 3875) for `request` routed by `route`.
@@ -249,37 +287,46 @@ pub async fn run_proxy(
     on_done: impl FnOnce(Option<Fault>) + Send + 'static,
     tracker: &TaskTracker,
 ) -> Result<Response<ResponseBody>, Fault> {
+    // Created first, so that a request refused before its guest starts still reports its fault.
+    let done = DoneGuard(Some(on_done));
     let limits = function.config.limits;
-    let proxy = function
-        .proxy
-        .clone()
-        .ok_or_else(|| Fault::Host("component has no wasi:http/proxy view".into()))?;
-    let ctx = wasi_builder(&function.config)
-        .map_err(|e| Fault::Host(format!("{e:#}")))?
-        .build();
-    let state = GuestState::p2(ctx, function.outbound.clone(), limits.memory_bytes);
-    let mut store = new_store(engine, state, limits.timeout);
+    let setup = || -> Result<_, Fault> {
+        let proxy = function
+            .proxy
+            .clone()
+            .ok_or_else(|| Fault::Host("component has no wasi:http/proxy view".into()))?;
+        let ctx = wasi_builder(&function.config)
+            .map_err(|e| Fault::Host(format!("{e:#}")))?
+            .build();
+        let state = GuestState::p2(ctx, function.outbound.clone(), limits.memory_bytes);
+        Ok((proxy, new_store(engine, state, limits.timeout)))
+    };
+    let (proxy, mut store) = match setup() {
+        Ok(ready) => ready,
+        Err(fault) => return Err(done.fail(fault)),
+    };
     let (sender, mut receiver) = tokio::sync::oneshot::channel();
     let request = request.map(|body| {
         Full::new(body).map_err(
             |never: std::convert::Infallible| -> wasmtime_wasi_http::Error { match never {} },
         )
     });
-    let incoming = store
+    let handles = store
         .data_mut()
         .http()
         .new_incoming_request(Scheme::Http, request)
-        .map_err(|e| Fault::Host(format!("{e:#}")))?;
-    let outparam = store
-        .data_mut()
-        .http()
-        .new_response_outparam(sender)
-        .map_err(|e| Fault::Host(format!("{e:#}")))?;
+        .and_then(|incoming| {
+            let outparam = store.data_mut().http().new_response_outparam(sender)?;
+            Ok((incoming, outparam))
+        });
+    let (incoming, outparam) = match handles {
+        Ok(handles) => handles,
+        Err(e) => return Err(done.fail(Fault::Host(format!("{e:#}")))),
+    };
 
     let (instantiated_tx, mut instantiated_rx) = tokio::sync::oneshot::channel();
     let timeout = limits.timeout;
     let mut guest: GuestRun = Box::pin(async move {
-        let done = DoneGuard(Some(on_done));
         let started = Instant::now();
         let result = async {
             let guest = proxy.instantiate_async(&mut store).await?;
@@ -408,6 +455,12 @@ impl<F: FnOnce(Option<Fault>)> DoneGuard<F> {
         if let Some(on_done) = self.0.take() {
             on_done(fault);
         }
+    }
+
+    /// Ends the request with `fault` before its guest ran; returns it for the caller.
+    fn fail(self, fault: Fault) -> Fault {
+        self.finish(Some(fault.clone()));
+        fault
     }
 }
 

@@ -25,7 +25,7 @@ use crate::deployments::Deployments;
 use crate::epoch::EpochTicker;
 use crate::events::SyncStatusSource;
 use crate::housekeeping;
-use crate::ingress::Ingress;
+use crate::ingress::{AcceptBackoff, Ingress};
 use crate::metrics::{self, OutcomeLabel};
 use crate::notify;
 use crate::serving::Serving;
@@ -63,29 +63,46 @@ pub async fn run(
         .with_context(|| format!("binding HTTP on {}", config.http_listen))?;
     let addr = listener.local_addr()?;
     let ready = Arc::new(AtomicBool::new(true));
-    let ingress = Ingress::new(serving.clone(), Arc::new(registry), ready.clone());
+    let ingress = Ingress::new(serving.clone(), registry, ready.clone());
     tracing::info!(%addr, functions = serving.functions().len(), "edged serving");
     on_listening(addr, control_addr);
     notify::ready();
     let watchdog = notify::spawn_watchdog(ready.clone(), addr);
 
     let graceful = GracefulShutdown::new();
+    let mut accept_backoff = AcceptBackoff::default();
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sighup = signal(SignalKind::hangup())?;
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => ingress.serve_connection(stream, peer, &graceful),
-                Err(e) => tracing::warn!(error = %e, "accept failed"),
+                Ok((stream, peer)) => {
+                    if accept_backoff.succeeded() {
+                        tracing::info!("accepting connections again");
+                    }
+                    ingress.serve_connection(stream, peer, &graceful);
+                }
+                Err(e) => {
+                    let decision = accept_backoff.failed(Instant::now());
+                    if let Some(failures) = decision.log {
+                        tracing::warn!(error = %e, failures, pause = ?decision.pause, "accept failed; pausing the listener");
+                    }
+                    tokio::time::sleep(decision.pause).await;
+                }
             },
             _ = sighup.recv() => {
-                notify::reloading();
-                match reload(&serving, config_path.as_deref(), &reloads).await {
-                    Ok(()) => tracing::info!(functions = serving.functions().len(), "config reloaded"),
-                    Err(e) => tracing::error!(error = %format!("{e:#}"), "reload refused; keeping the running config"),
-                }
-                notify::ready();
+                // Off the accept path: the old function set serves (and new connections are
+                // accepted) while the new one compiles.
+                let (serving, path, reloads) = (serving.clone(), config_path.clone(), reloads.clone());
+                tokio::spawn(async move {
+                    notify::reloading();
+                    match reload(&serving, path.as_deref(), &reloads).await {
+                        Ok(()) => tracing::info!(functions = serving.functions().len(), "config reloaded"),
+                        Err(e) => tracing::error!(error = %format!("{e:#}"), "reload refused; keeping the running config"),
+                    }
+                    notify::ready();
+                });
             }
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
@@ -181,6 +198,7 @@ async fn reload(serving: &Serving, path: Option<&Path>, reloads: &ReloadMetrics)
 }
 
 /// Configuration reloads by outcome.
+#[derive(Clone)]
 struct ReloadMetrics {
     reloads: Family<OutcomeLabel, Counter>,
 }

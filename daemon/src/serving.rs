@@ -6,8 +6,9 @@
 //! activation. A set is immutable once built and swapped in atomically, so a request always sees
 //! one consistent set; rebuilds run one at a time.
 
+use std::collections::HashMap;
 use std::num::NonZeroUsize;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -33,7 +34,7 @@ use crate::functions::{
     Function, FunctionSet, prepare, prepare_declared, pushed_function_config, pushed_route,
 };
 use crate::host::{GuestState, linkers};
-use crate::invoke::{ResponseBody, Timing, run_cgi, run_proxy, text_response};
+use crate::invoke::{ResponseBody, Timing, instantiate_once, run_cgi, run_proxy, text_response};
 use crate::metrics::{FunctionLabel, latency_histogram};
 
 pub struct Serving {
@@ -46,6 +47,17 @@ pub struct Serving {
     guest_tasks: TaskTracker,
     /// Function-set rebuilds (reload, activation) run one at a time.
     rebuild_lock: tokio::sync::Mutex<()>,
+    /// Pushed deployments that could not be prepared, by id, with the reason: not retried on
+    /// every rebuild (a deployment's content never changes under its id).
+    unservable: Arc<Mutex<HashMap<String, String>>>,
+}
+
+/// Why a deployment cannot be served on this node.
+#[derive(Debug, thiserror::Error)]
+#[error("{id} cannot be served on this node: {reason}")]
+pub struct Unservable {
+    pub id: String,
+    pub reason: String,
 }
 
 fn runtime_settings(config: &NodeConfig) -> RuntimeSettings {
@@ -84,6 +96,7 @@ impl Serving {
             metrics: ServingMetrics::register(registry),
             guest_tasks: TaskTracker::new(),
             rebuild_lock: tokio::sync::Mutex::new(()),
+            unservable: Arc::default(),
         }))
     }
 
@@ -142,6 +155,7 @@ impl Serving {
         let restorer = self.restorer.clone();
         let engine_settings = self.engine_settings.clone();
         let config = config.clone();
+        let unservable = self.unservable.clone();
         let prepared = tokio::task::spawn_blocking(move || -> Result<Vec<(Function, LoadPath)>> {
             let mut functions = Vec::new();
             for declared in &config.functions {
@@ -155,11 +169,25 @@ impl Serving {
                     continue;
                 }
                 let Some(manifest) = store.active_manifest(&name)? else { continue };
+                // Only signed (pushed or synced) deployments: a function removed from the config
+                // leaves its unsigned deployments in the store, and they stop being served.
+                if store.signature(&name, manifest.version)?.is_none() {
+                    continue;
+                }
+                let id = manifest.id();
+                if let Some(reason) = lock(&unservable).get(&id) {
+                    tracing::debug!(deployment = %id, %reason, "not serving a deployment that failed to prepare");
+                    continue;
+                }
                 let function_config = pushed_function_config(&manifest);
                 match prepare(&restorer, &function_config, manifest) {
                     Ok(function) => functions.push(function),
                     // One bad pushed deployment must not take the others (or the node) down.
-                    Err(e) => tracing::error!(function = %name, error = %format!("{e:#}"), "cannot serve pushed deployment"),
+                    Err(e) => {
+                        let reason = format!("{e:#}");
+                        tracing::error!(deployment = %id, error = %reason, "cannot serve pushed deployment; not retrying it");
+                        lock(&unservable).insert(id, reason);
+                    }
                 }
             }
             Ok(functions)
@@ -174,6 +202,40 @@ impl Serving {
             })
             .collect();
         Ok(FunctionSet::new(functions))
+    }
+
+    /// Proves that the pushed deployment `manifest` can be served here before it is activated:
+    /// it is prepared (artifact mapped or compiled, linked against the host) and one instance is
+    /// created in the pool under its memory cap. A version that fails never replaces one that
+    /// serves; the failure is remembered.
+    pub async fn prove(&self, manifest: &Manifest) -> Result<(), Unservable> {
+        let id = manifest.id();
+        let unservable = |reason: String| {
+            lock(&self.unservable).insert(id.clone(), reason.clone());
+            Unservable {
+                id: id.clone(),
+                reason,
+            }
+        };
+        let restorer = self.restorer.clone();
+        let function_config = pushed_function_config(manifest);
+        let candidate = manifest.clone();
+        let prepared =
+            tokio::task::spawn_blocking(move || prepare(&restorer, &function_config, candidate))
+                .await;
+        let function = match prepared {
+            Ok(Ok((function, how))) => {
+                self.metrics.cold_load(&function.config.name, how);
+                function
+            }
+            Ok(Err(e)) => return Err(unservable(format!("{e:#}"))),
+            Err(e) => return Err(unservable(format!("preparing it panicked: {e}"))),
+        };
+        instantiate_once(self.restorer.engine(), &function)
+            .await
+            .map_err(|fault| unservable(format!("instantiating it failed: {fault}")))?;
+        lock(&self.unservable).remove(&id);
+        Ok(())
     }
 
     /// The route `manifest` is (or would be) served on: a config declaration of its name wins.
@@ -218,7 +280,22 @@ impl Serving {
             Err(refusal) => return refusal,
         };
         let (parts, body) = request.into_parts();
-        let body = match Limited::new(body, limits.max_body_bytes).collect().await {
+        // A client that trickles (or stops sending) its body must not keep the permit.
+        let body_timeout = self.config.load().body_timeout;
+        let collected = tokio::time::timeout(
+            body_timeout,
+            Limited::new(body, limits.max_body_bytes).collect(),
+        )
+        .await;
+        let Ok(collected) = collected else {
+            return self.reject(
+                function,
+                "body_timeout",
+                StatusCode::REQUEST_TIMEOUT,
+                &format!("request body not received within {body_timeout:?}"),
+            );
+        };
+        let body = match collected {
             Ok(collected) => collected.to_bytes(),
             Err(e)
                 if e.downcast_ref::<http_body_util::LengthLimitError>()
@@ -321,8 +398,7 @@ impl Serving {
         request: Request<Bytes>,
         permit: tokio::sync::OwnedSemaphorePermit,
     ) -> Response<ResponseBody> {
-        let in_flight = self.metrics.in_flight(&function.config.name);
-        in_flight.inc();
+        let in_flight = InFlight::enter(self.metrics.in_flight(&function.config.name));
         let engine = self.restorer.engine().clone();
         let mut timing = Timing {
             instantiate: Duration::ZERO,
@@ -333,21 +409,20 @@ impl Serving {
                 if let Err(fault) = &result {
                     self.metrics.fault(function, fault);
                 }
-                in_flight.dec();
-                drop(permit);
+                drop((in_flight, permit));
                 result
             }
             Prepared::Component(_) => {
                 let metrics = self.metrics.clone();
                 let function_for_done = function.clone();
                 // The permit and in-flight count are held until the guest ends, which may be
-                // after the response head (streaming bodies).
+                // after the response head (streaming bodies). Both are released when this
+                // closure is called or dropped, whatever path the request takes.
                 let on_done = move |fault: Option<Fault>| {
                     if let Some(fault) = &fault {
                         metrics.fault(&function_for_done, fault);
                     }
-                    in_flight.dec();
-                    drop(permit);
+                    drop((in_flight, permit));
                 };
                 run_proxy(
                     &engine,
@@ -371,6 +446,23 @@ impl Serving {
                 text_response(fault.status(), &format!("guest fault: {}\n", fault.kind()))
             }
         }
+    }
+}
+
+/// One request counted in `edged_in_flight` until dropped: the gauge comes back down on every
+/// path, including a guest abandoned before it ran.
+struct InFlight(Gauge);
+
+impl InFlight {
+    fn enter(gauge: Gauge) -> InFlight {
+        gauge.inc();
+        InFlight(gauge)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 
@@ -512,4 +604,8 @@ impl ServingMetrics {
             "guest fault: {fault}"
         );
     }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
