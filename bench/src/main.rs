@@ -8,6 +8,9 @@
 //!
 //! `cargo build --release -p edged -p bench && target/release/bench [--phases coldstart,http]`
 //!
+//! The soak phase (`--phases soak [--soak-secs 600 --soak-connections 32]`) holds a real edged
+//! under load with hello beside the fault guests for minutes: zero hello errors, flat RSS.
+//!
 //! The fleet phase (peer sync convergence against pushing to every node directly, and the
 //! origin's egress) takes longer and runs only when asked: `cargo build --release -p edged -p edgectl -p bench && target/release/bench
 //! --phases sync [--nodes 4 --artifact-mb 20 --sync-rounds 3]`
@@ -17,6 +20,7 @@ mod fleet;
 mod http;
 mod process;
 mod report;
+mod soak;
 mod stats;
 
 use std::path::PathBuf;
@@ -27,7 +31,7 @@ use clap::Parser;
 #[derive(Parser)]
 #[command(about = "edged benchmark: cold start, HTTP and fleet sync")]
 struct Args {
-    /// Which phases to run: coldstart, http, sync (sync is slow, so not a default).
+    /// Which phases to run: coldstart, http, sync, soak (sync and soak are slow, so not defaults).
     #[arg(long, value_delimiter = ',', default_values_t = ["coldstart".to_string(), "http".to_string()])]
     phases: Vec<String>,
     /// WASI p1 command guest for the cold-start phases (default: the init-heavy sample).
@@ -72,6 +76,15 @@ struct Args {
     /// Pushes in the sync phase, each to a fresh fleet.
     #[arg(long, default_value_t = 3)]
     sync_rounds: usize,
+    /// Length of the soak phase, in seconds.
+    #[arg(long, default_value_t = 600)]
+    soak_secs: u64,
+    /// Seconds of the soak phase before its RSS must stay flat.
+    #[arg(long, default_value_t = 60)]
+    soak_warmup_secs: u64,
+    /// Keep-alive connections of the soak phase (one in eight asks the fault guests).
+    #[arg(long, default_value_t = 32)]
+    soak_connections: usize,
     /// Where to write results.json and bench.svg.
     #[arg(long, default_value = "bench/out")]
     out: PathBuf,
@@ -80,7 +93,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
-    let known = ["coldstart", "http", "sync"];
+    let known = ["coldstart", "http", "sync", "soak"];
     if let Some(unknown) = args.phases.iter().find(|p| !known.contains(&p.as_str())) {
         bail!("unknown phase {unknown:?} (known: {})", known.join(", "));
     }
@@ -133,6 +146,19 @@ async fn main() -> Result<()> {
             pool_slots: args.pool_slots,
         };
         let (p, r, f) = fleet::run(&params, work.path()).await?;
+        phases.extend(p);
+        ratios.extend(r);
+        figures.extend(f);
+    }
+    if args.phases.iter().any(|p| p == "soak") {
+        let params = soak::Params {
+            edged: sibling_binary(args.edged.as_ref(), "edged")?,
+            connections: args.soak_connections,
+            duration: std::time::Duration::from_secs(args.soak_secs),
+            warm_up: std::time::Duration::from_secs(args.soak_warmup_secs),
+            emulator: emulator.clone(),
+        };
+        let (p, r, f) = soak::run(&params, work.path()).await?;
         phases.extend(p);
         ratios.extend(r);
         figures.extend(f);
