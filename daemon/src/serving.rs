@@ -16,7 +16,8 @@ use bytes::Bytes;
 use edged_compiler::{EngineSettings, Target};
 use edged_node_config::NodeConfig;
 use edged_snapshots::{
-    LoadPath, Manifest, PoolSettings, Prepared, Restorer, RuntimeSettings, Store, runtime_engine,
+    LoadPath, Manifest, PoolSettings, Prepared, RestoreError, Restorer, RuntimeSettings, Store,
+    runtime_engine,
 };
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
@@ -159,7 +160,16 @@ impl Serving {
                 match prepare(&restorer, &function_config, manifest) {
                     Ok(function) => functions.push(function),
                     // One bad pushed deployment must not take the others (or the node) down.
-                    Err(e) => tracing::error!(function = %name, error = %format!("{e:#}"), "cannot serve pushed deployment"),
+                    Err(e) => match e.chain().find_map(|c| c.downcast_ref::<RestoreError>()).and_then(RestoreError::damaged_blob) {
+                        Some(blob) => tracing::error!(
+                            function = %name,
+                            blob = %blob,
+                            error = %format!("{e:#}"),
+                            "cannot serve pushed deployment: blob {blob} is damaged on disk; \
+                             pushing the same .wasm again (`edgectl push`) repairs it"
+                        ),
+                        None => tracing::error!(function = %name, error = %format!("{e:#}"), "cannot serve pushed deployment"),
+                    },
                 }
             }
             Ok(functions)
