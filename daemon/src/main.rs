@@ -66,6 +66,7 @@ fn main() -> Result<()> {
             }
         };
     }
+    init_logging();
     let config = match &cli.config {
         Some(path) => NodeConfig::load(path)?,
         None => NodeConfig::dev_default(&std::env::current_dir()?),
@@ -73,7 +74,6 @@ fn main() -> Result<()> {
     if let Some(Command::Verify) = &cli.command {
         std::process::exit(verify(&config.state_dir));
     }
-    init_logging();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
