@@ -171,7 +171,9 @@ impl Deployments {
     }
 
     /// The blobs of `manifest` this node stores and does not have yet: its source, and the
-    /// artifact for this node's target and engine fingerprint (never another target's).
+    /// artifact for this node's target and engine fingerprint (never another target's). A blob
+    /// held here is re-hashed: a damaged copy is quarantined and asked for again, so a re-push
+    /// (or a peer) repairs it.
     pub fn needed_blobs(&self, manifest: &Manifest) -> NeededBlobs {
         let store = self.store();
         let target = self.serving.target();
@@ -196,7 +198,7 @@ impl Deployments {
                 ),
             );
         }
-        needed.retain(|hash, _| !self.holds(store, hash));
+        needed.retain(|hash, _| !holds_intact(store, &manifest.id(), hash));
         needed
     }
 
@@ -386,6 +388,28 @@ impl Deployments {
         FetchMark {
             deployments: self.clone(),
             hash: hash.to_string(),
+        }
+    }
+}
+
+/// Whether `store` holds blob `hash` (of deployment `id`) intact. A damaged copy is taken out
+/// of the store (its file kept under `damaged/`), so the fresh copy a push or a peer brings is
+/// accepted; a store that cannot be read counts as not holding it.
+fn holds_intact(store: &Store, id: &str, hash: &str) -> bool {
+    match store.check_blob(hash) {
+        Ok(_) => true,
+        Err(StoreError::MissingBlob(_)) => false,
+        Err(damage @ StoreError::Corrupt { .. }) => {
+            let reason =
+                format!("blob {hash} of {id} failed its check ({damage}); asking for it again");
+            if let Err(e) = store.quarantine_blob(hash, &reason) {
+                tracing::error!(blob = %hash, error = %e, "cannot take damaged blob out of the store");
+            }
+            false
+        }
+        Err(e) => {
+            tracing::warn!(blob = %hash, error = %e, "cannot read the store's index entry");
+            false
         }
     }
 }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use edged_compiler::{CompileOptions, EngineSettings, InitPolicy, Target, content_hash};
 use edged_node_config::{FunctionConfig, InitSetting, Limits};
-use edged_snapshots::{LoadPath, Manifest, Prepared, Restorer, Store};
+use edged_snapshots::{BlobKind, LoadPath, Manifest, Prepared, Restorer, Store};
 use tokio::sync::Semaphore;
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 
@@ -90,6 +90,10 @@ fn init_policy(setting: &InitSetting) -> InitPolicy {
 /// Makes sure the store holds and activates a deployment of `function`'s `.wasm`: reuses a
 /// stored version built from the same bytes with the same init setting, else compiles and
 /// stores a new version. Returns the active manifest.
+///
+/// The config's `.wasm` is the source's original, so a stored source that fails its hash is
+/// replaced from it here (logged), and a damaged artifact is then recompiled from the repaired
+/// source when the function is prepared: one damaged file never stops the node.
 pub fn ensure_deployed(
     store: &Store,
     engine: &EngineSettings,
@@ -114,7 +118,10 @@ pub fn ensure_deployed(
             }
     });
     let manifest = match reusable {
-        Some(m) => m.clone(),
+        Some(m) => {
+            repair_source(store, function, &binary, &source_hash)?;
+            m.clone()
+        }
         None => {
             let host = Target::host().context("this host has no edged target")?;
             let options = CompileOptions {
@@ -140,6 +147,32 @@ pub fn ensure_deployed(
         store.activate(&manifest.name, manifest.version)?;
     }
     Ok(manifest)
+}
+
+/// Re-hashes the stored source `hash` of config function `function` and, if it is damaged or
+/// gone, stores `binary` (the config's `.wasm`, which hashes to `hash`) in its place.
+fn repair_source(
+    store: &Store,
+    function: &FunctionConfig,
+    binary: &[u8],
+    hash: &str,
+) -> Result<()> {
+    let damage = match store.check_blob(hash) {
+        Ok(_) => return Ok(()),
+        Err(e) if e.damaged_blob().is_some() => e,
+        Err(e) => return Err(e.into()),
+    };
+    tracing::warn!(
+        function = %function.name,
+        blob = %hash,
+        "stored source is damaged ({damage}); restoring it from {}",
+        function.wasm.display()
+    );
+    store
+        .put_blob(binary, BlobKind::Source, Some(hash))
+        .with_context(|| format!("restoring source blob {hash} of `{}`", function.name))?;
+    tracing::info!(function = %function.name, blob = %hash, "source blob repaired from the config's .wasm");
+    Ok(())
 }
 
 /// The function a pushed deployment becomes: its route and limits from the manifest, and no

@@ -17,7 +17,8 @@ use bytes::Bytes;
 use edged_compiler::{EngineSettings, Target};
 use edged_node_config::NodeConfig;
 use edged_snapshots::{
-    LoadPath, Manifest, PoolSettings, Prepared, Restorer, RuntimeSettings, Store, runtime_engine,
+    LoadPath, Manifest, PoolSettings, Prepared, RestoreError, Restorer, RuntimeSettings, Store,
+    runtime_engine,
 };
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
@@ -185,8 +186,20 @@ impl Serving {
                     // One bad pushed deployment must not take the others (or the node) down.
                     Err(e) => {
                         let reason = format!("{e:#}");
-                        tracing::error!(deployment = %id, error = %reason, "cannot serve pushed deployment; not retrying it");
-                        lock(&unservable).insert(id, reason);
+                        match e.chain().find_map(|c| c.downcast_ref::<RestoreError>()).and_then(RestoreError::damaged_blob) {
+                            // Repairable (a re-push or a sync brings a fresh copy): tried again.
+                            Some(blob) => tracing::error!(
+                                deployment = %id,
+                                blob = %blob,
+                                error = %reason,
+                                "cannot serve pushed deployment: blob {blob} is damaged on disk; \
+                                 pushing the same .wasm again (`edgectl push`) repairs it"
+                            ),
+                            None => {
+                                tracing::error!(deployment = %id, error = %reason, "cannot serve pushed deployment; not retrying it");
+                                lock(&unservable).insert(id, reason);
+                            }
+                        }
                     }
                 }
             }

@@ -38,6 +38,17 @@ pub enum RestoreError {
     Link { what: String, reason: String },
 }
 
+impl RestoreError {
+    /// The stored blob whose damage (or absence) this error comes from, if that is the cause:
+    /// a fresh copy of it (a re-push, a peer) repairs the deployment.
+    pub fn damaged_blob(&self) -> Option<&str> {
+        match self {
+            RestoreError::Store(e) => e.damaged_blob(),
+            _ => None,
+        }
+    }
+}
+
 /// Sizes of the pooling allocator. Every slot reserves `memory_reservation + guard` of virtual
 /// address space (not memory), so the totals bound the address space the daemon maps.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -220,7 +231,8 @@ impl<T: 'static> Restorer<T> {
                     manifest = %manifest.id(),
                     artifact = %hash,
                     error = %e,
-                    "stored artifact unusable; recompiling from source"
+                    "stored artifact unusable; recompiling it from the source (the fresh copy \
+                     replaces a damaged one)"
                 ),
             }
         }

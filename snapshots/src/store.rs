@@ -4,6 +4,8 @@
 //! <root>/index/        sled: blobs, manifests, active, compiled
 //! <root>/blobs/ab/…    immutable files named by their BLAKE3 hash
 //! <root>/tmp/          partial writes (see below)
+//! <root>/damaged/      blob files that failed their hash, moved aside (see below)
+//! <root>/store-id      names the index these blobs belong to (see below)
 //! ```
 //!
 //! `tmp/` holds three kinds of partial file, all named by the store ([`Partial`]):
@@ -17,6 +19,17 @@
 //! `blobs/`, the directory fsynced, and only then indexed. Deletion runs the other way round:
 //! index entry first, then the file. A crash can therefore leave only unindexed files behind,
 //! which `verify` reports as stray and `gc` removes.
+//!
+//! **Damage is repairable, and never silent.** A blob file that no longer hashes to its name is
+//! [quarantined](Store::quarantine_blob): its index entry is dropped and the file moved to
+//! `damaged/`, so a fresh copy (from the config's `.wasm`, a re-push, a peer, a recompile) can be
+//! stored; [`Store::put_blob`] and [`Store::adopt_blob_file`] do this themselves when they meet a
+//! damaged copy. The index is the only record of manifests, so losing it must not look like a new
+//! node: `store-id` (a file) and the index carry the same random id, and [`Store::open`] refuses
+//! an index that is missing, unreadable, or not the one the blob files were indexed in
+//! ([`StoreError::IndexMissing`], [`StoreError::IndexLost`], [`StoreError::IndexUnreadable`])
+//! while there are blob files to lose. [`Store::gc`] refuses to collect while the index looks
+//! damaged ([`StoreError::GcRefused`]) and logs every file it deletes.
 //!
 //! Blob references are not stored: they are derived from the manifests (and the locally
 //! compiled artifacts of their sources) whenever needed, so they cannot drift from them.
@@ -64,6 +77,58 @@ pub enum StoreError {
     NoManifest(String),
     #[error("{0}")]
     Conflict(String),
+    #[error(
+        "store index {index} is missing, but {blob_files} blob files are in {blobs}: refusing to \
+         start on an empty index (its manifests would be lost and housekeeping would delete the \
+         blobs). Restore {index} from a backup, or, to start this node empty, move {blobs} \
+         aside (config functions are redeployed from their .wasm; pushed ones must be pushed \
+         again or synced from peers)"
+    )]
+    IndexMissing {
+        index: PathBuf,
+        blobs: PathBuf,
+        blob_files: usize,
+    },
+    #[error(
+        "store index {index} is empty or is not the index of the {blob_files} blob files in \
+         {blobs} (it was truncated, replaced or recreated): refusing to start on it (its \
+         manifests would be lost and housekeeping would delete the blobs). Restore {index} from \
+         a backup, or, to start this node empty, move {index} and {blobs} aside (config \
+         functions are redeployed from their .wasm; pushed ones must be pushed again or synced \
+         from peers)"
+    )]
+    IndexLost {
+        index: PathBuf,
+        blobs: PathBuf,
+        blob_files: usize,
+    },
+    #[error(
+        "store index {index} is unreadable ({cause}): refusing to start on it. Restore {index} \
+         from a backup, or, to start this node empty, move {index} and {blobs} aside (config \
+         functions are redeployed from their .wasm; pushed ones must be pushed again or synced \
+         from peers)"
+    )]
+    IndexUnreadable {
+        index: PathBuf,
+        blobs: PathBuf,
+        /// Not `#[source]`: the message carries it, so a report shows it once.
+        cause: sled::Error,
+    },
+    #[error("store index {index} is locked by another process (is edged running?)")]
+    Locked { index: PathBuf },
+    #[error("housekeeping refused to delete anything: {0}")]
+    GcRefused(String),
+}
+
+impl StoreError {
+    /// The blob this error says is damaged or gone on disk, if it says so: what a repair (a
+    /// fresh copy of that blob) fixes.
+    pub fn damaged_blob(&self) -> Option<&str> {
+        match self {
+            StoreError::Corrupt { hash, .. } | StoreError::MissingBlob(hash) => Some(hash),
+            _ => None,
+        }
+    }
 }
 
 fn io_err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StoreError {
@@ -101,6 +166,8 @@ pub struct VerifyReport {
     pub bytes_hashed: u64,
     pub manifests_checked: usize,
     pub problems: Vec<String>,
+    /// Indexed blobs whose file is damaged or unreadable (each also has a line in `problems`).
+    pub damaged_blobs: Vec<String>,
     /// Blob files with no index entry (left by a crash mid-put); `gc` removes them.
     pub stray_files: Vec<PathBuf>,
 }
@@ -144,6 +211,38 @@ pub enum Partial<'a> {
     PushUpload(&'a str),
     /// Being fetched from peers, verified chunk by chunk.
     PeerFetch(&'a str),
+}
+
+/// The file (under the store root) and index key holding the store's id.
+const STORE_ID_FILE: &str = "store-id";
+const STORE_ID_KEY: &[u8] = b"store-id";
+
+/// A new store's id: unique enough to tell one node's index from another's or a recreated one.
+fn new_store_id(root: &Path) -> Vec<u8> {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let seed = format!("{nanos} {} {}", std::process::id(), root.display());
+    content_hash(seed.as_bytes()).into_bytes()
+}
+
+/// Files named like blobs under `blobs/`: what an empty index would lose.
+fn count_blob_files(blobs_dir: &Path) -> Result<usize, StoreError> {
+    let mut count = 0;
+    for fanout in fs::read_dir(blobs_dir).map_err(io_err("list", blobs_dir))? {
+        let fanout = fanout.map_err(io_err("list", blobs_dir))?.path();
+        if !fanout.is_dir() {
+            continue;
+        }
+        for file in fs::read_dir(&fanout).map_err(io_err("list", &fanout))? {
+            let file = file.map_err(io_err("list", &fanout))?;
+            if is_blob_name(&file.file_name().to_string_lossy()) {
+                count += 1;
+            }
+        }
+    }
+    Ok(count)
 }
 
 /// Names concurrent puts' temp files apart.
@@ -212,24 +311,47 @@ fn fsync_dir(dir: &Path) -> Result<(), StoreError> {
 impl Store {
     /// Opens (creating if needed) the store under `root`. `put-*` files a crash left in `tmp/`
     /// are removed; resumable partials (push uploads, peer fetches) are kept.
+    ///
+    /// Refuses, naming the path and the way out, an index that is missing
+    /// ([`StoreError::IndexMissing`]), unreadable ([`StoreError::IndexUnreadable`]), or empty or
+    /// foreign ([`StoreError::IndexLost`]) while blob files are on disk: an empty index there
+    /// would silently lose every manifest, and gc would then delete the blobs. With no blob
+    /// files there is nothing to lose and a new index is started. An index another process
+    /// holds (a running daemon) is [`StoreError::Locked`].
     pub fn open(root: impl AsRef<Path>) -> Result<Store, StoreError> {
         let root = root.as_ref().to_path_buf();
         for dir in ["blobs", "tmp"] {
             let path = root.join(dir);
             fs::create_dir_all(&path).map_err(io_err("create directory", &path))?;
         }
-        let tmp = root.join("tmp");
-        for entry in fs::read_dir(&tmp).map_err(io_err("list", &tmp))? {
-            let entry = entry.map_err(io_err("list", &tmp))?;
-            if entry.file_name().to_string_lossy().starts_with("put-") {
-                let _ = fs::remove_file(entry.path());
-            }
+        let index = root.join("index");
+        let blobs_dir = root.join("blobs");
+        let blob_files = count_blob_files(&blobs_dir)?;
+        if !index.exists() && blob_files > 0 {
+            return Err(StoreError::IndexMissing {
+                index,
+                blobs: blobs_dir,
+                blob_files,
+            });
         }
         let db = sled::Config::new()
-            .path(root.join("index"))
+            .path(&index)
             .mode(sled::Mode::HighThroughput)
-            .open()?;
-        Ok(Store {
+            .open()
+            .map_err(|source| match source {
+                // sled reports its lock as a plain I/O error; the message is all there is.
+                sled::Error::Io(ref e) if e.to_string().contains("could not acquire lock") => {
+                    StoreError::Locked {
+                        index: index.clone(),
+                    }
+                }
+                cause => StoreError::IndexUnreadable {
+                    index: index.clone(),
+                    blobs: blobs_dir.clone(),
+                    cause,
+                },
+            })?;
+        let store = Store {
             blobs: db.open_tree("blobs")?,
             manifests: db.open_tree("manifests")?,
             active: db.open_tree("active")?,
@@ -239,7 +361,59 @@ impl Store {
             db,
             root,
             blob_lock: Mutex::new(()),
-        })
+        };
+        store.check_identity(blob_files)?;
+        // Only now that this process holds the index lock: a second process (`edged verify`
+        // next to a running daemon) must not remove the daemon's puts in progress.
+        let tmp = store.root.join("tmp");
+        for entry in fs::read_dir(&tmp).map_err(io_err("list", &tmp))? {
+            let entry = entry.map_err(io_err("list", &tmp))?;
+            if entry.file_name().to_string_lossy().starts_with("put-") {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+        Ok(store)
+    }
+
+    /// Checks that the index is the one the blob files were indexed in: `store-id` and the
+    /// index's `meta/store-id` must agree. sled opens a truncated log as an empty database
+    /// without a word, so an empty index next to blob files is caught here, not by sled.
+    fn check_identity(&self, blob_files: usize) -> Result<(), StoreError> {
+        let meta = self.db.open_tree("meta")?;
+        let id_path = self.root.join(STORE_ID_FILE);
+        let in_index = meta.get(STORE_ID_KEY)?.map(|v| v.to_vec());
+        let in_file = match fs::read(&id_path) {
+            Ok(bytes) => Some(bytes),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(io_err("read", &id_path)(e)),
+        };
+        let index_has_entries = !self.blobs.is_empty() || !self.manifests.is_empty();
+        let lost = || StoreError::IndexLost {
+            index: self.root.join("index"),
+            blobs: self.root.join("blobs"),
+            blob_files,
+        };
+        let id = match (in_index, in_file) {
+            (Some(index), Some(file)) if index == file => return Ok(()),
+            // A crash between writing the index's id and the file's.
+            (Some(index), None) => index,
+            // An index that is not this store's (empty after truncation, recreated, or another
+            // node's) with blob files to lose.
+            (_, Some(_)) if blob_files > 0 => return Err(lost()),
+            // Nothing to lose: a new node whose fresh index was deleted. Start a new one.
+            (_, Some(file)) => file,
+            // A store from before ids were kept: its index is trusted if it has entries.
+            (None, None) if blob_files > 0 && !index_has_entries => return Err(lost()),
+            (None, None) => new_store_id(&self.root),
+        };
+        meta.insert(STORE_ID_KEY, id.as_slice())?;
+        self.db.flush()?;
+        let tmp = self.root.join("tmp").join(STORE_ID_FILE);
+        fs::write(&tmp, &id)
+            .and_then(|_| File::open(&tmp)?.sync_all())
+            .map_err(io_err("write", &tmp))?;
+        fs::rename(&tmp, &id_path).map_err(io_err("rename into", &id_path))?;
+        fsync_dir(&self.root)
     }
 
     pub fn root(&self) -> &Path {
@@ -290,8 +464,8 @@ impl Store {
         if let Some(reason) = kind_problem(bytes, &kind) {
             return Err(StoreError::BadBlob { hash, reason });
         }
-        // Already stored and intact: nothing to do. A damaged copy is replaced below.
-        if self.holds_intact(&hash, &kind)? {
+        // Already stored and intact: nothing to do. A damaged copy is moved aside first.
+        if self.holds_intact(&hash)? {
             return Ok(hash);
         }
 
@@ -353,17 +527,78 @@ impl Store {
         if let Some(reason) = kind_problem(&bytes, &kind) {
             return Err(refuse(StoreError::BadBlob { hash, reason }));
         }
-        if self.holds_intact(&hash, &kind)? {
+        if self.holds_intact(&hash)? {
             let _ = fs::remove_file(path);
             return Ok(hash);
         }
         self.install_blob(path, hash, bytes.len() as u64, kind)
     }
 
-    /// Whether blob `hash` is stored as `kind` and still hashes to its name.
-    fn holds_intact(&self, hash: &str, kind: &BlobKind) -> Result<bool, StoreError> {
-        Ok(self.blob_meta(hash)?.is_some_and(|meta| &meta.kind == kind)
-            && self.read_checked(hash).is_ok())
+    /// Whether blob `hash` is stored and still passes its checks. A stored copy that does not
+    /// is quarantined (so the caller's fresh copy can take its place) and `false` returned.
+    fn holds_intact(&self, hash: &str) -> Result<bool, StoreError> {
+        match self.check_blob(hash) {
+            Ok(_) => Ok(true),
+            Err(StoreError::MissingBlob(_)) => Ok(false),
+            Err(damage @ StoreError::Corrupt { .. }) => {
+                self.quarantine_blob(hash, &damage.to_string())?;
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Re-hashes stored blob `hash` against its name and index entry: [`StoreError::Corrupt`]
+    /// when its file is damaged or unreadable, [`StoreError::MissingBlob`] when it is not
+    /// indexed. Changes nothing.
+    pub fn check_blob(&self, hash: &str) -> Result<BlobMeta, StoreError> {
+        self.read_checked(hash).map(|(_, _, meta)| meta)
+    }
+
+    /// Takes damaged blob `hash` out of the store so a fresh copy can be stored: its index
+    /// entry (and any record of it as this node's compile) is dropped first, then its file is
+    /// moved to `damaged/<hash>` (replacing an older damaged copy), never deleted. Logs a
+    /// warning with `reason`. Returns where the file went (`None` when there was no file).
+    pub fn quarantine_blob(&self, hash: &str, reason: &str) -> Result<Option<PathBuf>, StoreError> {
+        let _guard = self.blob_lock.lock().unwrap_or_else(|p| p.into_inner());
+        // Index first, as for any deletion: a crash after it leaves an unindexed file.
+        self.blobs.remove(hash.as_bytes())?;
+        for entry in self.compiled.iter() {
+            let (k, v) = entry?;
+            if v.as_ref() == hash.as_bytes() {
+                self.compiled.remove(k)?;
+            }
+        }
+        self.db.flush()?;
+        let from = self.blob_path(hash);
+        let damaged = self.root.join("damaged");
+        let to = damaged.join(hash);
+        let moved = match fs::rename(&from, &to) {
+            Ok(()) => Some(to),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                // Either there is no file, or no damaged/ yet.
+                if from.exists() {
+                    fs::create_dir_all(&damaged).map_err(io_err("create directory", &damaged))?;
+                    fs::rename(&from, &to).map_err(io_err("move aside", &from))?;
+                    Some(to)
+                } else {
+                    None
+                }
+            }
+            Err(e) => return Err(io_err("move aside", &from)(e)),
+        };
+        match &moved {
+            Some(to) => tracing::warn!(
+                blob = %hash,
+                moved_to = %to.display(),
+                "damaged blob taken out of the store (a fresh copy replaces it): {reason}"
+            ),
+            None => tracing::warn!(
+                blob = %hash,
+                "missing blob taken out of the store index (a fresh copy replaces it): {reason}"
+            ),
+        }
+        Ok(moved)
     }
 
     /// Renames a written, fsynced and verified file from `tmp/` to its blob path, makes the
@@ -683,8 +918,28 @@ impl Store {
 
     /// Deletes blobs no manifest reaches, and stray files, that are older than `min_age` (so
     /// blobs of a push still in flight survive).
+    ///
+    /// Refuses ([`StoreError::GcRefused`], nothing deleted) while the index looks damaged: it
+    /// names something it does not hold that no quarantine explains, or it holds blobs but no
+    /// manifest at all. Deleting "unreferenced" blobs then would delete what a lost index entry
+    /// referenced. Every file deleted is logged.
     pub fn gc(&self, min_age: Duration) -> Result<GcReport, StoreError> {
         let _guard = self.blob_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let suspicious = self.index_problems()?.unexplained;
+        if let Some(first) = suspicious.first() {
+            return Err(StoreError::GcRefused(format!(
+                "the index looks damaged ({} problem{}, first: {first}); run `edged verify`",
+                suspicious.len(),
+                if suspicious.len() == 1 { "" } else { "s" }
+            )));
+        }
+        if self.manifests.is_empty() && !self.blobs.is_empty() {
+            return Err(StoreError::GcRefused(format!(
+                "the index holds {} blobs but no manifest, as a damaged index would; run \
+                 `edged verify`",
+                self.blobs.len()
+            )));
+        }
         let refs = self.references()?;
         let cutoff = now_secs().saturating_sub(min_age.as_secs());
         let mut report = GcReport::default();
@@ -711,6 +966,7 @@ impl Store {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => return Err(io_err("remove", &path)(e)),
             }
+            tracing::info!(blob = %hash, size = meta.size, kind = ?meta.kind, "deleted unreferenced blob");
             report.bytes_freed += meta.size;
             report.blobs_removed.push(hash);
         }
@@ -720,7 +976,9 @@ impl Store {
                 .and_then(|m| m.modified())
                 .map(|t| t.elapsed().unwrap_or_default() >= min_age)
                 .unwrap_or(true);
+            let size = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
             if old_enough && fs::remove_file(&path).is_ok() {
+                tracing::info!(file = %path.display(), size, "deleted stray file (not indexed)");
                 report.stray_files_removed += 1;
             }
         }
@@ -772,7 +1030,8 @@ impl Store {
         Ok(stray)
     }
 
-    /// Re-hashes every blob and cross-checks the index. Nothing is changed.
+    /// Re-hashes every blob and cross-checks the index. Nothing is changed (a damaged blob is
+    /// reported, not quarantined: that is for whoever brings a fresh copy).
     pub fn verify(&self) -> Result<VerifyReport, StoreError> {
         let mut report = VerifyReport::default();
         for (hash, meta) in self.blobs()? {
@@ -783,22 +1042,64 @@ impl Store {
                     report.bytes_hashed += bytes.len() as u64;
                     if let Err(e) = check_content(&hash, &meta, &bytes) {
                         report.problems.push(e.to_string());
+                        report.damaged_blobs.push(hash);
                     }
                 }
-                Err(e) => report.problems.push(format!(
-                    "blob {hash}: indexed but unreadable at {}: {e}",
-                    path.display()
-                )),
+                Err(e) => {
+                    report.problems.push(format!(
+                        "blob {hash}: indexed but unreadable at {}: {e}",
+                        path.display()
+                    ));
+                    report.damaged_blobs.push(hash);
+                }
             }
         }
+        let index = self.index_problems()?;
+        report.manifests_checked = index.manifests_checked;
+        report.problems.extend(index.explained);
+        report.problems.extend(index.unexplained);
+        report.stray_files = self.stray_files()?;
+        Ok(report)
+    }
+}
+
+/// What the index names but does not hold, from [`Store::index_problems`].
+struct IndexProblems {
+    manifests_checked: usize,
+    /// Blobs a manifest names that were quarantined as damaged (their copy is in `damaged/`):
+    /// known damage, repaired by a fresh copy.
+    explained: Vec<String>,
+    /// Anything else: a sign the index itself lost entries.
+    unexplained: Vec<String>,
+}
+
+impl Store {
+    /// Cross-checks the index without reading blob files: every manifest's source is indexed,
+    /// every active version is stored, every compile record's artifact is indexed.
+    fn index_problems(&self) -> Result<IndexProblems, StoreError> {
+        let mut found = IndexProblems {
+            manifests_checked: 0,
+            explained: Vec::new(),
+            unexplained: Vec::new(),
+        };
         for manifest in self.manifests()? {
-            report.manifests_checked += 1;
+            found.manifests_checked += 1;
             let source = &manifest.source.blake3;
             if !self.blobs.contains_key(source.as_bytes())? {
-                report.problems.push(format!(
-                    "manifest {} names source blob {source}, which is not indexed",
-                    manifest.id()
-                ));
+                let quarantined = self.root.join("damaged").join(source);
+                if quarantined.exists() {
+                    found.explained.push(format!(
+                        "manifest {} names source blob {source}, which was damaged and moved to \
+                         {}; pushing the same .wasm again repairs it",
+                        manifest.id(),
+                        quarantined.display()
+                    ));
+                } else {
+                    found.unexplained.push(format!(
+                        "manifest {} names source blob {source}, which is not indexed",
+                        manifest.id()
+                    ));
+                }
             }
         }
         for entry in self.active.iter() {
@@ -806,7 +1107,7 @@ impl Store {
             let name = String::from_utf8_lossy(&k).into_owned();
             let version = decode_version(&v);
             if self.manifest(&name, version)?.is_none() {
-                report.problems.push(format!(
+                found.unexplained.push(format!(
                     "{name} is active at version {version}, which is not stored"
                 ));
             }
@@ -815,13 +1116,12 @@ impl Store {
             let (_, v) = entry?;
             let artifact = String::from_utf8_lossy(&v).into_owned();
             if !self.blobs.contains_key(v)? {
-                report.problems.push(format!(
+                found.unexplained.push(format!(
                     "compiled artifact {artifact} is recorded but not indexed"
                 ));
             }
         }
-        report.stray_files = self.stray_files()?;
-        Ok(report)
+        Ok(found)
     }
 }
 

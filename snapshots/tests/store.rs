@@ -347,3 +347,229 @@ fn resumable_partials_survive_a_reopen_and_interrupted_puts_do_not() {
     assert_eq!(store.partial_len(Partial::PeerFetch(&"d".repeat(64))), 0);
     assert!(!interrupted_put.exists());
 }
+
+fn flip_byte(path: &std::path::Path) {
+    let mut bytes = std::fs::read(path).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x01;
+    std::fs::write(path, &bytes).unwrap();
+}
+
+#[test]
+fn a_damaged_blob_is_quarantined_and_replaced_by_a_fresh_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let compiled = compile(
+        &guest_bytes("init-heavy-p1.wasm"),
+        &CompileOptions::default(),
+    )
+    .unwrap();
+    let manifest = store_compiled(&store, "app", 1, &compiled);
+    let source = &manifest.source.blake3;
+    store.check_blob(source).unwrap();
+    flip_byte(&store.blob_path(source));
+
+    let damage = store.check_blob(source).unwrap_err();
+    assert_eq!(damage.damaged_blob(), Some(source.as_str()), "{damage}");
+    assert_eq!(store.verify().unwrap().damaged_blobs, vec![source.clone()]);
+
+    // Storing the same bytes again repairs it; the damaged copy is kept aside, not deleted.
+    store
+        .put_blob(&compiled.source, BlobKind::Source, Some(source))
+        .unwrap();
+    store.check_blob(source).unwrap();
+    let kept = dir.path().join("damaged").join(source);
+    assert_ne!(std::fs::read(&kept).unwrap(), compiled.source);
+    let report = store.verify().unwrap();
+    assert!(report.is_ok(), "{:?}", report.problems);
+
+    // An upload adopted over a damaged copy replaces it too.
+    let artifact = &manifest.artifacts[0];
+    flip_byte(&store.blob_path(&artifact.blake3));
+    let upload = store.partial_path(Partial::PushUpload(&artifact.blake3));
+    std::fs::write(&upload, &compiled.artifacts[0].bytes).unwrap();
+    store
+        .adopt_blob_file(
+            &upload,
+            artifact_kind(&manifest, artifact.target),
+            &artifact.blake3,
+        )
+        .unwrap();
+    store.check_blob(&artifact.blake3).unwrap();
+    assert!(store.verify().unwrap().is_ok());
+}
+
+#[test]
+fn a_quarantined_blob_is_known_damage_until_a_fresh_copy_arrives() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let compiled = compile(
+        &guest_bytes("init-heavy-p1.wasm"),
+        &CompileOptions::default(),
+    )
+    .unwrap();
+    let manifest = store_compiled(&store, "app", 1, &compiled);
+    store.activate("app", 1).unwrap();
+    let source = manifest.source.blake3.clone();
+    flip_byte(&store.blob_path(&source));
+
+    let moved = store.quarantine_blob(&source, "test").unwrap().unwrap();
+    assert_eq!(moved, dir.path().join("damaged").join(&source));
+    assert!(store.blob_meta(&source).unwrap().is_none());
+    let report = store.verify().unwrap();
+    assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
+    assert!(
+        report.problems[0].contains("pushing the same .wasm again repairs it"),
+        "{:?}",
+        report.problems
+    );
+    // Explained damage does not stop housekeeping; the other blobs stay referenced.
+    let gc = store.gc(Duration::ZERO).unwrap();
+    assert!(gc.blobs_removed.is_empty(), "{gc:?}");
+
+    store
+        .put_blob(&compiled.source, BlobKind::Source, Some(&source))
+        .unwrap();
+    assert!(store.verify().unwrap().is_ok());
+}
+
+#[test]
+fn a_missing_or_emptied_index_next_to_blobs_is_refused_and_nothing_is_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = {
+        let store = Store::open(dir.path()).unwrap();
+        let manifest = deploy(&store, "app", 1);
+        store.activate("app", 1).unwrap();
+        manifest
+    };
+    let blob_files = || {
+        manifest
+            .blob_hashes()
+            .filter(|h| dir.path().join("blobs").join(&h[..2]).join(h).exists())
+            .count()
+    };
+    let held = blob_files();
+    assert_eq!(held, 3);
+    let index = dir.path().join("index");
+    let backup = dir.path().join("index.backup");
+    copy_dir(&index, &backup);
+
+    // Deleted.
+    std::fs::remove_dir_all(&index).unwrap();
+    let err = Store::open(dir.path()).err().unwrap();
+    assert!(matches!(err, StoreError::IndexMissing { .. }), "{err}");
+    let message = err.to_string();
+    assert!(message.contains(&index.display().to_string()), "{message}");
+    assert!(message.contains("Restore"), "{message}");
+    assert!(!index.exists(), "no empty index may be created");
+    assert_eq!(blob_files(), held);
+
+    // Truncated: sled opens an emptied log as an empty database without a word.
+    copy_dir(&backup, &index);
+    std::fs::File::options()
+        .write(true)
+        .open(index.join("db"))
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    let err = Store::open(dir.path()).err().unwrap();
+    assert!(matches!(err, StoreError::IndexLost { .. }), "{err}");
+    assert!(err.to_string().contains(&index.display().to_string()));
+    assert_eq!(blob_files(), held);
+
+    // Unreadable: sled cannot open it at all.
+    std::fs::remove_dir_all(&index).unwrap();
+    copy_dir(&backup, &index);
+    std::fs::File::options()
+        .write(true)
+        .open(index.join("conf"))
+        .unwrap()
+        .set_len(10)
+        .unwrap();
+    let err = Store::open(dir.path()).err().unwrap();
+    assert!(matches!(err, StoreError::IndexUnreadable { .. }), "{err}");
+    assert_eq!(blob_files(), held);
+
+    // Restored from the backup: everything is back.
+    std::fs::remove_dir_all(&index).unwrap();
+    copy_dir(&backup, &index);
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(store.active_manifest("app").unwrap(), Some(manifest));
+    assert!(store.verify().unwrap().is_ok());
+}
+
+#[test]
+fn a_new_node_whose_empty_index_was_deleted_starts_fresh() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(Store::open(dir.path()).unwrap());
+    std::fs::remove_dir_all(dir.path().join("index")).unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    deploy(&store, "app", 1);
+    drop(store);
+    Store::open(dir.path()).unwrap();
+}
+
+#[test]
+fn a_second_opener_is_told_the_index_is_locked_and_touches_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    // A put in progress (its temp file) must survive another process's attempt to open.
+    let put = dir.path().join("tmp").join("put-0000000000000000-0");
+    std::fs::write(&put, b"in progress").unwrap();
+    let err = Store::open(dir.path()).err().unwrap();
+    assert!(matches!(err, StoreError::Locked { .. }), "{err}");
+    assert!(put.exists());
+    drop(store);
+}
+
+#[test]
+fn gc_refuses_while_the_index_looks_damaged() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    // Blobs but no manifest at all: what an index that lost its manifests looks like.
+    let orphan = compile(&guest_bytes("trap.wat"), &CompileOptions::default()).unwrap();
+    let hash = store
+        .put_blob(&orphan.source, BlobKind::Source, None)
+        .unwrap();
+    let err = store.gc(Duration::ZERO).unwrap_err();
+    assert!(matches!(err, StoreError::GcRefused(_)), "{err}");
+    assert!(store.blob_path(&hash).exists());
+
+    // A manifest whose source the index lost (not quarantined): refused too.
+    let manifest = deploy(&store, "app", 1);
+    store.activate("app", 1).unwrap();
+    assert_eq!(
+        store.gc(Duration::ZERO).unwrap().blobs_removed,
+        vec![hash.clone()]
+    );
+    drop(store);
+    // Simulate lost entries: a blob index entry vanishes while its file stays.
+    {
+        let db = sled::open(dir.path().join("index")).unwrap();
+        db.open_tree("blobs")
+            .unwrap()
+            .remove(manifest.source.blake3.as_bytes())
+            .unwrap();
+        db.flush().unwrap();
+    }
+    let store = Store::open(dir.path()).unwrap();
+    let err = store.gc(Duration::ZERO).unwrap_err();
+    assert!(matches!(err, StoreError::GcRefused(_)), "{err}");
+    assert!(err.to_string().contains("not indexed"), "{err}");
+    for hash in manifest.blob_hashes() {
+        assert!(store.blob_path(hash).exists(), "{hash} deleted");
+    }
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
