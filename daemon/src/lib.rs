@@ -43,5 +43,6 @@ pub mod invoke;
 pub mod lifecycle;
 pub mod metrics;
 pub mod notify;
+pub mod preflight;
 pub mod serving;
 pub mod sync;

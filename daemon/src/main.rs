@@ -1,7 +1,8 @@
 //! `edged`: the edge node daemon.
 //!
 //! `edged [--config FILE]` serves the functions the config declares (the embedded dev default
-//! when no file is given); `edged check-config FILE` validates a config and exits.
+//! when no file is given); `edged check-config FILE` validates a config, and the files it names
+//! (see `edged::preflight`), and exits.
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -26,7 +27,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Validate a config file (syntax, values, referenced files) and exit.
+    /// Validate a config file and exit: syntax and values, then everything start checks that
+    /// needs no network (wasm files and init exports, identity and trusted keys, state_dir).
+    /// Prints one line per problem and exits 1, or prints `ok`.
     CheckConfig { file: PathBuf },
 }
 
@@ -45,21 +48,28 @@ fn init_logging() {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     if let Some(Command::CheckConfig { file }) = &cli.command {
-        return match NodeConfig::load(file) {
-            Ok(config) => {
-                println!(
-                    "{}: ok ({} function{})",
-                    file.display(),
-                    config.functions.len(),
-                    if config.functions.len() == 1 { "" } else { "s" }
-                );
-                Ok(())
-            }
+        // Parse errors carry their own `file:line:`; preflight problems get the file's name.
+        let config = match NodeConfig::load(file) {
+            Ok(config) => config,
             Err(e) => {
                 eprintln!("{e}");
                 std::process::exit(1);
             }
         };
+        let problems = edged::preflight::check(&config);
+        if !problems.is_empty() {
+            for problem in &problems {
+                eprintln!("{}: {problem}", file.display());
+            }
+            std::process::exit(1);
+        }
+        println!(
+            "{}: ok ({} function{})",
+            file.display(),
+            config.functions.len(),
+            if config.functions.len() == 1 { "" } else { "s" }
+        );
+        return Ok(());
     }
     init_logging();
     let config = match &cli.config {
