@@ -277,6 +277,31 @@ fn missing_identity_files_are_refused() {
     assert_refused(&checked, &["[control] trusted_keys <tmp>/id/signing.pub"]);
 }
 
+/// `--no-files` (install.sh under DESTDIR, where paths are the target's) checks values only.
+#[test]
+fn no_files_checks_values_only() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("state"), "a file").unwrap();
+    let path = dir.path().join("edged.toml");
+    let run = |config: &str| {
+        std::fs::write(&path, config).unwrap();
+        Command::new(env!("CARGO_BIN_EXE_edged"))
+            .args(["check-config", "--no-files"])
+            .arg(&path)
+            .output()
+            .unwrap()
+    };
+    let out = run(&hello_with(""));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run(&hello_with("[function.limits]\nmax_body_kib = 0\n"));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("limits.max_body_kib"));
+}
+
 /// Start parses the same way: the daemon exits at once with the message check-config prints.
 #[test]
 fn the_daemon_refuses_to_start_on_a_wrapping_value() {
