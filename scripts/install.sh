@@ -11,7 +11,7 @@
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 dest=${DESTDIR:-}
-binary="$root/target/release/edged"
+binary=""
 action=install
 purge=no
 while [ $# -gt 0 ]; do
@@ -40,8 +40,19 @@ if [ "$action" = uninstall ]; then
   exit 0
 fi
 
+if [ -z "$binary" ]; then
+  # Where cargo builds (target/, or CARGO_TARGET_DIR). sudo drops both cargo from PATH and
+  # CARGO_TARGET_DIR from the environment; then only target/ can be guessed, and --binary says
+  # where the binary really is.
+  target="$root/target"
+  if command -v cargo >/dev/null; then
+    target=$("$root/scripts/target-dir.sh")
+  fi
+  binary="$target/release/edged"
+fi
 if [ ! -x "$binary" ]; then
-  echo "install.sh: no edged binary at $binary (cargo build --release -p edged, or --binary PATH)" >&2
+  echo "install.sh: no edged binary at $binary (cargo build --release -p edged, or --binary PATH;" \
+    "under sudo CARGO_TARGET_DIR is not seen)" >&2
   exit 1
 fi
 "$binary" --version >/dev/null
