@@ -542,7 +542,7 @@ impl NodeConfig {
                 e.max_memory_mib.span(),
                 format!(
                     "max_memory_mib must be between 1 and memory_reservation_mib \
-                     ({reservation_mib}): a memory cannot grow past its reservation, not \
+                     ({reservation_mib}; a memory cannot grow past its reservation), not \
                      {max_memory_mib}"
                 ),
             ));
@@ -1128,7 +1128,7 @@ mod tests {
         let err = parse("[engine]\nmemory_reservation_mib = 512\n").unwrap_err();
         assert!(
             err.reason
-                .starts_with("max_memory_mib must be between 1 and memory_reservation_mib (512)"),
+                .starts_with("max_memory_mib must be between 1 and memory_reservation_mib (512;"),
             "{err}"
         );
     }
