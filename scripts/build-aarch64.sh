@@ -4,9 +4,10 @@
 # (the linker, configured in .cargo/config.toml) with the arm64 glibc sysroot.
 #
 # Usage: build-aarch64.sh [--profile PROFILE] [--bench]   (default profile: release)
-# Output: target/aarch64-unknown-linux-gnu/<PROFILE>/{edged,edgectl} (and bench with --bench)
-#   (cargo names the release directory "release"; --profile qemu-test is the unoptimized build
-#    the end-to-end test runs under qemu-user.)
+# Output: <target dir>/aarch64-unknown-linux-gnu/<PROFILE>/{edged,edgectl} (and bench with
+#   --bench), where <target dir> is target/ or CARGO_TARGET_DIR (scripts/target-dir.sh);
+#   cargo names the dev profile's directory "debug"; --profile qemu-test is the unoptimized
+#   build the end-to-end test runs under qemu-user.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 profile=release
@@ -33,4 +34,9 @@ fi
 
 cd "$root"
 cargo build --locked --profile "$profile" --target aarch64-unknown-linux-gnu "${packages[@]}"
-echo "built ${packages[*]} in target/aarch64-unknown-linux-gnu/$profile/"
+case "$profile" in
+  dev | test) profile_dir=debug ;;
+  bench) profile_dir=release ;;
+  *) profile_dir=$profile ;;
+esac
+echo "built ${packages[*]} in $("$root/scripts/target-dir.sh")/aarch64-unknown-linux-gnu/$profile_dir/"

@@ -6,6 +6,8 @@ set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 "$root/scripts/install-wasm-targets.sh"
 cd "$root/guests"
+# Where cargo put them: guests/target, or wherever CARGO_TARGET_DIR (or a config) points.
+target=$("$root/scripts/target-dir.sh" "$root/guests")
 cargo build --quiet --release --target wasm32-wasip1 -p init-heavy-p1 -p probe-p1
 cargo build --quiet --release --target wasm32-wasip2 -p hello-http -p init-heavy-http -p outbound-http
 out="$root/guests/out"
@@ -13,15 +15,16 @@ mkdir -p "$out"
 place() { # place SRC NAME: atomic copy into $out
   local tmp
   tmp=$(mktemp "$out/.$2.XXXXXX")
-  cp "$1" "$tmp"
+  # A missing source must not leave the temp file behind in guests/out.
+  cp "$1" "$tmp" || { rm -f "$tmp"; return 1; }
   chmod 644 "$tmp"
   mv -f "$tmp" "$out/$2"
 }
-place target/wasm32-wasip1/release/init-heavy-p1.wasm init-heavy-p1.wasm
-place target/wasm32-wasip1/release/probe-p1.wasm probe-p1.wasm
-place target/wasm32-wasip2/release/hello_http.wasm hello-http.wasm
-place target/wasm32-wasip2/release/init_heavy_http.wasm init-heavy-http.wasm
-place target/wasm32-wasip2/release/outbound_http.wasm outbound-http.wasm
+place "$target/wasm32-wasip1/release/init-heavy-p1.wasm" init-heavy-p1.wasm
+place "$target/wasm32-wasip1/release/probe-p1.wasm" probe-p1.wasm
+place "$target/wasm32-wasip2/release/hello_http.wasm" hello-http.wasm
+place "$target/wasm32-wasip2/release/init_heavy_http.wasm" init-heavy-http.wasm
+place "$target/wasm32-wasip2/release/outbound_http.wasm" outbound-http.wasm
 for wat in wat/*.wat; do
   place "$wat" "$(basename "$wat")"
 done

@@ -8,10 +8,12 @@ cd "$root"
 scripts/install-wasm-targets.sh
 scripts/build-guests.sh
 cargo build --release --locked -p edged -p edgectl -p bench
-edged="$root/target/release/edged"
-edgectl="$root/target/release/edgectl"
+# target/, or wherever CARGO_TARGET_DIR (or a cargo config) puts builds.
+target=$(scripts/target-dir.sh)
+edged="$target/release/edged"
+edgectl="$target/release/edgectl"
 
-demo="$root/target/demo"
+demo="$target/demo"
 rm -rf "$demo" && mkdir -p "$demo"
 echo "== edgectl build guests/out/init-heavy-p1.wasm (Wizer + AOT for both targets)"
 "$edgectl" build guests/out/init-heavy-p1.wasm -o "$demo/build"
@@ -50,4 +52,4 @@ trap - EXIT
 
 echo
 echo "== cold-start and HTTP figures"
-target/release/bench --out bench/out
+"$target/release/bench" --out bench/out

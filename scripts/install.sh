@@ -11,7 +11,7 @@
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 dest=${DESTDIR:-}
-binary="$root/target/release/edged"
+binary=""
 action=install
 purge=no
 while [ $# -gt 0 ]; do
@@ -40,8 +40,19 @@ if [ "$action" = uninstall ]; then
   exit 0
 fi
 
+if [ -z "$binary" ]; then
+  # Where cargo builds (target/, or CARGO_TARGET_DIR). sudo drops both cargo from PATH and
+  # CARGO_TARGET_DIR from the environment; then only target/ can be guessed, and --binary says
+  # where the binary really is.
+  target="$root/target"
+  if command -v cargo >/dev/null; then
+    target=$("$root/scripts/target-dir.sh")
+  fi
+  binary="$target/release/edged"
+fi
 if [ ! -x "$binary" ]; then
-  echo "install.sh: no edged binary at $binary (cargo build --release -p edged, or --binary PATH)" >&2
+  echo "install.sh: no edged binary at $binary (cargo build --release -p edged, or --binary PATH;" \
+    "under sudo CARGO_TARGET_DIR is not seen)" >&2
   exit 1
 fi
 "$binary" --version >/dev/null
@@ -55,7 +66,12 @@ install -d -m 0755 "$dest/etc/edged"
 if [ ! -e "$dest/etc/edged/edged.toml" ]; then
   install -m 0644 "$root/scripts/systemd/edged.toml" "$dest/etc/edged/edged.toml"
 fi
-"$dest/usr/bin/edged" check-config "$dest/etc/edged/edged.toml"
+# A staged config's paths (state_dir, identity) are the target machine's, not this one's, so
+# under DESTDIR only its syntax and values are checked. The unit's ExecStartPre runs the full
+# check as the service user on the box itself.
+check_args=()
+[ -z "$dest" ] || check_args=(--no-files)
+"$dest/usr/bin/edged" check-config "${check_args[@]}" "$dest/etc/edged/edged.toml"
 
 if [ -z "$dest" ]; then
   if ! getent passwd edged >/dev/null; then

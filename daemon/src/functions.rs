@@ -177,14 +177,24 @@ fn repair_source(
 
 /// The function a pushed deployment becomes: its route and limits from the manifest, and no
 /// capabilities (pushed functions get no preopens, environment or outbound hosts).
+///
+/// A manifest's limits are signed but not range-checked the way a config file is, so each is
+/// clamped into the config file's range (never wrapped into a tiny limit), with a warning naming
+/// the deployment. Clamping rather than refusing keeps a signed, admitted deployment servable.
 pub fn pushed_function_config(manifest: &Manifest) -> FunctionConfig {
     let limits = match manifest.limits {
-        Some(l) => Limits {
-            memory_bytes: (l.memory_mib << 20) as usize,
-            timeout: std::time::Duration::from_millis(l.timeout_ms),
-            max_concurrency: l.max_concurrency.max(1),
-            max_body_bytes: (l.max_body_kib * 1024) as usize,
-        },
+        Some(l) => {
+            let (limits, notes) = Limits::clamped(edged_node_config::LimitUnits {
+                memory_mib: l.memory_mib,
+                timeout_ms: l.timeout_ms,
+                max_concurrency: l.max_concurrency,
+                max_body_kib: l.max_body_kib,
+            });
+            for note in notes {
+                tracing::warn!(deployment = %manifest.id(), "pushed limit clamped: {note}");
+            }
+            limits
+        }
         None => Limits::default(),
     };
     FunctionConfig {

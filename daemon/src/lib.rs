@@ -18,7 +18,8 @@
 //!   ▼
 //! serving                        engine, live function set, admission, request metrics
 //!   ▼
-//! invoke                         one request in one fresh instance (p1 CGI, wasi:http)
+//! invoke, preflight              one request in one fresh instance (p1 CGI, wasi:http);
+//!                                `edged check-config`'s checks of the files a config names
 //!   ▼
 //! functions, fault               preparing and routing functions; classifying guest faults
 //!   ▼
@@ -43,5 +44,6 @@ pub mod invoke;
 pub mod lifecycle;
 pub mod metrics;
 pub mod notify;
+pub mod preflight;
 pub mod serving;
 pub mod sync;

@@ -1,8 +1,9 @@
 //! `edged`: the edge node daemon.
 //!
 //! `edged [--config FILE]` serves the functions the config declares (the embedded dev default
-//! when no file is given); `edged check-config FILE` validates a config and exits; `edged verify`
-//! re-hashes the config's store and reports damage (exit 0 clean, 1 damage, 2 not checked).
+//! when no file is given); `edged check-config FILE` validates a config, and the files it names
+//! (see `edged::preflight`), and exits; `edged verify` re-hashes the config's store and reports
+//! damage (exit 0 clean, 1 damage, 2 not checked).
 
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -28,8 +29,16 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Validate a config file (syntax, values, referenced files) and exit.
-    CheckConfig { file: PathBuf },
+    /// Validate a config file and exit: syntax and values, then everything start checks that
+    /// needs no network (wasm files and init exports, identity and trusted keys, state_dir).
+    /// Prints one line per problem and exits 1, or prints `ok`.
+    CheckConfig {
+        file: PathBuf,
+        /// Check syntax and values only, not the files and directories the config names: for a
+        /// config staged under another root (`DESTDIR`), whose paths are the target's.
+        #[arg(long)]
+        no_files: bool,
+    },
     /// Re-hash every blob of the store in the config's state_dir and cross-check its index.
     /// Exit code 0: clean; 1: damage found; 2: could not check (no store, or edged is running).
     Verify,
@@ -49,22 +58,33 @@ fn init_logging() {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    if let Some(Command::CheckConfig { file }) = &cli.command {
-        return match NodeConfig::load(file) {
-            Ok(config) => {
-                println!(
-                    "{}: ok ({} function{})",
-                    file.display(),
-                    config.functions.len(),
-                    if config.functions.len() == 1 { "" } else { "s" }
-                );
-                Ok(())
-            }
+    if let Some(Command::CheckConfig { file, no_files }) = &cli.command {
+        // Parse errors carry their own `file:line:`; preflight problems get the file's name.
+        let config = match NodeConfig::load(file) {
+            Ok(config) => config,
             Err(e) => {
                 eprintln!("{e}");
                 std::process::exit(1);
             }
         };
+        let problems = if *no_files {
+            Vec::new()
+        } else {
+            edged::preflight::check(&config)
+        };
+        if !problems.is_empty() {
+            for problem in &problems {
+                eprintln!("{}: {problem}", file.display());
+            }
+            std::process::exit(1);
+        }
+        println!(
+            "{}: ok ({} function{})",
+            file.display(),
+            config.functions.len(),
+            if config.functions.len() == 1 { "" } else { "s" }
+        );
+        return Ok(());
     }
     init_logging();
     let config = match &cli.config {

@@ -18,7 +18,8 @@ const LAYERS: &[&[&str]] = &[
     ],
     &["deployments"],
     &["serving"],
-    &["invoke"],
+    // preflight (`edged check-config`) may use what functions and hosts use, nothing above.
+    &["invoke", "preflight"],
     &["functions", "fault"],
     &["host", "metrics", "events"],
 ];

@@ -3,7 +3,9 @@
 //! Owns a node's configuration: the TOML schema (every field documented in
 //! `node-config/edged.example.toml`), its validation, and the embedded dev default that lets
 //! `edged` start with no file at all. Unknown keys and bad values are refused with the file, line
-//! and reason. Relative paths are resolved against the config file's directory.
+//! and reason; every number has an explicit range, checked before it is scaled to bytes. Relative
+//! paths are resolved against the config file's directory. [`exports_func`] is the one check of a
+//! named file's contents (`edged check-config` uses it for `init = "<export>"`).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -13,6 +15,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use toml::Spanned;
+
+mod exports;
+pub use exports::exports_func;
 
 /// The dev default: state in `./.edged-dev`, HTTP on 127.0.0.1:8080, no functions declared.
 pub const DEV_DEFAULT: &str = include_str!("../dev-default.toml");
@@ -165,11 +170,83 @@ impl Default for Limits {
     fn default() -> Self {
         let raw = RawLimits::default();
         Limits {
+            // Small constants: none of these can overflow.
             memory_bytes: (*raw.memory_mib.get_ref() * MIB) as usize,
             timeout: Duration::from_millis(*raw.timeout_ms.get_ref()),
             max_concurrency: *raw.max_concurrency.get_ref(),
-            max_body_bytes: (raw.max_body_kib * 1024) as usize,
+            max_body_bytes: (*raw.max_body_kib.get_ref() * KIB) as usize,
         }
+    }
+}
+
+/// Limits in the config file's units, from a source nobody validated (a pushed manifest).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LimitUnits {
+    pub memory_mib: u64,
+    pub timeout_ms: u64,
+    pub max_concurrency: usize,
+    pub max_body_kib: u64,
+}
+
+impl Limits {
+    /// Converts `units` without wrapping: each value outside the range a config file allows is
+    /// clamped into it (memory up to [`MAX_MEMORY_RESERVATION_MIB`]; the engine's pool still
+    /// caps it at `max_memory_mib`). Returns one note per clamped value, for the caller to log.
+    pub fn clamped(units: LimitUnits) -> (Limits, Vec<String>) {
+        fn clamp<T: Ord + Copy + fmt::Display>(
+            notes: &mut Vec<String>,
+            field: &str,
+            value: T,
+            min: T,
+            max: T,
+        ) -> T {
+            let used = value.clamp(min, max);
+            if used != value {
+                notes.push(format!(
+                    "limits.{field} {value} is outside {min}..={max}; using {used}"
+                ));
+            }
+            used
+        }
+        let mut notes = Vec::new();
+        let memory_mib = clamp(
+            &mut notes,
+            "memory_mib",
+            units.memory_mib,
+            1,
+            MAX_MEMORY_RESERVATION_MIB,
+        );
+        let timeout_ms = clamp(
+            &mut notes,
+            "timeout_ms",
+            units.timeout_ms,
+            1,
+            MAX_TIMEOUT_MS,
+        );
+        let max_concurrency = clamp(
+            &mut notes,
+            "max_concurrency",
+            units.max_concurrency,
+            1,
+            MAX_CONCURRENCY,
+        );
+        let body_kib = clamp(
+            &mut notes,
+            "max_body_kib",
+            units.max_body_kib,
+            1,
+            MAX_BODY_KIB,
+        );
+        // Clamped above, so the products stay far below u64::MAX; `usize` is 64-bit on every
+        // target edged builds for (x86_64, aarch64), and saturates rather than wraps otherwise.
+        let bytes = |count: u64, unit: u64| usize::try_from(count * unit).unwrap_or(usize::MAX);
+        let limits = Limits {
+            memory_bytes: bytes(memory_mib, MIB),
+            timeout: Duration::from_millis(timeout_ms),
+            max_concurrency,
+            max_body_bytes: bytes(body_kib, KIB),
+        };
+        (limits, notes)
     }
 }
 
@@ -241,7 +318,7 @@ fn default_node_name() -> String {
 struct RawNode {
     state_dir: Spanned<String>,
     http_listen: Spanned<String>,
-    drain_timeout_ms: u64,
+    drain_timeout_ms: Spanned<u64>,
     epoch_tick_ms: Spanned<u64>,
     head_timeout_ms: Spanned<u64>,
     body_timeout_ms: Spanned<u64>,
@@ -253,7 +330,7 @@ impl Default for RawNode {
         RawNode {
             state_dir: Spanned::new(0..0, ".edged-dev".into()),
             http_listen: Spanned::new(0..0, "127.0.0.1:8080".into()),
-            drain_timeout_ms: 10_000,
+            drain_timeout_ms: Spanned::new(0..0, 10_000),
             epoch_tick_ms: Spanned::new(0..0, 10),
             head_timeout_ms: Spanned::new(0..0, 10_000),
             body_timeout_ms: Spanned::new(0..0, 30_000),
@@ -266,9 +343,10 @@ impl Default for RawNode {
 #[serde(deny_unknown_fields, default)]
 struct RawEngine {
     memory_reservation_mib: Spanned<u64>,
-    memory_guard_mib: u64,
-    total_instances: Spanned<u32>,
-    total_memories: Spanned<u32>,
+    memory_guard_mib: Spanned<u64>,
+    // u64 in the file so that any number gets the range message, not a type error.
+    total_instances: Spanned<u64>,
+    total_memories: Spanned<u64>,
     max_memory_mib: Spanned<u64>,
 }
 
@@ -276,7 +354,7 @@ impl Default for RawEngine {
     fn default() -> Self {
         RawEngine {
             memory_reservation_mib: Spanned::new(0..0, 4096),
-            memory_guard_mib: 32,
+            memory_guard_mib: Spanned::new(0..0, 32),
             total_instances: Spanned::new(0..0, 1000),
             total_memories: Spanned::new(0..0, 1000),
             max_memory_mib: Spanned::new(0..0, 1024),
@@ -309,7 +387,7 @@ struct RawLimits {
     memory_mib: Spanned<u64>,
     timeout_ms: Spanned<u64>,
     max_concurrency: Spanned<usize>,
-    max_body_kib: u64,
+    max_body_kib: Spanned<u64>,
 }
 
 impl Default for RawLimits {
@@ -318,7 +396,7 @@ impl Default for RawLimits {
             memory_mib: Spanned::new(0..0, 128),
             timeout_ms: Spanned::new(0..0, 5_000),
             max_concurrency: Spanned::new(0..0, 32),
-            max_body_kib: 1024,
+            max_body_kib: Spanned::new(0..0, 1024),
         }
     }
 }
@@ -333,6 +411,81 @@ struct RawDir {
 }
 
 const MIB: u64 = 1 << 20;
+const KIB: u64 = 1 << 10;
+
+// ---- bounds -------------------------------------------------------------------------------
+//
+// Every number in the file has an explicit range, checked before it is scaled to bytes, so no
+// value can wrap into a small limit. The bounds are what an edge box can sensibly use; they are
+// repeated in `edged.example.toml` and in each error message.
+
+/// Address space reserved per linear memory. A 32-bit Wasm memory never exceeds 4096 MiB, so
+/// the default already covers it; more only helps 64-bit memories.
+pub const MAX_MEMORY_RESERVATION_MIB: u64 = 16 * 1024;
+/// A guard region bigger than a whole 32-bit memory buys nothing.
+pub const MAX_MEMORY_GUARD_MIB: u64 = 4096;
+/// Pool slots, and one function's concurrent instances: far past what one box runs at once,
+/// and below the sizes at which the pool's and semaphores' own arithmetic saturates.
+pub const MAX_INSTANCES: u64 = 1_000_000;
+pub const MAX_CONCURRENCY: usize = 1_000_000;
+/// The pool maps `total_memories × (reservation + guard)` up front; a 64-bit Linux process has
+/// 128 TiB of user address space (4-level page tables), so a pool past that can never start.
+pub const MAX_POOL_ADDRESS_SPACE_MIB: u64 = 128 * 1024 * 1024;
+/// Prepared deployments kept mapped; the cache allocates its table for this many up front.
+pub const MAX_CACHE_CAPACITY: usize = 100_000;
+/// Drain on SIGTERM and a request's deadline: one hour is already longer than any supervisor
+/// or client waits.
+pub const MAX_DRAIN_TIMEOUT_MS: u64 = 3_600_000;
+pub const MAX_TIMEOUT_MS: u64 = 3_600_000;
+/// Largest request body a function may accept: 1 GiB (bodies are buffered in memory).
+pub const MAX_BODY_KIB: u64 = 1024 * 1024;
+/// Sync: at most one round a day between forced rounds, 1024 transfers at once, 100 GB/s.
+pub const MAX_SYNC_INTERVAL_MS: u64 = 86_400_000;
+pub const MAX_TRANSFERS: usize = 1024;
+pub const MAX_RATE_MB: f64 = 100_000.0;
+
+/// `value` if it lies in `min..=max`, else an error at its span naming `field`, the range and
+/// why the range is what it is (`why` may be empty).
+fn in_range<T>(
+    value: &Spanned<T>,
+    field: &str,
+    min: T,
+    max: T,
+    why: &str,
+    err_at: &impl Fn(std::ops::Range<usize>, String) -> ConfigError,
+) -> Result<T, ConfigError>
+where
+    T: PartialOrd + Copy + fmt::Display,
+{
+    let v = *value.get_ref();
+    if v < min || v > max {
+        return Err(err_at(
+            value.span(),
+            format!("{field} must be between {min} and {max}{why}, not {v}"),
+        ));
+    }
+    Ok(v)
+}
+
+/// `count × unit` bytes as a `usize`, refusing rather than wrapping. Callers bound `count`
+/// first, so this fails only where `usize` is narrower than the bounds (32-bit hosts).
+fn to_bytes<T: Copy>(
+    count: u64,
+    unit: u64,
+    value: &Spanned<T>,
+    field: &str,
+    err_at: &impl Fn(std::ops::Range<usize>, String) -> ConfigError,
+) -> Result<usize, ConfigError> {
+    count
+        .checked_mul(unit)
+        .and_then(|bytes| usize::try_from(bytes).ok())
+        .ok_or_else(|| {
+            err_at(
+                value.span(),
+                format!("{field} ({count}) does not fit this host's address space"),
+            )
+        })
+}
 
 impl NodeConfig {
     /// Reads and validates a config file.
@@ -381,55 +534,105 @@ impl NodeConfig {
                     format!("http_listen `{}`: {e}", node.http_listen.get_ref()),
                 )
             })?;
+        let drain_timeout_ms = in_range(
+            &node.drain_timeout_ms,
+            "drain_timeout_ms",
+            0,
+            MAX_DRAIN_TIMEOUT_MS,
+            " (one hour)",
+            &err_at,
+        )?;
+        in_range(&node.epoch_tick_ms, "epoch_tick_ms", 1, 1000, "", &err_at)?;
+        in_range(
+            &node.cache_capacity,
+            "cache_capacity",
+            1,
+            MAX_CACHE_CAPACITY,
+            "",
+            &err_at,
+        )?;
         for (value, key) in [
             (&node.head_timeout_ms, "head_timeout_ms"),
             (&node.body_timeout_ms, "body_timeout_ms"),
         ] {
-            if !(1..=MAX_CLIENT_TIMEOUT_MS).contains(value.get_ref()) {
-                return Err(err_at(
-                    value.span(),
-                    format!("{key} must be between 1 and {MAX_CLIENT_TIMEOUT_MS} (one hour)"),
-                ));
-            }
-        }
-        if *node.epoch_tick_ms.get_ref() == 0 || *node.epoch_tick_ms.get_ref() > 1000 {
-            return Err(err_at(
-                node.epoch_tick_ms.span(),
-                "epoch_tick_ms must be between 1 and 1000".into(),
-            ));
-        }
-        if *node.cache_capacity.get_ref() == 0 {
-            return Err(err_at(
-                node.cache_capacity.span(),
-                "cache_capacity must be at least 1".into(),
-            ));
+            in_range(value, key, 1, MAX_CLIENT_TIMEOUT_MS, " (one hour)", &err_at)?;
         }
         let e = &raw.engine;
-        let reservation = *e.memory_reservation_mib.get_ref() * MIB;
-        let max_memory = *e.max_memory_mib.get_ref() * MIB;
-        if max_memory > reservation {
+        // Each bound is checked on the MiB value before it is scaled, so a huge value is
+        // refused for what it is rather than wrapping into a small one.
+        let reservation_mib = in_range(
+            &e.memory_reservation_mib,
+            "memory_reservation_mib",
+            1,
+            MAX_MEMORY_RESERVATION_MIB,
+            " (4096 covers any 32-bit Wasm memory)",
+            &err_at,
+        )?;
+        let guard_mib = in_range(
+            &e.memory_guard_mib,
+            "memory_guard_mib",
+            0,
+            MAX_MEMORY_GUARD_MIB,
+            "",
+            &err_at,
+        )?;
+        let max_memory_mib = *e.max_memory_mib.get_ref();
+        if max_memory_mib == 0 || max_memory_mib > reservation_mib {
             return Err(err_at(
                 e.max_memory_mib.span(),
                 format!(
-                    "max_memory_mib ({}) cannot exceed memory_reservation_mib ({})",
-                    e.max_memory_mib.get_ref(),
-                    e.memory_reservation_mib.get_ref()
+                    "max_memory_mib must be between 1 and memory_reservation_mib \
+                     ({reservation_mib}; a memory cannot grow past its reservation), not \
+                     {max_memory_mib}"
                 ),
             ));
         }
-        for (field, value) in [
-            ("total_instances", &e.total_instances),
-            ("total_memories", &e.total_memories),
-        ] {
-            if *value.get_ref() == 0 {
-                return Err(err_at(value.span(), format!("{field} must be at least 1")));
-            }
+        let total_instances = in_range(
+            &e.total_instances,
+            "total_instances",
+            1,
+            MAX_INSTANCES,
+            "",
+            &err_at,
+        )?;
+        let total_memories = in_range(
+            &e.total_memories,
+            "total_memories",
+            1,
+            MAX_INSTANCES,
+            "",
+            &err_at,
+        )?;
+        // Bounded above: at most 10^6 × (16384 + 4096) MiB, far inside u64.
+        let pool_mib = total_memories * (reservation_mib + guard_mib);
+        if pool_mib > MAX_POOL_ADDRESS_SPACE_MIB {
+            return Err(err_at(
+                e.total_memories.span(),
+                format!(
+                    "total_memories × (memory_reservation_mib + memory_guard_mib) is {} GiB of \
+                     address space, more than the 131072 GiB (128 TiB) a 64-bit Linux process \
+                     has; lower total_memories or memory_reservation_mib",
+                    pool_mib / 1024
+                ),
+            ));
         }
+        let reservation = reservation_mib * MIB;
+        let max_memory = to_bytes(
+            max_memory_mib,
+            MIB,
+            &e.max_memory_mib,
+            "max_memory_mib",
+            &err_at,
+        )?;
 
         let mut functions: Vec<FunctionConfig> = Vec::new();
         for f in &raw.functions {
             functions.push(validate_function(
-                f, &functions, max_memory, &err_at, &resolve,
+                f,
+                &functions,
+                max_memory_mib,
+                &err_at,
+                &resolve,
             )?);
         }
         let control = match &raw.control {
@@ -473,17 +676,18 @@ impl NodeConfig {
         Ok(NodeConfig {
             state_dir: resolve(node.state_dir.get_ref()),
             http_listen,
-            drain_timeout: Duration::from_millis(node.drain_timeout_ms),
+            drain_timeout: Duration::from_millis(drain_timeout_ms),
             epoch_tick: Duration::from_millis(*node.epoch_tick_ms.get_ref()),
             head_timeout: Duration::from_millis(*node.head_timeout_ms.get_ref()),
             body_timeout: Duration::from_millis(*node.body_timeout_ms.get_ref()),
             cache_capacity: *node.cache_capacity.get_ref(),
             engine: EngineConfig {
                 memory_reservation_bytes: reservation,
-                memory_guard_bytes: e.memory_guard_mib * MIB,
-                total_instances: *e.total_instances.get_ref(),
-                total_memories: *e.total_memories.get_ref(),
-                max_memory_bytes: max_memory as usize,
+                memory_guard_bytes: guard_mib * MIB,
+                // Both bounded by MAX_INSTANCES, far below u32::MAX.
+                total_instances: u32::try_from(total_instances).expect("bounded above"),
+                total_memories: u32::try_from(total_memories).expect("bounded above"),
+                max_memory_bytes: max_memory,
             },
             functions,
             control,
@@ -516,30 +720,30 @@ fn validate_sync(
         }
         peers.push(text.clone());
     }
-    let interval = *s.interval_ms.get_ref();
-    if interval < 100 {
-        return Err(err_at(
-            s.interval_ms.span(),
-            "sync.interval_ms must be at least 100".into(),
-        ));
-    }
+    let interval = in_range(
+        &s.interval_ms,
+        "sync.interval_ms",
+        100,
+        MAX_SYNC_INTERVAL_MS,
+        " (one day)",
+        err_at,
+    )?;
     for (field, value) in [
-        ("max_transfers", &s.max_transfers),
-        ("max_transfers_per_peer", &s.max_transfers_per_peer),
-        ("max_uploads", &s.max_uploads),
+        ("sync.max_transfers", &s.max_transfers),
+        ("sync.max_transfers_per_peer", &s.max_transfers_per_peer),
+        ("sync.max_uploads", &s.max_uploads),
     ] {
-        if *value.get_ref() == 0 {
-            return Err(err_at(
-                value.span(),
-                format!("sync.{field} must be at least 1"),
-            ));
-        }
+        in_range(value, field, 1, MAX_TRANSFERS, "", err_at)?;
     }
     let rate = *s.max_rate_mb.get_ref();
-    if !rate.is_finite() || rate < 0.0 {
+    // `!(..)` rather than `<`/`>` so NaN is refused too.
+    if !(0.0..=MAX_RATE_MB).contains(&rate) {
         return Err(err_at(
             s.max_rate_mb.span(),
-            "sync.max_rate_mb must be 0 (no cap) or a positive number of MB/s".into(),
+            format!(
+                "sync.max_rate_mb must be 0 (no cap) or a number of MB/s up to {MAX_RATE_MB}, \
+                 not {rate}"
+            ),
         ));
     }
     Ok(SyncConfig {
@@ -555,7 +759,7 @@ fn validate_sync(
 fn validate_function(
     f: &RawFunction,
     earlier: &[FunctionConfig],
-    max_memory: u64,
+    max_memory_mib: u64,
     err_at: &impl Fn(std::ops::Range<usize>, String) -> ConfigError,
     resolve: &impl Fn(&str) -> PathBuf,
 ) -> Result<FunctionConfig, ConfigError> {
@@ -600,28 +804,46 @@ fn validate_function(
         ));
     }
     let l = &f.limits;
-    let memory = *l.memory_mib.get_ref() * MIB;
-    if memory == 0 || memory > max_memory {
-        return Err(err_at(
-            l.memory_mib.span(),
-            format!(
-                "limits.memory_mib must be between 1 and the engine's max_memory_mib ({})",
-                max_memory / MIB
-            ),
-        ));
-    }
-    if *l.timeout_ms.get_ref() == 0 {
-        return Err(err_at(
-            l.timeout_ms.span(),
-            "limits.timeout_ms must be at least 1".into(),
-        ));
-    }
-    if *l.max_concurrency.get_ref() == 0 {
-        return Err(err_at(
-            l.max_concurrency.span(),
-            "limits.max_concurrency must be at least 1".into(),
-        ));
-    }
+    let memory_mib = in_range(
+        &l.memory_mib,
+        "limits.memory_mib",
+        1,
+        max_memory_mib,
+        " (the engine's max_memory_mib)",
+        err_at,
+    )?;
+    let memory = to_bytes(memory_mib, MIB, &l.memory_mib, "limits.memory_mib", err_at)?;
+    let timeout_ms = in_range(
+        &l.timeout_ms,
+        "limits.timeout_ms",
+        1,
+        MAX_TIMEOUT_MS,
+        " (one hour)",
+        err_at,
+    )?;
+    let max_concurrency = in_range(
+        &l.max_concurrency,
+        "limits.max_concurrency",
+        1,
+        MAX_CONCURRENCY,
+        "",
+        err_at,
+    )?;
+    let body_kib = in_range(
+        &l.max_body_kib,
+        "limits.max_body_kib",
+        1,
+        MAX_BODY_KIB,
+        " (1 GiB)",
+        err_at,
+    )?;
+    let max_body_bytes = to_bytes(
+        body_kib,
+        KIB,
+        &l.max_body_kib,
+        "limits.max_body_kib",
+        err_at,
+    )?;
     let mut dirs = Vec::new();
     for d in &f.dirs {
         let host_dir = resolve(d.host.get_ref());
@@ -655,10 +877,10 @@ fn validate_function(
         host,
         init,
         limits: Limits {
-            memory_bytes: memory as usize,
-            timeout: Duration::from_millis(*l.timeout_ms.get_ref()),
-            max_concurrency: *l.max_concurrency.get_ref(),
-            max_body_bytes: (l.max_body_kib * 1024) as usize,
+            memory_bytes: memory,
+            timeout: Duration::from_millis(timeout_ms),
+            max_concurrency,
+            max_body_bytes,
         },
         env: f.env.clone(),
         dirs,
@@ -763,6 +985,268 @@ mod tests {
         let err = parse("[sync]\npeers = []\n").unwrap_err();
         assert_eq!(err.line, Some(1), "{err}");
         assert!(err.reason.contains("[control]"), "{err}");
+    }
+
+    /// Values that wrapped when scaled to bytes before: 2^44 + 1 MiB is 1 MiB after `<< 20`,
+    /// and 2^54 KiB is 0 after `* 1024`.
+    const WRAP_44: u64 = (1 << 44) + 1;
+    const WRAP_54: u64 = 1 << 54;
+
+    /// A config whose table `[section]` sets `key = value`, after `context` lines in the same
+    /// table; the key's line is returned with it.
+    fn config_with(section: &str, context: &str, key: &str, value: &str) -> (String, usize) {
+        let function = "[[function]]\nname = \"a\"\nwasm = \"Cargo.toml\"\nroute = \"/a\"\n";
+        let control = "[control]\nlisten = \"127.0.0.1:0\"\nidentity_dir = \"id\"\n";
+        let mut text = String::new();
+        match section {
+            "function.limits" => text.push_str(function),
+            "sync" => text.push_str(control),
+            _ => {}
+        }
+        text.push_str(&format!("[{section}]\n{context}"));
+        let line = text.matches('\n').count() + 1;
+        text.push_str(&format!("{key} = {value}\n"));
+        (text, line)
+    }
+
+    /// Every bounded number: (table, other lines the case needs, key, lowest, highest).
+    const BOUNDS: &[(&str, &str, &str, u64, u64)] = &[
+        ("node", "", "drain_timeout_ms", 0, MAX_DRAIN_TIMEOUT_MS),
+        ("node", "", "epoch_tick_ms", 1, 1000),
+        ("node", "", "cache_capacity", 1, MAX_CACHE_CAPACITY as u64),
+        (
+            "engine",
+            "max_memory_mib = 1\n",
+            "memory_reservation_mib",
+            1,
+            MAX_MEMORY_RESERVATION_MIB,
+        ),
+        ("engine", "", "memory_guard_mib", 0, MAX_MEMORY_GUARD_MIB),
+        // Up to the reservation (default 4096).
+        ("engine", "", "max_memory_mib", 1, 4096),
+        ("engine", "", "total_instances", 1, MAX_INSTANCES),
+        // Small slots, so a million of them fit the address space.
+        (
+            "engine",
+            "memory_reservation_mib = 64\nmemory_guard_mib = 0\nmax_memory_mib = 64\n",
+            "total_memories",
+            1,
+            MAX_INSTANCES,
+        ),
+        // Up to the engine's max_memory_mib (default 1024).
+        ("function.limits", "", "memory_mib", 1, 1024),
+        ("function.limits", "", "timeout_ms", 1, MAX_TIMEOUT_MS),
+        (
+            "function.limits",
+            "",
+            "max_concurrency",
+            1,
+            MAX_CONCURRENCY as u64,
+        ),
+        ("function.limits", "", "max_body_kib", 1, MAX_BODY_KIB),
+        ("sync", "", "interval_ms", 100, MAX_SYNC_INTERVAL_MS),
+        ("sync", "", "max_transfers", 1, MAX_TRANSFERS as u64),
+        (
+            "sync",
+            "",
+            "max_transfers_per_peer",
+            1,
+            MAX_TRANSFERS as u64,
+        ),
+        ("sync", "", "max_uploads", 1, MAX_TRANSFERS as u64),
+    ];
+
+    #[test]
+    fn every_number_is_range_checked_with_its_line() {
+        for &(section, context, key, low, high) in BOUNDS {
+            let mut accepted = vec![low, high];
+            if high - low > 1 {
+                accepted.push(low + 1);
+                accepted.push(high - 1);
+            }
+            for value in accepted {
+                let (text, _) = config_with(section, context, key, &value.to_string());
+                if let Err(e) = parse(&text) {
+                    panic!("{section}.{key} = {value} refused: {e}\n{text}");
+                }
+            }
+            let mut refused = vec![high + 1, WRAP_44, WRAP_54];
+            if low > 0 {
+                refused.push(low - 1);
+            }
+            for value in refused {
+                let (text, line) = config_with(section, context, key, &value.to_string());
+                let err = match parse(&text) {
+                    Ok(_) => panic!("{section}.{key} = {value} accepted\n{text}"),
+                    Err(e) => e,
+                };
+                assert_eq!(err.line, Some(line), "{section}.{key} = {value}: {err}");
+                assert!(
+                    err.reason.contains(key) && err.reason.contains("between"),
+                    "{section}.{key} = {value}: {err}"
+                );
+                assert!(
+                    err.reason.ends_with(&format!("not {value}")),
+                    "{section}.{key} = {value}: the reason shows the value: {err}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn limits_scale_exactly_at_their_bounds() {
+        let (text, _) = config_with(
+            "function.limits",
+            "",
+            "max_body_kib",
+            &MAX_BODY_KIB.to_string(),
+        );
+        let c = parse(&text).unwrap();
+        assert_eq!(c.functions[0].limits.max_body_bytes, 1 << 30);
+        let (text, _) = config_with("function.limits", "", "memory_mib", "1024");
+        let c = parse(&text).unwrap();
+        assert_eq!(c.functions[0].limits.memory_bytes, 1 << 30);
+        let (text, _) = config_with(
+            "engine",
+            "memory_guard_mib = 0\ntotal_memories = 1\n",
+            "memory_reservation_mib",
+            &MAX_MEMORY_RESERVATION_MIB.to_string(),
+        );
+        let c = parse(&text).unwrap();
+        assert_eq!(c.engine.memory_reservation_bytes, 16 << 30);
+        assert_eq!(c.engine.memory_guard_bytes, 0);
+    }
+
+    #[test]
+    fn wrapping_memory_and_body_are_refused_not_shrunk() {
+        // Before, 2^44 + 1 MiB became a 1 MiB cap and 2^54 KiB a 0-byte body limit.
+        let (text, _) = config_with("function.limits", "", "memory_mib", &WRAP_44.to_string());
+        let err = parse(&text).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "edged.toml:6: limits.memory_mib must be between 1 and 1024 (the engine's \
+                 max_memory_mib), not {WRAP_44}"
+            )
+        );
+        let (text, _) = config_with("function.limits", "", "max_body_kib", &WRAP_54.to_string());
+        let err = parse(&text).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "edged.toml:6: limits.max_body_kib must be between 1 and 1048576 (1 GiB), \
+                 not {WRAP_54}"
+            )
+        );
+        let (text, _) = config_with("function.limits", "", "max_body_kib", "0");
+        assert!(parse(&text).unwrap_err().reason.contains("max_body_kib"));
+    }
+
+    #[test]
+    fn a_huge_reservation_is_refused_for_itself() {
+        // 2^44 MiB wrapped to 0 bytes, and the error blamed max_memory_mib.
+        let err = parse(&format!(
+            "[engine]\nmemory_reservation_mib = {}\n",
+            1u64 << 44
+        ))
+        .unwrap_err();
+        assert_eq!(err.line, Some(2), "{err}");
+        assert!(
+            err.reason
+                .starts_with("memory_reservation_mib must be between 1 and 16384"),
+            "{err}"
+        );
+        let err = parse("[engine]\nmemory_reservation_mib = 512\n").unwrap_err();
+        assert!(
+            err.reason
+                .starts_with("max_memory_mib must be between 1 and memory_reservation_mib (512;"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_pool_larger_than_the_address_space_is_refused() {
+        // 40000 × (4096 + 32) MiB ≈ 157 TiB.
+        let err = parse("[engine]\ntotal_memories = 40000\n").unwrap_err();
+        assert_eq!(err.line, Some(2), "{err}");
+        assert!(err.reason.contains("128 TiB"), "{err}");
+        parse("[engine]\ntotal_memories = 30000\n").unwrap();
+    }
+
+    #[test]
+    fn sync_rate_is_bounded_and_nan_refused() {
+        for (value, ok) in [
+            ("0", true),
+            ("100000", true),
+            ("100000.5", false),
+            ("-1", false),
+            ("nan", false),
+            ("inf", false),
+        ] {
+            let (text, line) = config_with("sync", "", "max_rate_mb", value);
+            match parse(&text) {
+                Ok(_) => assert!(ok, "max_rate_mb = {value} accepted"),
+                Err(e) => {
+                    assert!(!ok, "max_rate_mb = {value} refused: {e}");
+                    assert_eq!(e.line, Some(line), "{e}");
+                    assert!(e.reason.contains("max_rate_mb"), "{e}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn pushed_limits_are_clamped_not_wrapped() {
+        let ok = LimitUnits {
+            memory_mib: 128,
+            timeout_ms: 5000,
+            max_concurrency: 32,
+            max_body_kib: 1024,
+        };
+        let (limits, notes) = Limits::clamped(ok);
+        assert_eq!(limits, Limits::default());
+        assert!(notes.is_empty(), "{notes:?}");
+
+        let (limits, notes) = Limits::clamped(LimitUnits {
+            memory_mib: WRAP_44,
+            timeout_ms: u64::MAX,
+            max_concurrency: usize::MAX,
+            max_body_kib: WRAP_54,
+        });
+        assert_eq!(limits.memory_bytes, 16 << 30);
+        assert_eq!(limits.timeout, Duration::from_millis(MAX_TIMEOUT_MS));
+        assert_eq!(limits.max_concurrency, MAX_CONCURRENCY);
+        assert_eq!(limits.max_body_bytes, 1 << 30);
+        assert_eq!(notes.len(), 4, "{notes:?}");
+        assert_eq!(
+            notes[0],
+            format!("limits.memory_mib {WRAP_44} is outside 1..=16384; using 16384")
+        );
+
+        let (limits, notes) = Limits::clamped(LimitUnits {
+            memory_mib: 0,
+            timeout_ms: 0,
+            max_concurrency: 0,
+            max_body_kib: 0,
+        });
+        assert_eq!(limits.memory_bytes, 1 << 20);
+        assert_eq!(limits.timeout, Duration::from_millis(1));
+        assert_eq!(limits.max_concurrency, 1);
+        assert_eq!(limits.max_body_bytes, 1024);
+        assert_eq!(notes.len(), 4, "{notes:?}");
+    }
+
+    #[test]
+    fn init_exports_are_found_at_the_top_level_only() {
+        let component = std::fs::read(edged_testkit::guest("init-heavy-http.wasm")).unwrap();
+        assert!(exports_func(&component, "wizer-initialize"));
+        assert!(!exports_func(&component, "setup"));
+        let module = std::fs::read(edged_testkit::guest("init-heavy-p1.wasm")).unwrap();
+        assert!(exports_func(&module, "wizer-initialize"));
+        // `_start` is a function export; `memory` is not a function.
+        assert!(exports_func(&module, "_start"));
+        assert!(!exports_func(&module, "memory"));
+        assert!(!exports_func(b"not wasm", "wizer-initialize"));
     }
 
     #[test]
