@@ -121,7 +121,7 @@ async fn client(
             };
             let is_hello = path == "/hello";
             // Every tenth hello latency is kept: minutes at thousands of requests a second.
-            if is_hello && turn % 10 == 0 {
+            if is_hello && turn.is_multiple_of(10) {
                 samples.push(started.elapsed());
             }
             let (count, errors) = if is_hello {
