@@ -13,8 +13,8 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result, anyhow};
 use edged_control::TrustedKeys;
-use edged_control::signing::{SignError, SignedManifest};
-use edged_control::wire::{DeploymentInfo, Holding};
+use edged_control::signing::{SignError, SignedActivation, SignedManifest};
+use edged_control::wire::{DeploymentInfo, FleetRecordInfo, Holding};
 use edged_snapshots::manifest::BlobRef;
 use edged_snapshots::{BlobKind, Manifest, Store, StoreError};
 use tokio::sync::broadcast;
@@ -53,6 +53,46 @@ pub enum Refusal {
     },
     #[error("reading the store: {0}")]
     Store(#[from] StoreError),
+}
+
+/// Why a fleet activation record is not applied.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordRefusal {
+    #[error(transparent)]
+    Signature(#[from] SignError),
+    #[error("fleet record {id}: {reason}")]
+    BadName { id: String, reason: String },
+    #[error(
+        "fleet record {id} is not newer than record #{current} already applied for `{name}`: \
+         refused (a replayed older record would roll the fleet back)"
+    )]
+    NotNewer {
+        id: String,
+        name: String,
+        current: u64,
+    },
+    #[error("reading the store: {0}")]
+    Store(#[from] StoreError),
+}
+
+impl RecordRefusal {
+    /// Altered after signing: whoever relayed it is lying.
+    pub fn is_forgery(&self) -> bool {
+        matches!(self, RecordRefusal::Signature(SignError::BadSignature(_)))
+    }
+}
+
+/// What applying a fleet activation record did here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Applied {
+    /// The version it names is now active.
+    Activated,
+    /// This node does not hold the version yet: it is activated when it arrives by sync.
+    Pending,
+    /// The same record was applied before.
+    AlreadyApplied,
+    /// Recorded (and spread), but this node cannot serve the version; the one it served stays.
+    NotServable(String),
 }
 
 impl Refusal {
@@ -170,8 +210,9 @@ impl Deployments {
         }
     }
 
-    /// The blobs of `manifest` this node stores and does not have yet: its source, and the
-    /// artifact for this node's target and engine fingerprint (never another target's). A blob
+    /// The blobs of `manifest` this node stores and does not have yet (or holds damaged): its
+    /// source, the artifact for this node's target and engine fingerprint, and the artifacts of
+    /// the other targets the node keeps (`keep_targets`), which it relays to peers. A blob
     /// held here is re-hashed: a damaged copy is quarantined and asked for again, so a re-push
     /// (or a peer) repairs it.
     pub fn needed_blobs(&self, manifest: &Manifest) -> NeededBlobs {
@@ -183,7 +224,18 @@ impl Deployments {
             manifest.source.blake3.clone(),
             (manifest.source.clone(), BlobKind::Source),
         );
-        if let Some(a) = manifest.artifact_for(target, fingerprint) {
+        let keep = self.serving.config().keep_targets.clone();
+        // This node's own target only in the engine configuration it runs (another fingerprint
+        // is useless here and recompiled from the source); other kept targets whatever their
+        // fingerprint, to relay to the peers that run them.
+        let wanted = manifest.artifacts.iter().filter(|a| {
+            if a.target == target {
+                a.fingerprint == fingerprint
+            } else {
+                keep.contains(&a.target)
+            }
+        });
+        for a in wanted {
             needed.insert(
                 a.blake3.clone(),
                 (
@@ -238,6 +290,13 @@ impl Deployments {
             lock(&self.pushed_here).insert(id.clone());
         }
         tracing::info!(deployment = %id, ?origin, "deployment stored");
+        // A synced version that the name's fleet record names is activated on arrival (the
+        // record was applied before the version got here).
+        let activate = activate
+            || (origin == Origin::Sync
+                && self
+                    .fleet_record(&manifest.name)?
+                    .is_some_and(|r| r.record.version == manifest.version));
         if activate {
             self.activate(&manifest.name, manifest.version).await?;
         }
@@ -283,6 +342,87 @@ impl Deployments {
         Ok(())
     }
 
+    /// The fleet activation record `name` follows here, if any.
+    pub fn fleet_record(&self, name: &str) -> Result<Option<SignedActivation>> {
+        match self.store().activation(name)? {
+            Some(bytes) => Ok(Some(serde_json::from_slice(&bytes).with_context(|| {
+                format!("stored fleet record of `{name}` is unreadable")
+            })?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Every fleet activation record applied here, for peers.
+    pub fn fleet_records(&self) -> Result<Vec<SignedActivation>> {
+        self.store()
+            .activations()?
+            .iter()
+            .map(|bytes| Ok(serde_json::from_slice(bytes)?))
+            .collect()
+    }
+
+    /// Applies a fleet activation record from an operator or a peer: checked like a manifest
+    /// (trusted signer, valid name) and applied only if newer than the last record for its
+    /// name. It is stored first, so it spreads (and is applied when its version arrives) even
+    /// where the version cannot be activated now.
+    pub async fn apply_activation(
+        &self,
+        signed: &SignedActivation,
+    ) -> std::result::Result<Applied, RecordRefusal> {
+        signed.verify(&self.trusted)?;
+        let record = &signed.record;
+        let id = record.id();
+        edged_snapshots::manifest::validate_name(&record.name).map_err(|reason| {
+            RecordRefusal::BadName {
+                id: id.clone(),
+                reason,
+            }
+        })?;
+        let current = self.fleet_record(&record.name).map_err(|e| {
+            RecordRefusal::Store(StoreError::IndexEntry {
+                key: record.name.clone(),
+                reason: format!("{e:#}"),
+            })
+        })?;
+        if let Some(current) = current {
+            if &current == signed {
+                return Ok(Applied::AlreadyApplied);
+            }
+            if record.sequence <= current.record.sequence {
+                return Err(RecordRefusal::NotNewer {
+                    id,
+                    name: record.name.clone(),
+                    current: current.record.sequence,
+                });
+            }
+        }
+        let bytes = serde_json::to_vec(signed).expect("records serialize");
+        self.store().put_activation(&record.name, &bytes)?;
+        let _ = self
+            .events
+            .send(DeploymentEvent::FleetRecordApplied { id: id.clone() });
+        let store = self.store();
+        if store.manifest(&record.name, record.version)?.is_none() {
+            tracing::info!(record = %id, "fleet record applied; its version is not here yet");
+            return Ok(Applied::Pending);
+        }
+        if store.active_version(&record.name)? == Some(record.version) {
+            tracing::info!(record = %id, "fleet record applied; its version was already active");
+            return Ok(Applied::Activated);
+        }
+        match self.activate(&record.name, record.version).await {
+            Ok(()) => {
+                tracing::info!(record = %id, "fleet record applied");
+                Ok(Applied::Activated)
+            }
+            Err(e) => {
+                let reason = format!("{e:#}");
+                tracing::error!(record = %id, error = %reason, "fleet record applied, but this node cannot serve its version; keeping the active one");
+                Ok(Applied::NotServable(reason))
+            }
+        }
+    }
+
     /// Every deployment stored here, for `edgectl ls`.
     pub fn list(&self) -> Result<Vec<DeploymentInfo>> {
         let store = self.store();
@@ -292,7 +432,12 @@ impl Deployments {
                 .signature(&m.name, m.version)?
                 .and_then(|s| serde_json::from_slice::<SignedManifest>(&s).ok())
                 .map(|s| s.signer);
+            let fleet_record = self.fleet_record(&m.name)?.map(|r| FleetRecordInfo {
+                sequence: r.record.sequence,
+                version: r.record.version,
+            });
             items.push(DeploymentInfo {
+                fleet_record,
                 active: store.active_version(&m.name)? == Some(m.version),
                 kind: m.kind.to_string(),
                 route: self.serving.route_of(&m),

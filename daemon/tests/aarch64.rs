@@ -8,7 +8,9 @@ mod common;
 use std::path::PathBuf;
 use std::process::Command;
 
-use common::fleet::{control_section, edgectl, new_fleet, ok};
+use std::time::{Duration, Instant};
+
+use common::fleet::{control_section, edgectl, new_fleet, ok, sync_node_config};
 use common::{Edged, config_text, get, guest};
 
 const TRIPLE: &str = "aarch64-unknown-linux-gnu";
@@ -107,5 +109,52 @@ async fn aarch64_edged_under_qemu_serves_artifacts_compiled_on_x86_64() {
             "{name} should run the shipped aarch64 artifact:\n{metrics}"
         );
     }
+    assert!(!metrics.contains(r#"path="recompiled""#), "{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_mixed_fleet_relays_the_aarch64_artifact_through_an_x86_64_node() {
+    let fleet = new_fleet();
+    // The push goes to an x86_64 node; it keeps the aarch64 artifact too (keep_targets default).
+    let x86 = Edged::spawn(
+        Command::new(env!("CARGO_BIN_EXE_edged")),
+        &sync_node_config(&fleet, "x86", &[], "", ""),
+    );
+    let engine = "[engine]\ntotal_instances = 8\ntotal_memories = 8\n";
+    let arm = Edged::spawn(
+        qemu(),
+        &sync_node_config(&fleet, "arm", &[x86.control.unwrap()], "", engine),
+    );
+    let out = ok(edgectl(
+        &fleet.operator,
+        &x86,
+        &[
+            "push",
+            guest("hello-http.wasm").trim_matches('"'),
+            "--name",
+            "hello",
+        ],
+    ));
+    assert!(out.contains("pushed hello@1 (active)"), "{out}");
+
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (code, body) = get(&arm.url("/hello/relayed")).await;
+        if code == 200 {
+            assert_eq!(body, "hello from edged: /hello/relayed\n");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the aarch64 node never served the push:\n{}",
+            arm.log()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let (_, metrics) = get(&arm.url("/metrics")).await;
+    assert!(
+        metrics.contains(r#"edged_cold_loads_total{function="hello",path="loaded"} 1"#),
+        "the aarch64 node should run the artifact relayed by the x86_64 node:\n{metrics}"
+    );
     assert!(!metrics.contains(r#"path="recompiled""#), "{metrics}");
 }

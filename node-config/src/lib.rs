@@ -74,6 +74,10 @@ pub struct NodeConfig {
     pub drain_timeout: Duration,
     /// Epoch tick: the resolution of guest deadlines.
     pub epoch_tick: Duration,
+    /// Targets whose artifacts this node keeps and serves to peers (its own target always
+    /// included): a mixed fleet relays every architecture's artifact, so no box compiles what a
+    /// push already built.
+    pub keep_targets: Vec<edged_compiler::Target>,
     /// How long a client may take to send a request head; the connection is closed after.
     pub head_timeout: Duration,
     /// How long a client may take to send a request body; the request gets a 408 and frees the
@@ -323,6 +327,7 @@ struct RawNode {
     head_timeout_ms: Spanned<u64>,
     body_timeout_ms: Spanned<u64>,
     cache_capacity: Spanned<usize>,
+    keep_targets: Spanned<Vec<String>>,
 }
 
 impl Default for RawNode {
@@ -334,6 +339,7 @@ impl Default for RawNode {
             epoch_tick_ms: Spanned::new(0..0, 10),
             head_timeout_ms: Spanned::new(0..0, 10_000),
             body_timeout_ms: Spanned::new(0..0, 30_000),
+            keep_targets: Spanned::new(0..0, vec!["x86_64".into(), "aarch64".into()]),
             cache_capacity: Spanned::new(0..0, 64),
         }
     }
@@ -551,6 +557,25 @@ impl NodeConfig {
             "",
             &err_at,
         )?;
+        let mut keep_targets = Vec::new();
+        for name in node.keep_targets.get_ref() {
+            let target: edged_compiler::Target = name.parse().map_err(|_| {
+                err_at(
+                    node.keep_targets.span(),
+                    format!(
+                        "keep_targets: `{name}` is not a target edged builds for (x86_64, aarch64)"
+                    ),
+                )
+            })?;
+            if !keep_targets.contains(&target) {
+                keep_targets.push(target);
+            }
+        }
+        if let Some(host) = edged_compiler::Target::host()
+            && !keep_targets.contains(&host)
+        {
+            keep_targets.push(host);
+        }
         for (value, key) in [
             (&node.head_timeout_ms, "head_timeout_ms"),
             (&node.body_timeout_ms, "body_timeout_ms"),
@@ -678,6 +703,7 @@ impl NodeConfig {
             http_listen,
             drain_timeout: Duration::from_millis(drain_timeout_ms),
             epoch_tick: Duration::from_millis(*node.epoch_tick_ms.get_ref()),
+            keep_targets,
             head_timeout: Duration::from_millis(*node.head_timeout_ms.get_ref()),
             body_timeout: Duration::from_millis(*node.body_timeout_ms.get_ref()),
             cache_capacity: *node.cache_capacity.get_ref(),

@@ -30,7 +30,9 @@ use edged_control::identity::{NODE_SERVER_NAME, common_name, peer_certificates};
 use edged_control::pacing::Pacer;
 use edged_control::signing::SignedManifest;
 use edged_control::transport::{read_frame, write_frame};
-use edged_control::wire::{DeploymentSpread, Request, Response, SyncStatus, TransferStatus};
+use edged_control::wire::{
+    DeploymentSpread, FleetRecordInfo, Request, Response, SyncStatus, TransferStatus,
+};
 use edged_node_config::SyncConfig;
 use edged_snapshots::BlobKind;
 use prometheus_client::metrics::counter::Counter;
@@ -120,7 +122,8 @@ impl Syncer {
                         None => return,
                     },
                     event = events.recv() => match event {
-                        Ok(DeploymentEvent::Committed { origin: Origin::Push, .. }) => listener.announce(),
+                        Ok(DeploymentEvent::Committed { origin: Origin::Push, .. })
+                        | Ok(DeploymentEvent::FleetRecordApplied { .. }) => listener.announce(),
                         // Sync announces what it stored itself, once it is activated.
                         Ok(DeploymentEvent::Committed { origin: Origin::Sync, .. }) => {}
                         Err(broadcast::error::RecvError::Lagged(_)) => listener.announce(),
@@ -237,7 +240,10 @@ impl Syncer {
                 let (syncer, round_moved_on) = (self.clone(), round_moved_on.clone());
                 tokio::spawn(async move {
                     let answer = match syncer.call(&addr, &Request::Holdings {}).await {
-                        Ok(Response::Holdings { items }) => Ok(items),
+                        Ok(Response::Holdings { items, activations }) => {
+                            syncer.table().record_activations(&addr, activations);
+                            Ok(items)
+                        }
                         Ok(other) => Err(format!("unexpected answer to holdings: {other:?}")),
                         Err(e) => Err(format!("{e:#}")),
                     };
@@ -275,10 +281,12 @@ impl Syncer {
         round_moved_on.store(true, Ordering::SeqCst);
     }
 
-    /// One anti-entropy round: learn what every peer holds, fetch what this node lacks.
+    /// One anti-entropy round: learn what every peer holds, apply newer fleet activation
+    /// records, fetch what this node lacks.
     async fn round(self: &Arc<Self>) {
         self.metrics.rounds.inc();
         self.refresh_holdings().await;
+        self.apply_fleet_records().await;
         let wanted = self.table().wanted(self.newest_seen(), |name| {
             edged_snapshots::manifest::validate_name(name).is_ok()
         });
@@ -315,6 +323,31 @@ impl Syncer {
         }
     }
 
+    /// Applies the newest fleet activation record peers hold for each name, where it is newer
+    /// than the one this node follows. A forged record penalises the peer that sent it.
+    async fn apply_fleet_records(&self) {
+        let current = |name: &str| {
+            self.deployments
+                .fleet_record(name)
+                .ok()
+                .flatten()
+                .map_or(0, |r| r.record.sequence)
+        };
+        let newer = self.table().newer_records(current, Instant::now());
+        for (addr, signed) in newer {
+            let id = signed.record.id();
+            match self.deployments.apply_activation(&signed).await {
+                Ok(applied) => {
+                    tracing::info!(record = %id, peer = %addr, ?applied, "fleet record from a peer applied")
+                }
+                Err(refusal) if refusal.is_forgery() => self.penalise(&addr, &refusal.to_string()),
+                Err(refusal) => {
+                    tracing::warn!(record = %id, peer = %addr, "fleet record from a peer refused: {refusal}")
+                }
+            }
+        }
+    }
+
     /// Fetches, admits and stores one deployment; activates it if a peer serves it as active
     /// and it is newer than the version active here.
     async fn sync_deployment(self: &Arc<Self>, name: &str, version: u64) -> Result<()> {
@@ -324,6 +357,8 @@ impl Syncer {
         // Peers see it as incomplete (and may take the blobs already here) until it is stored.
         let _syncing = self.deployments.begin_sync(&signed);
         self.fetch_blobs(&signed).await?;
+        // A synced version is activated when a peer serves it and it is newer than the one
+        // active here (a push that spreads), or when the name's fleet record names it (`commit`).
         let active_at_peer = self.table().active_at_a_peer(name, version);
         let active_here = self.deployments.store().active_version(name)?;
         let activate = active_at_peer && active_here.is_none_or(|v| v < version);
@@ -408,18 +443,27 @@ impl Syncer {
         let results = futures_util::future::join_all(needed.into_values().map(|(blob, kind)| {
             let id = id.clone();
             async move {
-                if matches!(kind, BlobKind::Artifact { .. })
+                if let BlobKind::Artifact { target, .. } = &kind
                     && self
                         .table()
                         .holders_of(&blob.blake3, Instant::now())
                         .is_empty()
                 {
-                    tracing::info!(
-                        deployment = %id,
-                        artifact = %blob.blake3,
-                        "no peer holds this node's artifact; it will be compiled from the verified \
-                         source"
-                    );
+                    if *target == serving.target() {
+                        tracing::info!(
+                            deployment = %id,
+                            artifact = %blob.blake3,
+                            "no peer holds this node's artifact; it will be compiled from the \
+                             verified source"
+                        );
+                    } else {
+                        tracing::info!(
+                            deployment = %id,
+                            artifact = %blob.blake3,
+                            %target,
+                            "no peer holds this artifact to relay; skipped"
+                        );
+                    }
                     return Ok(());
                 }
                 self.fetch_blob(&id, &blob, kind).await
@@ -470,6 +514,15 @@ impl SyncStatusSource for Syncer {
             deployments: spread
                 .into_iter()
                 .map(|((name, version), (here, peers))| DeploymentSpread {
+                    fleet_record: self
+                        .deployments
+                        .fleet_record(&name)
+                        .ok()
+                        .flatten()
+                        .map(|r| FleetRecordInfo {
+                            sequence: r.record.sequence,
+                            version: r.record.version,
+                        }),
                     name,
                     version,
                     here,
