@@ -79,6 +79,8 @@ struct Counts {
     hello_errors: AtomicU64,
     faults: AtomicU64,
     fault_surprises: AtomicU64,
+    /// Every unexpected answer by path and status (`None`: the connection failed).
+    surprises: std::sync::Mutex<std::collections::BTreeMap<(String, Option<u16>), u64>>,
 }
 
 /// One keep-alive connection asking `paths` in turn until `stop`; a connection that breaks is
@@ -132,6 +134,12 @@ async fn client(
             count.fetch_add(1, Ordering::Relaxed);
             if outcome != Some(expected) {
                 errors.fetch_add(1, Ordering::Relaxed);
+                *counts
+                    .surprises
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .entry((path.to_string(), outcome))
+                    .or_default() += 1;
             }
             if outcome.is_none() {
                 break; // reconnect
@@ -230,6 +238,19 @@ pub async fn run(params: &Params, work: &Path) -> Result<(Vec<Summary>, Vec<Rati
             "req/s",
         ),
     ];
+    for ((path, status), n) in counts
+        .surprises
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+    {
+        let status = status.map_or("no answer".to_string(), |s| s.to_string());
+        figures.push(figure(
+            &format!("unexpected answers from {path}: {status}"),
+            *n as f64,
+            "requests",
+        ));
+    }
     if !settled.is_empty() {
         figures.push(figure("RSS after warm-up, lowest", low, "MiB"));
         figures.push(figure("RSS after warm-up, highest", high, "MiB"));

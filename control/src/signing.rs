@@ -1,5 +1,6 @@
-//! Signed manifests. An operator key (ed25519) signs the canonical encoding of a manifest; a
-//! node accepts a manifest only if its signature verifies against a key it trusts.
+//! Signed manifests and fleet activation records. An operator key (ed25519) signs the
+//! canonical encoding of a manifest (or of an activation record, prefixed so neither can pass
+//! for the other); a node accepts either only if its signature verifies against a key it trusts.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -10,11 +11,11 @@ use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SignError {
-    #[error("manifest {0} is not signed")]
+    #[error("{0} is not signed")]
     Unsigned(String),
-    #[error("manifest {id} is signed by key {key_id}, which this node does not trust")]
+    #[error("{id} is signed by key {key_id}, which this node does not trust")]
     UnknownKey { id: String, key_id: String },
-    #[error("manifest {0} has a bad signature (altered after signing, or signed by another key)")]
+    #[error("{0} has a bad signature (altered after signing, or signed by another key)")]
     BadSignature(String),
     #[error("{0}")]
     Key(String),
@@ -50,26 +51,95 @@ impl SignedManifest {
 
     /// Checks the signature against `trusted`.
     pub fn verify(&self, trusted: &TrustedKeys) -> Result<(), SignError> {
-        let id = self.manifest.id();
-        if self.signature.is_empty() || self.signer.is_empty() {
-            return Err(SignError::Unsigned(id));
-        }
-        let key = trusted
-            .keys
-            .get(&self.signer)
-            .ok_or_else(|| SignError::UnknownKey {
-                id: id.clone(),
-                key_id: self.signer.clone(),
-            })?;
-        let bytes: [u8; 64] = hex::decode(&self.signature)
-            .ok()
-            .and_then(|b| b.try_into().ok())
-            .ok_or_else(|| SignError::BadSignature(id.clone()))?;
-        key.verify(
+        verify_signature(
+            trusted,
+            &self.signer,
+            &self.signature,
             &canonical_bytes(&self.manifest),
-            &Signature::from_bytes(&bytes),
+            self.manifest.id(),
         )
+    }
+}
+
+/// `signature` by key `signer` over `bytes`, checked against `trusted`; `id` names the signed
+/// thing in errors.
+fn verify_signature(
+    trusted: &TrustedKeys,
+    signer: &str,
+    signature: &str,
+    bytes: &[u8],
+    id: String,
+) -> Result<(), SignError> {
+    if signature.is_empty() || signer.is_empty() {
+        return Err(SignError::Unsigned(id));
+    }
+    let key = trusted
+        .keys
+        .get(signer)
+        .ok_or_else(|| SignError::UnknownKey {
+            id: id.clone(),
+            key_id: signer.to_string(),
+        })?;
+    let raw: [u8; 64] = hex::decode(signature)
+        .ok()
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| SignError::BadSignature(id.clone()))?;
+    key.verify(bytes, &Signature::from_bytes(&raw))
         .map_err(|_| SignError::BadSignature(id))
+}
+
+/// A fleet-wide activation: every node that holds `name@version` serves it. Records of a name
+/// are ordered by `sequence`; a node applies one only if it is newer than the last it applied,
+/// so a replayed older record cannot roll the fleet back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActivationRecord {
+    pub name: String,
+    pub version: u64,
+    pub sequence: u64,
+    /// Seconds since the Unix epoch, for operators reading it.
+    pub created_at: u64,
+}
+
+impl ActivationRecord {
+    /// `name@version #sequence`, for logs and errors.
+    pub fn id(&self) -> String {
+        format!("{}@{} #{}", self.name, self.version, self.sequence)
+    }
+
+    fn signed_bytes(&self) -> Vec<u8> {
+        let mut bytes = b"edged-activation-record\0".to_vec();
+        bytes.extend(serde_json::to_vec(self).expect("records serialize"));
+        bytes
+    }
+}
+
+/// An activation record with its signer's key id and signature.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedActivation {
+    pub record: ActivationRecord,
+    pub signer: String,
+    pub signature: String,
+}
+
+impl SignedActivation {
+    pub fn sign(record: ActivationRecord, key: &SigningKey) -> SignedActivation {
+        let signature = key.sign(&record.signed_bytes());
+        SignedActivation {
+            record,
+            signer: key_id(&key.verifying_key()),
+            signature: hex::encode(signature.to_bytes()),
+        }
+    }
+
+    pub fn verify(&self, trusted: &TrustedKeys) -> Result<(), SignError> {
+        verify_signature(
+            trusted,
+            &self.signer,
+            &self.signature,
+            &self.record.signed_bytes(),
+            self.record.id(),
+        )
     }
 }
 
@@ -156,6 +226,38 @@ mod tests {
             route: None,
             limits: None,
         }
+    }
+
+    #[test]
+    fn activation_records_verify_and_cannot_be_altered_or_pass_for_a_manifest() {
+        let key = generate_signing_key();
+        let mut trusted = TrustedKeys::default();
+        trusted.add(key.verifying_key());
+        let record = ActivationRecord {
+            name: "app".into(),
+            version: 1,
+            sequence: 3,
+            created_at: 9,
+        };
+        let signed = SignedActivation::sign(record.clone(), &key);
+        assert_eq!(signed.verify(&trusted), Ok(()));
+        let mut older = signed.clone();
+        older.record.sequence = 4;
+        assert!(matches!(
+            older.verify(&trusted),
+            Err(SignError::BadSignature(_))
+        ));
+        // The same key over a manifest's bytes is not a record's signature.
+        let manifest_signed = SignedManifest::sign(manifest(), &key);
+        let forged = SignedActivation {
+            signature: manifest_signed.signature,
+            ..signed.clone()
+        };
+        assert!(forged.verify(&trusted).is_err());
+        assert!(matches!(
+            signed.verify(&TrustedKeys::default()),
+            Err(SignError::UnknownKey { .. })
+        ));
     }
 
     #[test]

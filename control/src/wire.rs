@@ -10,7 +10,7 @@
 use edged_snapshots::manifest::BlobRef;
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
-use crate::signing::SignedManifest;
+use crate::signing::{SignedActivation, SignedManifest};
 
 /// The ALPN protocol id of this version of the protocol.
 pub const ALPN: &[u8] = b"edge/1";
@@ -54,6 +54,11 @@ pub enum Request {
     },
     Rollback {
         name: String,
+    },
+    /// A fleet-wide activation (operator only): the node applies the record if it is newer
+    /// than the last it applied for the name, and spreads it to its peers by sync.
+    ActivateFleet {
+        record: SignedActivation,
     },
     Remove {
         name: String,
@@ -136,6 +141,9 @@ pub struct PeerStatus {
 pub struct DeploymentSpread {
     pub name: String,
     pub version: u64,
+    /// The fleet activation record its name follows here, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet_record: Option<FleetRecordInfo>,
     pub here: bool,
     /// Peer addresses that reported it complete in their last holdings.
     pub peers: Vec<String>,
@@ -158,10 +166,20 @@ pub struct NeededBlob {
     pub have: u64,
 }
 
+/// The fleet activation record a name follows, as `ls` and `status` show it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FleetRecordInfo {
+    pub sequence: u64,
+    pub version: u64,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeploymentInfo {
     pub name: String,
     pub version: u64,
+    /// The fleet activation record this name follows (its sequence and version), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet_record: Option<FleetRecordInfo>,
     pub active: bool,
     pub kind: String,
     pub route: String,
@@ -212,6 +230,10 @@ pub enum Response {
     },
     Holdings {
         items: Vec<Holding>,
+        /// The newest fleet activation record this node applied, per name. Left out when
+        /// empty, so nodes from before fleet records still read the answer.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        activations: Vec<SignedActivation>,
     },
     Manifest {
         signed: SignedManifest,

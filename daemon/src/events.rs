@@ -14,6 +14,8 @@ use edged_control::wire::SyncStatus;
 pub enum DeploymentEvent {
     /// A signed deployment was stored (all its blobs held) and may be offered to peers.
     Committed { id: String, origin: Origin },
+    /// A fleet activation record was applied here and is to be spread to peers.
+    FleetRecordApplied { id: String },
 }
 
 /// Where a committed deployment came from.

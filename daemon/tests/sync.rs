@@ -407,11 +407,14 @@ mod liar {
         let response = match request {
             Request::Holdings {} => match call(&upstream, &request).await.0 {
                 // Claims to have synced everything, so fetchers prefer it to the origin.
-                Response::Holdings { mut items } => {
+                Response::Holdings {
+                    mut items,
+                    activations,
+                } => {
                     for item in &mut items {
                         item.pushed_here = false;
                     }
-                    Response::Holdings { items }
+                    Response::Holdings { items, activations }
                 }
                 other => other,
             },

@@ -5,6 +5,7 @@
 //! - `push`, `ls`, `status`, `activate`, `rollback`, `invoke`, `rm` talk to a node over QUIC.
 
 mod build;
+mod fleet;
 mod remote;
 
 use std::path::PathBuf;
@@ -50,10 +51,18 @@ enum Command {
     Ls,
     /// The node's identity, target, engine fingerprint and store.
     Status,
-    /// Serve NAME@VERSION (one the node already holds).
-    Activate { id: String },
-    /// Serve the version before the active one (instant; no upload).
-    Rollback { name: String },
+    /// Serve NAME@VERSION (one the node already holds); with --fleet, on every node.
+    Activate {
+        id: String,
+        #[command(flatten)]
+        fleet: FleetArgs,
+    },
+    /// Serve the version before the active one (instant; no upload); with --fleet, on every node.
+    Rollback {
+        name: String,
+        #[command(flatten)]
+        fleet: FleetArgs,
+    },
     /// Run one request through a function on the node.
     Invoke {
         name: String,
@@ -68,6 +77,18 @@ enum Command {
     },
     /// Remove NAME@VERSION from the node (not the active one).
     Rm { id: String },
+}
+
+/// Fleet-wide activation (see `fleet.rs`).
+#[derive(clap::Args)]
+struct FleetArgs {
+    /// Sign an activation record that every node applies (spread by sync, applied by nodes that
+    /// were offline when they return), instead of switching this node only.
+    #[arg(long)]
+    fleet: bool,
+    /// With --fleet: the record's sequence number (default: one past the node's last record).
+    #[arg(long, requires = "fleet")]
+    sequence: Option<u64>,
 }
 
 fn main() -> Result<()> {
@@ -98,11 +119,22 @@ fn main() -> Result<()> {
         Command::Push(args) => runtime()?.block_on(remote::push(&target, args)),
         Command::Ls => runtime()?.block_on(remote::simple(&target, Request::List {})),
         Command::Status => runtime()?.block_on(remote::simple(&target, Request::Status {})),
-        Command::Activate { id } => {
+        Command::Activate { id, fleet } => {
             let (name, version) = remote::parse_id(&id)?;
+            if fleet.fleet {
+                return runtime()?.block_on(fleet::activate(
+                    &target,
+                    &name,
+                    Some(version),
+                    fleet.sequence,
+                ));
+            }
             runtime()?.block_on(remote::simple(&target, Request::Activate { name, version }))
         }
-        Command::Rollback { name } => {
+        Command::Rollback { name, fleet } => {
+            if fleet.fleet {
+                return runtime()?.block_on(fleet::activate(&target, &name, None, fleet.sequence));
+            }
             runtime()?.block_on(remote::simple(&target, Request::Rollback { name }))
         }
         Command::Invoke {

@@ -199,6 +199,8 @@ pub struct Store {
     /// `name \0 version` → the operator signature a manifest arrived with (JSON), so it can be
     /// shown and forwarded to peers.
     signatures: sled::Tree,
+    /// name → the newest fleet activation record applied for it (signed JSON, opaque here).
+    activations: sled::Tree,
     /// Held by put (rename → index) and gc, so gc never sees a renamed-but-unindexed blob as
     /// stray and deletes it under a put.
     blob_lock: Mutex<()>,
@@ -358,6 +360,7 @@ impl Store {
             compiled: db.open_tree("compiled")?,
             seen: db.open_tree("seen")?,
             signatures: db.open_tree("signatures")?,
+            activations: db.open_tree("activations")?,
             db,
             root,
             blob_lock: Mutex::new(()),
@@ -784,6 +787,27 @@ impl Store {
             .signatures
             .get(manifest_key(name, version))?
             .map(|v| v.to_vec()))
+    }
+
+    /// Records the fleet activation record `name` now follows (opaque to the store), durably.
+    pub fn put_activation(&self, name: &str, record: &[u8]) -> Result<(), StoreError> {
+        self.activations.insert(name.as_bytes(), record)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// The fleet activation record `name` follows, if any.
+    pub fn activation(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.activations.get(name.as_bytes())?.map(|v| v.to_vec()))
+    }
+
+    /// Every name's fleet activation record.
+    pub fn activations(&self) -> Result<Vec<Vec<u8>>, StoreError> {
+        self.activations
+            .iter()
+            .values()
+            .map(|v| Ok(v?.to_vec()))
+            .collect()
     }
 
     /// The newest version of `name` this store has ever indexed (0 if none), removed or not.

@@ -27,7 +27,7 @@ use edged_node_config::ControlConfig;
 use prometheus_client::registry::Registry;
 use tokio::sync::mpsc;
 
-use crate::deployments::Deployments;
+use crate::deployments::{Applied, Deployments};
 use crate::events::{PeerNews, SyncStatusSource};
 use peer_serving::PeerServing;
 use push::Pushes;
@@ -248,7 +248,25 @@ impl ControlServer {
             },
             Request::Holdings {} => Response::Holdings {
                 items: deployments.holdings()?,
+                activations: deployments.fleet_records()?,
             },
+            Request::ActivateFleet { record } => {
+                let id = record.record.id();
+                let message = match deployments.apply_activation(&record).await? {
+                    Applied::Activated => format!("fleet record {id} applied: active here"),
+                    Applied::AlreadyApplied => format!("fleet record {id} was already applied"),
+                    Applied::Pending => format!(
+                        "fleet record {id} applied; this node does not hold the version yet and \
+                         activates it when it arrives"
+                    ),
+                    Applied::NotServable(reason) => bail!(
+                        "fleet record {id} is stored and spreads to peers, but this node cannot \
+                         serve its version: {reason}"
+                    ),
+                };
+                tracing::info!(%peer, "{message}");
+                Response::Done { message }
+            }
             Request::GetManifest { name, version } => Response::Manifest {
                 signed: deployments.signed_manifest(&name, version)?,
             },
@@ -325,6 +343,7 @@ fn authorize(role: Role, request: &Request) -> std::result::Result<(), String> {
             | Request::Commit { .. }
             | Request::Activate { .. }
             | Request::Rollback { .. }
+            | Request::ActivateFleet { .. }
             | Request::Remove { .. }
             | Request::Invoke { .. }
     );

@@ -17,6 +17,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::time::{Duration, Instant};
 
+use edged_control::signing::SignedActivation;
 use edged_control::wire::{Holding, PeerStatus};
 
 /// How long a peer that served bad data is not fetched from.
@@ -56,6 +57,8 @@ struct PeerState {
     penalised_until: Option<Instant>,
     /// Its last holdings answer (empty while unreachable).
     holdings: Vec<Holding>,
+    /// The fleet activation records it applied, from the same answer.
+    activations: Vec<SignedActivation>,
     /// Unanswered holdings requests in a row.
     failures: u32,
     retry_at: Option<Instant>,
@@ -169,6 +172,7 @@ impl PeerTable {
             }
             Err(reason) => {
                 peer.holdings.clear();
+                peer.activations.clear();
                 peer.last_error = Some(reason);
                 peer.failures += 1;
                 peer.retry_at = Some(now + backoff(peer.failures));
@@ -178,6 +182,42 @@ impl PeerTable {
                 }
             }
         }
+    }
+
+    /// Records the fleet activation records a peer's holdings answer carried.
+    pub fn record_activations(&mut self, addr: &str, records: Vec<SignedActivation>) {
+        if let Some(peer) = self.peers.get_mut(addr) {
+            peer.activations = records;
+        }
+    }
+
+    /// Per name, the newest fleet activation record a peer (not penalised) applied, where it is
+    /// newer than the one this node follows (`current`: its sequence, 0 for none), with the peer
+    /// it came from. Whether it is genuine is for the caller to check.
+    pub fn newer_records(
+        &self,
+        current: impl Fn(&str) -> u64,
+        now: Instant,
+    ) -> Vec<(String, SignedActivation)> {
+        let mut newest: BTreeMap<&str, (&String, &SignedActivation)> = BTreeMap::new();
+        for (addr, peer) in self.peers.iter().filter(|(_, p)| !p.is_penalised(now)) {
+            for signed in &peer.activations {
+                let record = &signed.record;
+                if record.sequence <= current(&record.name) {
+                    continue;
+                }
+                let better = newest
+                    .get(record.name.as_str())
+                    .is_none_or(|(_, best)| record.sequence > best.record.sequence);
+                if better {
+                    newest.insert(&record.name, (addr, signed));
+                }
+            }
+        }
+        newest
+            .into_values()
+            .map(|(addr, signed)| (addr.clone(), signed.clone()))
+            .collect()
     }
 
     /// Peers whose last holdings request was answered.
@@ -453,6 +493,43 @@ mod tests {
 
     fn fail(table: &mut PeerTable, addr: &str, now: Instant) {
         table.record_holdings(addr, Err("no answer".into()), now, |_| 0);
+    }
+
+    fn record(name: &str, version: u64, sequence: u64) -> SignedActivation {
+        SignedActivation {
+            record: edged_control::signing::ActivationRecord {
+                name: name.into(),
+                version,
+                sequence,
+                created_at: 0,
+            },
+            signer: "k".into(),
+            signature: "s".into(),
+        }
+    }
+
+    #[test]
+    fn the_newest_fleet_record_newer_than_ours_is_taken_from_any_honest_peer() {
+        let t0 = Instant::now();
+        let mut table = table(&[("b", vec![]), ("c", vec![]), ("liar", vec![])], t0);
+        table.record_activations("b", vec![record("app", 1, 2), record("web", 3, 1)]);
+        table.record_activations("c", vec![record("app", 2, 3)]);
+        table.record_activations("liar", vec![record("app", 9, 99)]);
+        table.penalise("liar", "forged record", t0);
+        let current = |name: &str| if name == "web" { 1 } else { 0 };
+        let newer = table.newer_records(current, t0);
+        assert_eq!(
+            newer.len(),
+            1,
+            "web's record is not newer than ours: {newer:?}"
+        );
+        assert_eq!(newer[0].0, "c");
+        assert_eq!(newer[0].1.record.sequence, 3);
+        // A peer that stops answering no longer vouches for its records.
+        fail(&mut table, "c", t0);
+        let newer = table.newer_records(current, t0);
+        assert_eq!((newer[0].0.as_str(), newer[0].1.record.sequence), ("b", 2));
+        assert!(table.newer_records(|_| 5, t0).is_empty());
     }
 
     #[test]
