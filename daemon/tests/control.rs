@@ -348,7 +348,7 @@ async fn nodes_serve_peers_signed_holdings_and_verified_blob_slices() {
     // A peer: the fleet's node certificate, which may sync but not push.
     let peer = raw::RawClient::connect_as(&fleet.node, "node", edged.control.unwrap()).await;
 
-    let Response::Holdings { items } = peer.call(&Request::Holdings {}).await else {
+    let Response::Holdings { items, .. } = peer.call(&Request::Holdings {}).await else {
         panic!("holdings expected");
     };
     assert_eq!(items.len(), 1);
