@@ -13,8 +13,8 @@
 //! - [`manifest`]: the unit of deployment.
 
 mod artifact_check;
-pub mod pool;
 pub mod manifest;
+pub mod pool;
 pub mod restore;
 pub mod store;
 

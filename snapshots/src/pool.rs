@@ -46,7 +46,8 @@ pub enum Slots {
 }
 
 impl Slots {
-    fn count(self) -> u32 {
+    /// The number asked for: exact, or the ceiling.
+    pub fn count(self) -> u32 {
         match self {
             Slots::Exactly(n) | Slots::UpTo(n) => n,
         }
@@ -90,10 +91,7 @@ impl PoolRequest {
 
     /// What the pool reserves if every requested count is used as asked.
     pub fn requested_bytes(&self) -> u64 {
-        self.reserved_bytes(
-            self.total_memories.count(),
-            self.total_instances.count(),
-        )
+        self.reserved_bytes(self.total_memories.count(), self.total_instances.count())
     }
 
     /// What the probe should try: room for the full request plus the headroom, so that when it
@@ -260,7 +258,7 @@ fn too_large(request: &PoolRequest, reservable: u64, memories: u32) -> PoolTooLa
 }
 
 /// The largest `PROT_NONE` reservation of at most `want` bytes this process can make now,
-/// to within 1/64 of the result (and at least 1 GiB apart): `want` itself if that succeeds.
+/// to within 1 GiB: `want` itself if that succeeds.
 ///
 /// It tries `want`, halves until a reservation succeeds, then bisects between the last success
 /// and failure; each try is an `mmap(PROT_NONE, MAP_NORESERVE)` unmapped at once, so nothing is
@@ -279,8 +277,7 @@ pub fn probe_reservable(want: u64) -> u64 {
     if low == 0 {
         return 0;
     }
-    let precision = (low / 64).max(GIB);
-    while high - low > precision {
+    while high - low > GIB {
         let mid = low + (high - low) / 2;
         if try_reserve(mid) {
             low = mid;
@@ -439,7 +436,12 @@ mod tests {
             "{err}"
         );
         let err = plan_pool(&default_request(), 0).unwrap_err();
-        assert!(err.to_string().ends_with("not one memory slot fits: lower memory_reservation_mib and memory_guard_mib"), "{err}");
+        assert!(
+            err.to_string().ends_with(
+                "not one memory slot fits: lower memory_reservation_mib and memory_guard_mib"
+            ),
+            "{err}"
+        );
     }
 
     #[test]
