@@ -605,8 +605,8 @@ impl NodeConfig {
         let total_memories = slots(&e.total_memories, "total_memories")?;
         // Bounded above: at most 10^6 × (16384 + 4096) MiB, far inside u64. A default count is
         // fitted to the box at start (and 1000 slots of the largest reservation fit anyway).
-        let pool_mib = total_memories.unwrap_or(u64::from(DEFAULT_POOL_SLOTS))
-            * (reservation_mib + guard_mib);
+        let pool_mib =
+            total_memories.unwrap_or(u64::from(DEFAULT_POOL_SLOTS)) * (reservation_mib + guard_mib);
         if let Some(total_memories) = &e.total_memories
             && pool_mib > MAX_POOL_ADDRESS_SPACE_MIB
         {
@@ -689,8 +689,7 @@ impl NodeConfig {
                 memory_reservation_bytes: reservation,
                 memory_guard_bytes: guard_mib * MIB,
                 // Both bounded by MAX_INSTANCES, far below u32::MAX.
-                total_instances: total_instances
-                    .map(|n| u32::try_from(n).expect("bounded above")),
+                total_instances: total_instances.map(|n| u32::try_from(n).expect("bounded above")),
                 total_memories: total_memories.map(|n| u32::try_from(n).expect("bounded above")),
                 max_memory_bytes: max_memory,
             },
@@ -1177,7 +1176,12 @@ mod tests {
         let c = parse("[engine]\ntotal_memories = 1000\n").unwrap();
         assert_eq!(c.engine.total_memories, Some(1000));
         assert_eq!(c.engine.total_instances, None);
-        assert_eq!(NodeConfig::dev_default(Path::new("/")).engine.total_memories, None);
+        assert_eq!(
+            NodeConfig::dev_default(Path::new("/"))
+                .engine
+                .total_memories,
+            None
+        );
     }
 
     #[test]
