@@ -24,6 +24,8 @@
 //! functions, fault               preparing and routing functions; classifying guest faults
 //!   ▼
 //! host, metrics, events          guest state, linkers, memory cap; the registry; news
+//!   ▼
+//! pool                           the engine's pool fitted to this box's address space
 //! ```
 //!
 //! A module imports only modules below it in this picture (parts on one line import none of
@@ -44,6 +46,7 @@ pub mod invoke;
 pub mod lifecycle;
 pub mod metrics;
 pub mod notify;
+pub mod pool;
 pub mod preflight;
 pub mod serving;
 pub mod sync;

@@ -6,7 +6,9 @@
 //! - the `[control]` identity (`ca.pem`, `<node_name>.pem`/`.key`) loads and makes TLS configs,
 //!   and every trusted key file parses, unless `dev_identity` is about to create them (start
 //!   loads them in `control::ControlIdentity::load`);
-//! - `state_dir` is a writable directory, or can be created (start opens the store there).
+//! - `state_dir` is a writable directory, or can be created (start opens the store there);
+//! - the engine's pool fits the address space this process can reserve (start probes it and
+//!   refuses an explicit `[engine]` pool that cannot fit: `pool`).
 //!
 //! Start stops at its first failure; this reports every problem, one line each. It looks and
 //! never writes: nothing is created, compiled or stored.
@@ -45,6 +47,16 @@ pub fn check(config: &NodeConfig) -> Vec<Problem> {
         problems.push(Problem {
             subject: format!("state_dir {}", config.state_dir.display()),
             reason,
+        });
+    }
+    if let Err(too_large) = crate::pool::check(config) {
+        let reason = too_large.to_string();
+        problems.push(Problem {
+            subject: "[engine]".into(),
+            reason: reason
+                .strip_prefix("[engine] ")
+                .unwrap_or(&reason)
+                .to_string(),
         });
     }
     problems

@@ -16,10 +16,7 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use edged_compiler::{EngineSettings, Target};
 use edged_node_config::NodeConfig;
-use edged_snapshots::{
-    LoadPath, Manifest, PoolSettings, Prepared, RestoreError, Restorer, RuntimeSettings, Store,
-    runtime_engine,
-};
+use edged_snapshots::{LoadPath, Manifest, Prepared, RestoreError, Restorer, Store};
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use prometheus_client::encoding::EncodeLabelSet;
@@ -61,21 +58,6 @@ pub struct Unservable {
     pub reason: String,
 }
 
-fn runtime_settings(config: &NodeConfig) -> RuntimeSettings {
-    RuntimeSettings {
-        engine: EngineSettings {
-            memory_reservation: config.engine.memory_reservation_bytes,
-            memory_guard_size: config.engine.memory_guard_bytes,
-        },
-        pool: PoolSettings {
-            total_instances: config.engine.total_instances,
-            total_memories: config.engine.total_memories,
-            max_memory_bytes: config.engine.max_memory_bytes,
-            ..PoolSettings::default()
-        },
-    }
-}
-
 impl Serving {
     /// Opens the store and builds the engine. Serves nothing until [`Serving::rebuild`].
     pub fn open(config: NodeConfig, registry: &mut Registry) -> Result<Arc<Serving>> {
@@ -83,8 +65,8 @@ impl Serving {
             Store::open(&config.state_dir)
                 .with_context(|| format!("opening the store in {}", config.state_dir.display()))?,
         );
-        let settings = runtime_settings(&config);
-        let (engine, _) = runtime_engine(&settings)?;
+        // The pool fitted to this box's address space, or refused naming what would fit.
+        let (engine, settings) = crate::pool::engine(&config)?;
         let linkers = linkers(&engine)?;
         let capacity = NonZeroUsize::new(config.cache_capacity).unwrap_or(NonZeroUsize::MIN);
         let engine_settings = settings.engine.clone();

@@ -22,6 +22,8 @@ const LAYERS: &[&[&str]] = &[
     &["invoke", "preflight"],
     &["functions", "fault"],
     &["host", "metrics", "events"],
+    // Sizing the engine's pool (serving at start, preflight for check-config) uses no module.
+    &["pool"],
 ];
 
 fn layer_of(module: &str) -> Option<usize> {

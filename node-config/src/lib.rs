@@ -129,10 +129,17 @@ pub struct ControlConfig {
 pub struct EngineConfig {
     pub memory_reservation_bytes: u64,
     pub memory_guard_bytes: u64,
-    pub total_instances: u32,
-    pub total_memories: u32,
+    /// Pool slots the file sets; `None` when it does not, and the node sizes the pool to fit
+    /// its address space, up to [`DEFAULT_POOL_SLOTS`].
+    pub total_instances: Option<u32>,
+    pub total_memories: Option<u32>,
     pub max_memory_bytes: usize,
 }
+
+/// Pool slots (instances, memories) a node uses when the file sets none and the box's address
+/// space has room for them; fewer are used where it has not (39-bit aarch64 kernels,
+/// `ulimit -v`).
+pub const DEFAULT_POOL_SLOTS: u32 = 1000;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct FunctionConfig {
@@ -350,9 +357,10 @@ impl Default for RawNode {
 struct RawEngine {
     memory_reservation_mib: Spanned<u64>,
     memory_guard_mib: Spanned<u64>,
-    // u64 in the file so that any number gets the range message, not a type error.
-    total_instances: Spanned<u64>,
-    total_memories: Spanned<u64>,
+    // u64 in the file so that any number gets the range message, not a type error. Absent
+    // means "as many as fit, up to DEFAULT_POOL_SLOTS".
+    total_instances: Option<Spanned<u64>>,
+    total_memories: Option<Spanned<u64>>,
     max_memory_mib: Spanned<u64>,
 }
 
@@ -361,8 +369,8 @@ impl Default for RawEngine {
         RawEngine {
             memory_reservation_mib: Spanned::new(0..0, 4096),
             memory_guard_mib: Spanned::new(0..0, 32),
-            total_instances: Spanned::new(0..0, 1000),
-            total_memories: Spanned::new(0..0, 1000),
+            total_instances: None,
+            total_memories: None,
             max_memory_mib: Spanned::new(0..0, 1024),
         }
     }
@@ -612,27 +620,23 @@ impl NodeConfig {
                 ),
             ));
         }
-        let total_instances = in_range(
-            &e.total_instances,
-            "total_instances",
-            1,
-            MAX_INSTANCES,
-            "",
-            &err_at,
-        )?;
-        let total_memories = in_range(
-            &e.total_memories,
-            "total_memories",
-            1,
-            MAX_INSTANCES,
-            "",
-            &err_at,
-        )?;
-        // Bounded above: at most 10^6 × (16384 + 4096) MiB, far inside u64.
-        let pool_mib = total_memories * (reservation_mib + guard_mib);
-        if pool_mib > MAX_POOL_ADDRESS_SPACE_MIB {
+        let slots = |value: &Option<Spanned<u64>>, field: &str| {
+            value
+                .as_ref()
+                .map(|v| in_range(v, field, 1, MAX_INSTANCES, "", &err_at))
+                .transpose()
+        };
+        let total_instances = slots(&e.total_instances, "total_instances")?;
+        let total_memories = slots(&e.total_memories, "total_memories")?;
+        // Bounded above: at most 10^6 × (16384 + 4096) MiB, far inside u64. A default count is
+        // fitted to the box at start (and 1000 slots of the largest reservation fit anyway).
+        let pool_mib =
+            total_memories.unwrap_or(u64::from(DEFAULT_POOL_SLOTS)) * (reservation_mib + guard_mib);
+        if let Some(total_memories) = &e.total_memories
+            && pool_mib > MAX_POOL_ADDRESS_SPACE_MIB
+        {
             return Err(err_at(
-                e.total_memories.span(),
+                total_memories.span(),
                 format!(
                     "total_memories × (memory_reservation_mib + memory_guard_mib) is {} GiB of \
                      address space, more than the 131072 GiB (128 TiB) a 64-bit Linux process \
@@ -711,8 +715,8 @@ impl NodeConfig {
                 memory_reservation_bytes: reservation,
                 memory_guard_bytes: guard_mib * MIB,
                 // Both bounded by MAX_INSTANCES, far below u32::MAX.
-                total_instances: u32::try_from(total_instances).expect("bounded above"),
-                total_memories: u32::try_from(total_memories).expect("bounded above"),
+                total_instances: total_instances.map(|n| u32::try_from(n).expect("bounded above")),
+                total_memories: total_memories.map(|n| u32::try_from(n).expect("bounded above")),
                 max_memory_bytes: max_memory,
             },
             functions,
@@ -1187,6 +1191,22 @@ mod tests {
             err.reason
                 .starts_with("max_memory_mib must be between 1 and memory_reservation_mib (512;"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn pool_slots_are_default_unless_set() {
+        let c = parse("[engine]\nmemory_reservation_mib = 4096\n").unwrap();
+        assert_eq!(c.engine.total_memories, None);
+        assert_eq!(c.engine.total_instances, None);
+        let c = parse("[engine]\ntotal_memories = 1000\n").unwrap();
+        assert_eq!(c.engine.total_memories, Some(1000));
+        assert_eq!(c.engine.total_instances, None);
+        assert_eq!(
+            NodeConfig::dev_default(Path::new("/"))
+                .engine
+                .total_memories,
+            None
         );
     }
 

@@ -8,15 +8,19 @@
 //! - [`restore`]: the serving engine (pooling allocator, copy-on-write memory images) and the
 //!   path from a [`Manifest`] to a cached `InstancePre`, recompiling from source when no stored
 //!   artifact fits this engine.
+//! - [`pool`]: fitting the pooling allocator into the address space this process may reserve
+//!   (the probe, and the sans-IO sizing of slot counts).
 //! - [`manifest`]: the unit of deployment.
 
 mod artifact_check;
 pub mod manifest;
+pub mod pool;
 pub mod restore;
 pub mod store;
 
 pub use artifact_check::check_artifact;
 pub use manifest::{ArtifactRef, BlobRef, DeploymentLimits, Manifest};
+pub use pool::{PoolPlan, PoolRequest, PoolTooLarge, Slots, plan_pool, probe_reservable};
 pub use restore::{
     Linkers, LoadPath, PoolSettings, Prepared, RestoreError, Restorer, RuntimeSettings,
     runtime_engine,

@@ -50,7 +50,8 @@ impl RestoreError {
 }
 
 /// Sizes of the pooling allocator. Every slot reserves `memory_reservation + guard` of virtual
-/// address space (not memory), so the totals bound the address space the daemon maps.
+/// address space (not memory), so the totals bound the address space the daemon maps;
+/// [`crate::pool`] computes how much, and fits the counts to what the process can reserve.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PoolSettings {
     /// Instances (core modules, and components) alive at once across all functions.
@@ -65,8 +66,9 @@ pub struct PoolSettings {
 }
 
 /// Core instance slots per instance slot: a component embeds a handful of core modules (the
-/// guest, its libc/adapter shims); a core module guest uses one.
-const CORE_INSTANCES_PER_INSTANCE: u32 = 8;
+/// guest, its libc/adapter shims); a core module guest uses one. Each may have a table, so
+/// [`crate::pool`] counts as many table slots.
+const CORE_INSTANCES_PER_INSTANCE: u32 = crate::pool::TABLES_PER_INSTANCE;
 
 /// With the kernel's PAGEMAP_SCAN (Linux 6.7+) only pages a guest dirtied are reset, so a large
 /// resident budget costs nothing for small guests; without it the first `keep_resident_bytes`
@@ -114,6 +116,8 @@ pub fn runtime_engine(settings: &RuntimeSettings) -> Result<(Engine, Target), Re
         .total_component_instances(settings.pool.total_instances)
         .total_memories(settings.pool.total_memories)
         .total_tables(core_slots)
+        // wasmtime's default, named so that `pool`'s address-space arithmetic matches it.
+        .table_elements(crate::pool::TABLE_ELEMENTS)
         .total_stacks(settings.pool.total_instances)
         .max_memory_size(settings.pool.max_memory_bytes)
         .linear_memory_keep_resident(settings.pool.keep_resident_bytes)
