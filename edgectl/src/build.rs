@@ -232,7 +232,7 @@ pub fn compile_cached(
             (facts.kind, facts.init_func, preinitialized)
         }
         lookup => {
-            let outcome = outcome_of_miss(cache, lookup.as_ref().map(|l| (l, &prepare_key)));
+            let outcome = outcome_of_miss(lookup.as_ref());
             let prepared = edged_compiler::prepare(&source, options)?;
             steps.extend(steps_from(&prepared.timings, outcome));
             if let Some(cache) = cache {
@@ -282,7 +282,7 @@ pub fn compile_cached(
                 (artifact, CacheUse::Cached)
             }
             lookup => {
-                let outcome = outcome_of_miss(cache, lookup.as_ref().map(|l| (l, &key)));
+                let outcome = outcome_of_miss(lookup.as_ref());
                 let artifact =
                     edged_compiler::compile_target(&engine, target, kind, &preinitialized)?;
                 if let Some(cache) = cache {
@@ -327,22 +327,16 @@ pub fn compile_cached(
     })
 }
 
-/// What a step that has to compile reports, with the one-line note for a damaged entry.
-fn outcome_of_miss<F>(
-    cache: Option<&CompileCache>,
-    lookup: Option<(&Lookup<F>, &Key)>,
-) -> CacheUse {
-    match (cache, lookup) {
-        (Some(cache), Some((Lookup::Damaged(reason), key))) => {
-            eprintln!(
-                "note: compile cache entry {} in {} is damaged ({reason}); rebuilding it",
-                key.hex(),
-                cache.dir().display()
-            );
+/// What a step that has to compile reports (`lookup` is `None` without a cache), with the
+/// one-line note for a damaged entry.
+fn outcome_of_miss<F>(lookup: Option<&Lookup<F>>) -> CacheUse {
+    match lookup {
+        None => CacheUse::Off,
+        Some(Lookup::Damaged(reason)) => {
+            eprintln!("note: compile cache entry damaged: {reason}; rebuilding it");
             CacheUse::Rebuilt
         }
-        (Some(_), _) => CacheUse::Compiled,
-        (None, _) => CacheUse::Off,
+        Some(_) => CacheUse::Compiled,
     }
 }
 
@@ -384,11 +378,11 @@ pub fn print_steps(steps: &[Step]) {
     for step in steps {
         let how = match step.cache {
             CacheUse::Off => "",
-            CacheUse::Compiled => "compiled",
-            CacheUse::Cached => "cached",
-            CacheUse::Rebuilt => "rebuilt (damaged cache entry)",
+            CacheUse::Compiled => "  compiled",
+            CacheUse::Cached => "  cached",
+            CacheUse::Rebuilt => "  rebuilt (damaged cache entry)",
         };
-        println!("    {:<40} {:>9.1} ms  {how}", step.step, step.ms);
+        println!("    {:<40} {:>9.1} ms{how}", step.step, step.ms);
     }
 }
 

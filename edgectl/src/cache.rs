@@ -58,10 +58,6 @@ impl Key {
             parts,
         }
     }
-
-    pub fn hex(&self) -> &str {
-        &self.hex
-    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -102,6 +98,16 @@ pub enum Lookup<F> {
 pub struct Usage {
     pub entries: u64,
     pub bytes: u64,
+}
+
+/// One entry's files, for sizing and pruning.
+struct OnDisk {
+    meta: PathBuf,
+    data: Option<PathBuf>,
+    /// Both files' bytes.
+    size: u64,
+    /// Last use: the metadata's mtime.
+    used: SystemTime,
 }
 
 pub struct CompileCache {
@@ -231,8 +237,8 @@ impl CompileCache {
         Ok(())
     }
 
-    /// Entries (metadata file, its data file if any, bytes, last use), least recently used first.
-    fn entries(&self) -> Result<Vec<(PathBuf, Option<PathBuf>, u64, SystemTime)>> {
+    /// Entries on disk, least recently used first.
+    fn entries(&self) -> Result<Vec<OnDisk>> {
         let dir = match std::fs::read_dir(&self.dir) {
             Ok(dir) => dir,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -263,9 +269,14 @@ impl CompileCache {
             });
             let used = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
             let size = meta.len() + data.map_or(0, |d| d.2.len());
-            entries.push((path.clone(), data.map(|d| d.1.clone()), size, used));
+            entries.push(OnDisk {
+                meta: path.clone(),
+                data: data.map(|d| d.1.clone()),
+                size,
+                used,
+            });
         }
-        entries.sort_by_key(|e| e.3);
+        entries.sort_by_key(|e| e.used);
         Ok(entries)
     }
 
@@ -273,7 +284,7 @@ impl CompileCache {
         let entries = self.entries()?;
         Ok(Usage {
             entries: entries.len() as u64,
-            bytes: entries.iter().map(|e| e.2).sum(),
+            bytes: entries.iter().map(|e| e.size).sum(),
         })
     }
 
@@ -282,8 +293,11 @@ impl CompileCache {
     pub fn prune(&self, max_bytes: u64) -> Result<Usage> {
         let mut dropped = Usage::default();
         let entries = self.entries()?;
-        let mut total: u64 = entries.iter().map(|e| e.2).sum();
-        for (meta, data, size, _) in entries {
+        let mut total: u64 = entries.iter().map(|e| e.size).sum();
+        for OnDisk {
+            meta, data, size, ..
+        } in entries
+        {
             if total <= max_bytes {
                 break;
             }
@@ -437,7 +451,7 @@ mod tests {
         cache
             .put(&k, "aot", &facts(), Some(("cwasm", b"native code")))
             .unwrap();
-        let data = cache.dir().join(format!("{}.cwasm", k.hex()));
+        let data = cache.dir().join(format!("{}.cwasm", k.hex));
 
         // One flipped byte, same length.
         let mut bytes = std::fs::read(&data).unwrap();
