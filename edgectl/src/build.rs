@@ -446,3 +446,104 @@ pub fn build(args: BuildArgs, cache: &CacheArgs) -> Result<()> {
     println!("  wrote {}", args.out.display());
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use edged_compiler::EngineSettings;
+
+    use super::*;
+
+    fn outcomes(built: &Built) -> Vec<(&str, CacheUse)> {
+        built
+            .steps
+            .iter()
+            .map(|s| (s.step.as_str(), s.cache))
+            .collect()
+    }
+
+    fn all(built: &Built, expect: CacheUse) {
+        assert!(
+            built.steps.iter().all(|s| s.cache == expect),
+            "{:?}",
+            outcomes(built)
+        );
+    }
+
+    /// The keys `compile_cached` derives: every option that changes the output is another entry,
+    /// and a hit gives what a compile gives.
+    #[test]
+    fn pipeline_keys_follow_every_option_that_changes_the_output() {
+        let source = std::fs::read(edged_testkit::guest("init-heavy-p1.wasm")).unwrap();
+        let root = tempfile::tempdir().unwrap();
+        let cache = CompileCache::new(root.path());
+        let defaults = CompileOptions::default();
+
+        let cold = compile_cached(&source, &defaults, Some(&cache)).unwrap();
+        assert_eq!(cold.steps.len(), 4);
+        all(&cold, CacheUse::Compiled);
+        let warm = compile_cached(&source, &defaults, Some(&cache)).unwrap();
+        assert_eq!(warm.steps.len(), 4, "{:?}", outcomes(&warm));
+        all(&warm, CacheUse::Cached);
+        let uncached = compile_cached(&source, &defaults, None).unwrap();
+        all(&uncached, CacheUse::Off);
+        for built in [&warm, &uncached] {
+            assert_eq!(built.compiled.init_func, cold.compiled.init_func);
+            assert_eq!(built.compiled.kind, cold.compiled.kind);
+            assert!(built.compiled.preinitialized == cold.compiled.preinitialized);
+            for (a, b) in built
+                .compiled
+                .artifacts
+                .iter()
+                .zip(&cold.compiled.artifacts)
+            {
+                assert_eq!(
+                    (a.target, &a.fingerprint, &a.blake3),
+                    (b.target, &b.fingerprint, &b.blake3)
+                );
+                assert!(a.bytes == b.bytes);
+            }
+        }
+
+        // Another init setting: Wizer does not run, so the AOT input differs too.
+        let no_wizer = CompileOptions {
+            init: InitPolicy::Skip,
+            ..CompileOptions::default()
+        };
+        let built = compile_cached(&source, &no_wizer, Some(&cache)).unwrap();
+        assert_eq!(built.steps.len(), 3, "{:?}", outcomes(&built));
+        all(&built, CacheUse::Compiled);
+        all(
+            &compile_cached(&source, &no_wizer, Some(&cache)).unwrap(),
+            CacheUse::Cached,
+        );
+
+        // One target of those already built: nothing to compile.
+        let arm_only = CompileOptions {
+            targets: vec![Target::Aarch64Linux],
+            ..CompileOptions::default()
+        };
+        let built = compile_cached(&source, &arm_only, Some(&cache)).unwrap();
+        assert_eq!(built.steps.len(), 3, "{:?}", outcomes(&built));
+        all(&built, CacheUse::Cached);
+
+        // Another engine setting is another fingerprint: everything compiles again.
+        let small = CompileOptions {
+            engine: EngineSettings {
+                memory_reservation: 1 << 30,
+                ..EngineSettings::default()
+            },
+            ..CompileOptions::default()
+        };
+        all(
+            &compile_cached(&source, &small, Some(&cache)).unwrap(),
+            CacheUse::Compiled,
+        );
+
+        // Another source: everything compiles again.
+        let other = std::fs::read(edged_testkit::guest("hello-http.wasm")).unwrap();
+        all(
+            &compile_cached(&other, &defaults, Some(&cache)).unwrap(),
+            CacheUse::Compiled,
+        );
+    }
+}
