@@ -222,14 +222,45 @@ pub fn precompile(
     })
 }
 
-/// The whole pipeline: inspect, validate, pre-initialize, AOT-compile for each target.
-pub fn compile(input: &[u8], options: &CompileOptions) -> Result<Compiled, CompileError> {
+/// Version of this crate's pipeline, for callers that cache its output (`edgectl`): together with
+/// the [`engine_fingerprint`] (which covers the wasmtime and Wizer version and every code-affecting
+/// engine setting) it names everything besides the input and [`CompileOptions`] that decides the
+/// output. Bump the `+pipeline.N` part when a change here changes output for the same input.
+pub const PIPELINE_VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), "+pipeline.1");
+
+/// The input after inspection, validation and pre-initialization: what every target compiles.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    pub kind: WasmKind,
+    /// The input as a Wasm binary (WAT is converted).
+    pub source: Vec<u8>,
+    /// The init function that was run, if Wizer ran.
+    pub init_func: Option<String>,
+    /// The Wizer snapshot when Wizer ran, else the source.
+    pub preinitialized: Vec<u8>,
+    pub timings: StepTimings,
+}
+
+/// The target whose engine validates the input and runs its init function: the host when edged
+/// supports it, else the first requested target.
+pub fn run_target(options: &CompileOptions) -> Target {
+    Target::host().unwrap_or(options.targets[0])
+}
+
+/// The first half of [`compile`]: inspect, validate, pre-initialize.
+pub fn prepare(input: &[u8], options: &CompileOptions) -> Result<Prepared, CompileError> {
+    let run_engine = engine_for(run_target(options), &options.engine)?;
+    prepare_with(&run_engine, input, options)
+}
+
+fn prepare_with(
+    run_engine: &Engine,
+    input: &[u8],
+    options: &CompileOptions,
+) -> Result<Prepared, CompileError> {
     let mut timings = StepTimings::default();
     let (kind, source) = to_binary(input)?;
-    // The host engine (or the first target's) validates and runs the init function.
-    let run_target = Target::host().unwrap_or(options.targets[0]);
-    let run_engine = engine_for(run_target, &options.engine)?;
-    timings.record("validate", || validate(&run_engine, kind, &source))?;
+    timings.record("validate", || validate(run_engine, kind, &source))?;
 
     let init_func = match &options.init {
         InitPolicy::Skip => None,
@@ -244,10 +275,49 @@ pub fn compile(input: &[u8], options: &CompileOptions) -> Result<Compiled, Compi
     };
     let preinitialized = match &init_func {
         Some(init) => timings.record(format!("wizer ({init})"), || {
-            preinit::preinitialize(&run_engine, kind, &source, init, options)
+            preinit::preinitialize(run_engine, kind, &source, init, options)
         })?,
         None => source.to_vec(),
     };
+    Ok(Prepared {
+        kind,
+        source: source.into_owned(),
+        init_func,
+        preinitialized,
+        timings,
+    })
+}
+
+/// The second half of [`compile`] for one target: AOT-compiles `prepared` (a pre-initialized
+/// module or component of `kind`) with `engine`, which must be an [`engine_for`] `target`.
+pub fn compile_target(
+    engine: &Engine,
+    target: Target,
+    kind: WasmKind,
+    prepared: &[u8],
+) -> Result<Artifact, CompileError> {
+    let bytes = precompile(engine, target, kind, prepared)?;
+    Ok(Artifact {
+        target,
+        fingerprint: engine_fingerprint(engine),
+        blake3: content_hash(&bytes),
+        bytes,
+    })
+}
+
+/// The whole pipeline: inspect, validate, pre-initialize, AOT-compile for each target.
+pub fn compile(input: &[u8], options: &CompileOptions) -> Result<Compiled, CompileError> {
+    // The host engine (or the first target's) validates, runs the init function, and compiles
+    // its own target.
+    let run_target = run_target(options);
+    let run_engine = engine_for(run_target, &options.engine)?;
+    let Prepared {
+        kind,
+        source,
+        init_func,
+        preinitialized,
+        mut timings,
+    } = prepare_with(&run_engine, input, options)?;
 
     let mut artifacts = Vec::with_capacity(options.targets.len());
     for &target in &options.targets {
@@ -256,19 +326,13 @@ pub fn compile(input: &[u8], options: &CompileOptions) -> Result<Compiled, Compi
         } else {
             engine_for(target, &options.engine)?
         };
-        let bytes = timings.record(format!("aot {target}"), || {
-            precompile(&engine, target, kind, &preinitialized)
-        })?;
-        artifacts.push(Artifact {
-            target,
-            fingerprint: engine_fingerprint(&engine),
-            blake3: content_hash(&bytes),
-            bytes,
-        });
+        artifacts.push(timings.record(format!("aot {target}"), || {
+            compile_target(&engine, target, kind, &preinitialized)
+        })?);
     }
     Ok(Compiled {
         kind,
-        source: source.into_owned(),
+        source,
         init_func,
         preinitialized,
         artifacts,

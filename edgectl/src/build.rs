@@ -1,11 +1,18 @@
-//! `edgectl build`: the compiler pipeline to files on disk.
+//! `edgectl build`: the compiler pipeline to files on disk; and the pipeline as `build` and
+//! `push` both run it, step by step through the compile cache.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
-use edged_compiler::{CompileOptions, Compiled, InitPolicy, Target};
+use edged_compiler::{
+    Artifact, CompileOptions, Compiled, InitPolicy, StepTimings, Target, WasmKind,
+};
 use edged_snapshots::Manifest;
+use serde::{Deserialize, Serialize};
+
+use crate::cache::{self, CompileCache, Key, Lookup};
 
 #[derive(clap::Args)]
 pub struct BuildArgs {
@@ -39,6 +46,33 @@ pub struct CompileArgs {
     /// Targets to compile for (default: all).
     #[arg(long = "target", value_name = "TRIPLE")]
     pub targets: Vec<String>,
+}
+
+/// Where the compile cache is; shared by `build`, `push` and `cache`.
+#[derive(clap::Args, Clone)]
+pub struct CacheArgs {
+    /// Compile cache directory (default: `$XDG_CACHE_HOME/edged`, or `~/.cache/edged`).
+    #[arg(long, env = "EDGECTL_CACHE_DIR", global = true, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Compile everything, neither reading nor writing the compile cache.
+    #[arg(long, global = true)]
+    pub no_cache: bool,
+}
+
+impl CacheArgs {
+    /// The cache to use, or `None` with `--no-cache` (or when there is no cache directory).
+    pub fn open(&self) -> Option<CompileCache> {
+        if self.no_cache {
+            return None;
+        }
+        let root = self.cache_dir.clone().or_else(cache::default_root);
+        if root.is_none() {
+            eprintln!(
+                "note: no user cache directory (HOME unset?); compiling without the cache (set EDGECTL_CACHE_DIR)"
+            );
+        }
+        root.map(|root| CompileCache::new(&root))
+    }
 }
 
 impl CompileArgs {
@@ -76,10 +110,260 @@ pub fn deployment_name(input: &Path, name: Option<&str>) -> Result<String> {
     Ok(name)
 }
 
-pub fn compile_file(input: &Path, args: &CompileArgs) -> Result<Compiled> {
+/// How a step's output was obtained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheUse {
+    /// `--no-cache`: compiled, not stored.
+    Off,
+    /// Not in the cache: compiled and stored.
+    Compiled,
+    /// Read from the cache; nothing was compiled.
+    Cached,
+    /// The cached entry was damaged: compiled again and the entry overwritten.
+    Rebuilt,
+}
+
+/// One step of a build as `push` and `build` report it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Step {
+    pub step: String,
+    pub ms: f64,
+    pub cache: CacheUse,
+}
+
+/// A build's output and how each step went.
+pub struct Built {
+    pub compiled: Compiled,
+    pub steps: Vec<Step>,
+}
+
+/// What a `prepare` entry knows besides its bytes (the Wizer snapshot, when Wizer ran).
+#[derive(Serialize, Deserialize)]
+struct PrepareFacts {
+    kind: WasmKind,
+    init_func: Option<String>,
+}
+
+/// An `aot` entry's bytes are the artifact; its BLAKE3 is checked on read and is the artifact's.
+#[derive(Serialize, Deserialize)]
+struct AotFacts {
+    fingerprint: String,
+}
+
+fn init_part(init: &InitPolicy) -> String {
+    match init {
+        InitPolicy::IfExported => "if-exported".into(),
+        InitPolicy::Required(name) => format!("required:{name}"),
+        InitPolicy::Skip => "skip".into(),
+    }
+}
+
+pub fn compile_file(
+    input: &Path,
+    args: &CompileArgs,
+    cache: Option<&CompileCache>,
+) -> Result<Built> {
     let bytes = std::fs::read(input).with_context(|| format!("reading {}", input.display()))?;
-    edged_compiler::compile(&bytes, &args.options()?)
+    compile_cached(&bytes, &args.options()?, cache)
         .with_context(|| format!("building {}", input.display()))
+}
+
+/// [`edged_compiler::compile`] step by step, each step's output looked up in `cache` first and
+/// stored there after. Two kinds of entry:
+///
+/// - `prepare` (validate + Wizer), keyed by the source's BLAKE3, the init setting and limits, and
+///   the fingerprint of the engine that runs the init function;
+/// - `aot`, keyed by the BLAKE3 of what is compiled (the Wizer snapshot, or the source), its kind,
+///   the target and that target's engine fingerprint.
+///
+/// Both also carry [`edged_compiler::PIPELINE_VERSION`]; the fingerprints cover the wasmtime and
+/// Wizer version and every code-affecting engine setting. The compiler is deterministic, so a key
+/// that names every input names exactly one output.
+pub fn compile_cached(
+    input: &[u8],
+    options: &CompileOptions,
+    cache: Option<&CompileCache>,
+) -> Result<Built> {
+    let (_, source) = edged_compiler::to_binary(input)?;
+    let source_hash = edged_compiler::content_hash(&source);
+    let run_target = edged_compiler::run_target(options);
+    let mut engines = HashMap::new();
+    let run_engine = edged_compiler::engine_for(run_target, &options.engine)?;
+    engines.insert(run_target, run_engine.clone());
+    let mut steps = Vec::new();
+
+    let prepare_key = Key::new([
+        ("step", "prepare".to_string()),
+        ("pipeline", edged_compiler::PIPELINE_VERSION.to_string()),
+        ("source", source_hash),
+        ("init", init_part(&options.init)),
+        (
+            "init_timeout_ms",
+            options.init_timeout.as_millis().to_string(),
+        ),
+        ("init_memory_limit", options.init_memory_limit.to_string()),
+        ("run_target", run_target.to_string()),
+        ("engine", edged_compiler::engine_fingerprint(&run_engine)),
+    ]);
+    let started = Instant::now();
+    let lookup = cache.map(|c| c.get::<PrepareFacts>(&prepare_key));
+    let (kind, init_func, preinitialized) = match lookup {
+        Some(Lookup::Hit(entry)) => {
+            let ms = started.elapsed().as_secs_f64() * 1e3;
+            let facts = entry.facts;
+            // Validation is part of the entry: its key names the exact source bytes.
+            steps.push(Step {
+                step: "validate".into(),
+                ms: 0.0,
+                cache: CacheUse::Cached,
+            });
+            if let Some(init) = &facts.init_func {
+                steps.push(Step {
+                    step: format!("wizer ({init})"),
+                    ms,
+                    cache: CacheUse::Cached,
+                });
+            }
+            let preinitialized = match entry.bytes {
+                Some(bytes) => bytes,
+                None => source.to_vec(),
+            };
+            (facts.kind, facts.init_func, preinitialized)
+        }
+        lookup => {
+            let outcome = outcome_of_miss(lookup.as_ref());
+            let prepared = edged_compiler::prepare(&source, options)?;
+            steps.extend(steps_from(&prepared.timings, outcome));
+            if let Some(cache) = cache {
+                let facts = PrepareFacts {
+                    kind: prepared.kind,
+                    init_func: prepared.init_func.clone(),
+                };
+                // Without Wizer the output is the source itself: store no second copy.
+                let file = prepared
+                    .init_func
+                    .is_some()
+                    .then_some(("wasm", &prepared.preinitialized[..]));
+                store(cache, &prepare_key, "prepare", &facts, file);
+            }
+            (prepared.kind, prepared.init_func, prepared.preinitialized)
+        }
+    };
+
+    let compiled_hash = edged_compiler::content_hash(&preinitialized);
+    let mut artifacts = Vec::with_capacity(options.targets.len());
+    for &target in &options.targets {
+        let engine = match engines.get(&target) {
+            Some(engine) => engine.clone(),
+            None => edged_compiler::engine_for(target, &options.engine)?,
+        };
+        let fingerprint = edged_compiler::engine_fingerprint(&engine);
+        let key = Key::new([
+            ("step", "aot".to_string()),
+            ("pipeline", edged_compiler::PIPELINE_VERSION.to_string()),
+            ("input", compiled_hash.clone()),
+            ("kind", format!("{kind:?}")),
+            ("target", target.to_string()),
+            ("engine", fingerprint.clone()),
+        ]);
+        let step = format!("aot {target}");
+        let started = Instant::now();
+        let lookup = cache.map(|c| c.get::<AotFacts>(&key));
+        let (artifact, outcome) = match lookup {
+            Some(Lookup::Hit(entry)) if entry.facts.fingerprint == fingerprint => {
+                let bytes = entry.bytes.unwrap_or_default();
+                let artifact = Artifact {
+                    target,
+                    fingerprint,
+                    blake3: edged_compiler::content_hash(&bytes),
+                    bytes,
+                };
+                (artifact, CacheUse::Cached)
+            }
+            lookup => {
+                let outcome = outcome_of_miss(lookup.as_ref());
+                let artifact =
+                    edged_compiler::compile_target(&engine, target, kind, &preinitialized)?;
+                if let Some(cache) = cache {
+                    let facts = AotFacts {
+                        fingerprint: artifact.fingerprint.clone(),
+                    };
+                    store(cache, &key, &step, &facts, Some(("cwasm", &artifact.bytes)));
+                }
+                (artifact, outcome)
+            }
+        };
+        steps.push(Step {
+            step,
+            ms: started.elapsed().as_secs_f64() * 1e3,
+            cache: outcome,
+        });
+        artifacts.push(artifact);
+    }
+
+    if let Some(cache) = cache
+        && steps.iter().any(|s| s.cache != CacheUse::Cached)
+        && let Err(e) = cache.prune(cache::DEFAULT_MAX_BYTES)
+    {
+        eprintln!("note: pruning the compile cache failed: {e:#}");
+    }
+    let timings = StepTimings(
+        steps
+            .iter()
+            .map(|s| (s.step.clone(), Duration::from_secs_f64(s.ms / 1e3)))
+            .collect(),
+    );
+    Ok(Built {
+        compiled: Compiled {
+            kind,
+            source: source.into_owned(),
+            init_func,
+            preinitialized,
+            artifacts,
+            timings,
+        },
+        steps,
+    })
+}
+
+/// What a step that has to compile reports (`lookup` is `None` without a cache), with the
+/// one-line note for a damaged entry.
+fn outcome_of_miss<F>(lookup: Option<&Lookup<F>>) -> CacheUse {
+    match lookup {
+        None => CacheUse::Off,
+        Some(Lookup::Damaged(reason)) => {
+            eprintln!("note: compile cache entry damaged: {reason}; rebuilding it");
+            CacheUse::Rebuilt
+        }
+        Some(_) => CacheUse::Compiled,
+    }
+}
+
+fn steps_from(timings: &StepTimings, cache: CacheUse) -> Vec<Step> {
+    timings
+        .0
+        .iter()
+        .map(|(step, took)| Step {
+            step: step.clone(),
+            ms: took.as_secs_f64() * 1e3,
+            cache,
+        })
+        .collect()
+}
+
+/// Stores an entry; a cache that cannot be written (full disk, read-only home) costs the next
+/// build its time, not this one its result.
+fn store<F: Serialize>(
+    cache: &CompileCache,
+    key: &Key,
+    step: &str,
+    facts: &F,
+    file: Option<(&str, &[u8])>,
+) {
+    if let Err(e) = cache.put(key, step, facts, file) {
+        eprintln!("note: could not write the compile cache: {e:#}");
+    }
 }
 
 pub fn now_secs() -> u64 {
@@ -89,10 +373,16 @@ pub fn now_secs() -> u64 {
         .as_secs()
 }
 
-pub fn print_timings(compiled: &Compiled) {
+pub fn print_steps(steps: &[Step]) {
     println!("  steps:");
-    for (step, took) in &compiled.timings.0 {
-        println!("    {step:<40} {:>9.1} ms", took.as_secs_f64() * 1e3);
+    for step in steps {
+        let how = match step.cache {
+            CacheUse::Off => "",
+            CacheUse::Compiled => "  compiled",
+            CacheUse::Cached => "  cached",
+            CacheUse::Rebuilt => "  rebuilt (damaged cache entry)",
+        };
+        println!("    {:<40} {:>9.1} ms{how}", step.step, step.ms);
     }
 }
 
@@ -109,9 +399,10 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
-pub fn build(args: BuildArgs) -> Result<()> {
+pub fn build(args: BuildArgs, cache: &CacheArgs) -> Result<()> {
     let name = deployment_name(&args.input, args.name.as_deref())?;
-    let compiled = compile_file(&args.input, &args.compile)?;
+    let Built { compiled, steps } =
+        compile_file(&args.input, &args.compile, cache.open().as_ref())?;
     let manifest = Manifest::from_compiled(&name, args.version, now_secs(), &compiled);
 
     std::fs::create_dir_all(&args.out)
@@ -151,7 +442,108 @@ pub fn build(args: BuildArgs) -> Result<()> {
             a.size
         );
     }
-    print_timings(&compiled);
+    print_steps(&steps);
     println!("  wrote {}", args.out.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use edged_compiler::EngineSettings;
+
+    use super::*;
+
+    fn outcomes(built: &Built) -> Vec<(&str, CacheUse)> {
+        built
+            .steps
+            .iter()
+            .map(|s| (s.step.as_str(), s.cache))
+            .collect()
+    }
+
+    fn all(built: &Built, expect: CacheUse) {
+        assert!(
+            built.steps.iter().all(|s| s.cache == expect),
+            "{:?}",
+            outcomes(built)
+        );
+    }
+
+    /// The keys `compile_cached` derives: every option that changes the output is another entry,
+    /// and a hit gives what a compile gives.
+    #[test]
+    fn pipeline_keys_follow_every_option_that_changes_the_output() {
+        let source = std::fs::read(edged_testkit::guest("init-heavy-p1.wasm")).unwrap();
+        let root = tempfile::tempdir().unwrap();
+        let cache = CompileCache::new(root.path());
+        let defaults = CompileOptions::default();
+
+        let cold = compile_cached(&source, &defaults, Some(&cache)).unwrap();
+        assert_eq!(cold.steps.len(), 4);
+        all(&cold, CacheUse::Compiled);
+        let warm = compile_cached(&source, &defaults, Some(&cache)).unwrap();
+        assert_eq!(warm.steps.len(), 4, "{:?}", outcomes(&warm));
+        all(&warm, CacheUse::Cached);
+        let uncached = compile_cached(&source, &defaults, None).unwrap();
+        all(&uncached, CacheUse::Off);
+        for built in [&warm, &uncached] {
+            assert_eq!(built.compiled.init_func, cold.compiled.init_func);
+            assert_eq!(built.compiled.kind, cold.compiled.kind);
+            assert!(built.compiled.preinitialized == cold.compiled.preinitialized);
+            for (a, b) in built
+                .compiled
+                .artifacts
+                .iter()
+                .zip(&cold.compiled.artifacts)
+            {
+                assert_eq!(
+                    (a.target, &a.fingerprint, &a.blake3),
+                    (b.target, &b.fingerprint, &b.blake3)
+                );
+                assert!(a.bytes == b.bytes);
+            }
+        }
+
+        // Another init setting: Wizer does not run, so the AOT input differs too.
+        let no_wizer = CompileOptions {
+            init: InitPolicy::Skip,
+            ..CompileOptions::default()
+        };
+        let built = compile_cached(&source, &no_wizer, Some(&cache)).unwrap();
+        assert_eq!(built.steps.len(), 3, "{:?}", outcomes(&built));
+        all(&built, CacheUse::Compiled);
+        all(
+            &compile_cached(&source, &no_wizer, Some(&cache)).unwrap(),
+            CacheUse::Cached,
+        );
+
+        // One target of those already built: nothing to compile.
+        let arm_only = CompileOptions {
+            targets: vec![Target::Aarch64Linux],
+            ..CompileOptions::default()
+        };
+        let built = compile_cached(&source, &arm_only, Some(&cache)).unwrap();
+        assert_eq!(built.steps.len(), 3, "{:?}", outcomes(&built));
+        all(&built, CacheUse::Cached);
+
+        // Another engine setting is another fingerprint: everything compiles again.
+        let small = CompileOptions {
+            engine: EngineSettings {
+                memory_reservation: 1 << 30,
+                ..EngineSettings::default()
+            },
+            ..CompileOptions::default()
+        };
+        all(
+            &compile_cached(&source, &small, Some(&cache)).unwrap(),
+            CacheUse::Compiled,
+        );
+
+        // Another source: everything compiles again.
+        let other = std::fs::read(edged_testkit::guest("hello-http.wasm")).unwrap();
+        all(
+            &compile_cached(&other, &defaults, Some(&cache)).unwrap(),
+            CacheUse::Compiled,
+        );
+    }
 }

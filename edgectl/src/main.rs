@@ -2,9 +2,11 @@
 //!
 //! - `build` runs the compiler pipeline locally and writes artifacts and a manifest;
 //! - `init` / `issue-node` create the fleet identity (CA, certificates, signing key);
-//! - `push`, `ls`, `status`, `activate`, `rollback`, `invoke`, `rm` talk to a node over QUIC.
+//! - `push`, `ls`, `status`, `activate`, `rollback`, `invoke`, `rm` talk to a node over QUIC;
+//! - `cache` shows, prunes or clears the compile cache `build` and `push` share.
 
 mod build;
+mod cache;
 mod fleet;
 mod remote;
 
@@ -23,6 +25,8 @@ use edged_control::wire::Request;
 struct Cli {
     #[command(flatten)]
     target: remote::Target,
+    #[command(flatten)]
+    cache: build::CacheArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -77,6 +81,22 @@ enum Command {
     },
     /// Remove NAME@VERSION from the node (not the active one).
     Rm { id: String },
+    /// The compile cache: where it is and what it holds; prune or clear it.
+    #[command(subcommand)]
+    Cache(CacheCommand),
+}
+
+#[derive(Subcommand)]
+enum CacheCommand {
+    /// Where the cache is, how many entries and bytes it holds.
+    Info,
+    /// Drop least recently used entries until the cache holds at most --max-mb.
+    Prune {
+        #[arg(long, default_value_t = cache::DEFAULT_MAX_BYTES >> 20)]
+        max_mb: u64,
+    },
+    /// Drop every entry.
+    Clear,
 }
 
 /// Fleet-wide activation (see `fleet.rs`).
@@ -100,7 +120,7 @@ fn main() -> Result<()> {
             .build()
     };
     match cli.command {
-        Command::Build(args) => build::build(args),
+        Command::Build(args) => build::build(args, &cli.cache),
         Command::Init { operator } => {
             let dir = remote::identity_dir(target.identity.as_deref());
             edged_control::identity::init_operator_dir(&dir, &operator)?;
@@ -116,7 +136,7 @@ fn main() -> Result<()> {
             println!("issued node certificate {name} into {}", out.display());
             Ok(())
         }
-        Command::Push(args) => runtime()?.block_on(remote::push(&target, args)),
+        Command::Push(args) => runtime()?.block_on(remote::push(&target, &cli.cache, args)),
         Command::Ls => runtime()?.block_on(remote::simple(&target, Request::List {})),
         Command::Status => runtime()?.block_on(remote::simple(&target, Request::Status {})),
         Command::Activate { id, fleet } => {
@@ -155,5 +175,37 @@ fn main() -> Result<()> {
             let (name, version) = remote::parse_id(&id)?;
             runtime()?.block_on(remote::simple(&target, Request::Remove { name, version }))
         }
+        Command::Cache(command) => cache_command(&cli.cache, command),
     }
+}
+
+fn cache_command(args: &build::CacheArgs, command: CacheCommand) -> Result<()> {
+    let cache = build::CacheArgs {
+        no_cache: false,
+        ..args.clone()
+    }
+    .open()
+    .ok_or_else(|| anyhow::anyhow!("no cache directory; set EDGECTL_CACHE_DIR"))?;
+    let (verb, dropped) = match command {
+        CacheCommand::Info => {
+            let usage = cache.usage()?;
+            println!("compile cache {}", cache.dir().display());
+            println!(
+                "  {} entries, {:.1} MB (pruned to {} MB after a build that adds to it)",
+                usage.entries,
+                usage.bytes as f64 / 1e6,
+                cache::DEFAULT_MAX_BYTES >> 20
+            );
+            return Ok(());
+        }
+        CacheCommand::Prune { max_mb } => ("pruned", cache.prune(max_mb << 20)?),
+        CacheCommand::Clear => ("cleared", cache.clear()?),
+    };
+    println!(
+        "{verb} {}: dropped {} entries, {:.1} MB",
+        cache.dir().display(),
+        dropped.entries,
+        dropped.bytes as f64 / 1e6
+    );
+    Ok(())
 }

@@ -16,7 +16,9 @@ use edged_control::wire::{Request, Response};
 use edged_snapshots::Manifest;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::build::{CompileArgs, compile_file, deployment_name, now_secs, print_timings};
+use crate::build::{
+    Built, CacheArgs, CompileArgs, compile_file, deployment_name, now_secs, print_steps,
+};
 
 /// Where to reach a node and who we are.
 #[derive(clap::Args, Clone)]
@@ -165,7 +167,7 @@ pub struct PushArgs {
     pub compile: CompileArgs,
 }
 
-pub async fn push(target: &Target, args: PushArgs) -> Result<()> {
+pub async fn push(target: &Target, cache: &CacheArgs, args: PushArgs) -> Result<()> {
     let name = deployment_name(&args.input, args.name.as_deref())?;
     let dir = identity_dir(target.identity.as_deref());
     let key_path = dir.join("signing.key");
@@ -174,14 +176,15 @@ pub async fn push(target: &Target, args: PushArgs) -> Result<()> {
             .with_context(|| format!("reading {}", key_path.display()))?,
     )
     .map_err(|e| anyhow!("{}: {e}", key_path.display()))?;
-    let compiled = compile_file(&args.input, &args.compile)?;
+    let Built { compiled, steps } =
+        compile_file(&args.input, &args.compile, cache.open().as_ref())?;
     if !target.json {
         println!(
             "built {name} ({}, {} targets)",
             compiled.kind,
             compiled.artifacts.len()
         );
-        print_timings(&compiled);
+        print_steps(&steps);
     }
     let client = Client::connect(target).await?;
     let version = match args.version {
@@ -268,6 +271,7 @@ pub async fn push(target: &Target, args: PushArgs) -> Result<()> {
             serde_json::json!({
                 "deployment": id, "active": active, "sent_bytes": total, "resumed_bytes": resumed,
                 "blobs_sent": needed.len(), "seconds": elapsed.as_secs_f64(), "mb_per_s": rate,
+                "steps": steps,
             })
         );
     } else {

@@ -1,12 +1,24 @@
 //! `edgectl build` as an operator runs it: a real process, real guest, real files.
 
+use std::path::Path;
 use std::process::Command;
 
 use edged_snapshots::Manifest;
 use edged_testkit::guest;
 
+/// `edgectl ARGS` with its compile cache in `cache` (never the user's).
+fn edgectl_cached(cache: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_edgectl"))
+        .env("EDGECTL_CACHE_DIR", cache)
+        .args(args)
+        .output()
+        .expect("edgectl runs")
+}
+
+/// `edgectl --no-cache ARGS`.
 fn edgectl(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_edgectl"))
+        .arg("--no-cache")
         .args(args)
         .output()
         .expect("edgectl runs")
@@ -15,15 +27,28 @@ fn edgectl(args: &[&str]) -> std::process::Output {
 #[test]
 fn build_writes_both_targets_deterministically() {
     let input = guest("init-heavy-p1.wasm");
+    let cache = tempfile::tempdir().unwrap();
     let first = tempfile::tempdir().unwrap();
     let second = tempfile::tempdir().unwrap();
-    for out in [first.path(), second.path()] {
-        let output = edgectl(&[
+    let third = tempfile::tempdir().unwrap();
+    // Two real compiles (the first without the cache, the second filling it), then one from the
+    // cache: all three byte-identical.
+    for (out, expect) in [
+        (first.path(), ""),
+        (second.path(), "compiled"),
+        (third.path(), "cached"),
+    ] {
+        let args = [
             "build",
             input.to_str().unwrap(),
             "-o",
             out.to_str().unwrap(),
-        ]);
+        ];
+        let output = if expect.is_empty() {
+            edgectl(&args)
+        } else {
+            edgectl_cached(cache.path(), &args)
+        };
         let stdout = String::from_utf8_lossy(&output.stdout);
         assert!(
             output.status.success(),
@@ -38,6 +63,17 @@ fn build_writes_both_targets_deterministically() {
         assert!(stdout.contains("aarch64-unknown-linux-gnu"), "{stdout}");
         assert!(stdout.contains("wizer (wizer-initialize)"), "{stdout}");
         assert!(stdout.contains("aot aarch64-unknown-linux-gnu"), "{stdout}");
+        let steps: Vec<&str> = stdout
+            .lines()
+            .skip_while(|l| !l.contains("steps:"))
+            .skip(1)
+            .take_while(|l| l.contains(" ms"))
+            .collect();
+        assert_eq!(steps.len(), 4, "{stdout}");
+        for step in steps {
+            let expect = if expect.is_empty() { " ms" } else { expect };
+            assert!(step.ends_with(expect), "{step}");
+        }
     }
     let manifest: Manifest =
         serde_json::from_slice(&std::fs::read(first.path().join("manifest.json")).unwrap())
@@ -49,10 +85,12 @@ fn build_writes_both_targets_deterministically() {
         let bytes = std::fs::read(first.path().join(&file)).unwrap();
         assert_eq!(edged_compiler::content_hash(&bytes), a.blake3);
         assert_eq!(bytes.len() as u64, a.size);
-        assert!(
-            bytes == std::fs::read(second.path().join(&file)).unwrap(),
-            "{file} differs between two builds"
-        );
+        for other in [second.path(), third.path()] {
+            assert!(
+                bytes == std::fs::read(other.join(&file)).unwrap(),
+                "{file} differs between two builds"
+            );
+        }
     }
     let source = std::fs::read(first.path().join("source.wasm")).unwrap();
     assert_eq!(source, std::fs::read(&input).unwrap());

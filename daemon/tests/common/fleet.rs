@@ -23,6 +23,20 @@ pub fn edgectl(identity: &Path, node: &Edged, args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// [`edgectl`] with extra environment variables (e.g. its own `EDGECTL_CACHE_DIR`).
+pub fn edgectl_env(identity: &Path, node: &Edged, env: &[(&str, &str)], args: &[&str]) -> Output {
+    Command::new(edgectl_bin())
+        .envs(env.iter().copied())
+        .args(["--identity", identity.to_str().unwrap()])
+        .args([
+            "--node",
+            &node.control.expect("control plane on").to_string(),
+        ])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
 /// `edgectl --json push FILE --name NAME --target x86_64` (one target keeps tests quick); its
 /// JSON report.
 pub fn push_x86_64(operator: &Path, node: &Edged, file: &Path, name: &str) -> serde_json::Value {
