@@ -3,12 +3,13 @@
 
 mod common;
 
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::fleet::{control_section, edgectl, edgectl_bin, new_fleet, ok, push_x86_64, refused};
+use common::fleet::{
+    control_section, edgectl, edgectl_command, new_fleet, ok, push_x86_64, refused,
+};
 use common::{Edged, get, guest};
 use edged_testkit::big_module;
 
@@ -278,7 +279,7 @@ async fn large_push_reports_throughput_and_resumes_after_a_kill() {
     // Capped at 20 MB/s and killed part-way; the second push sends only the rest.
     let other = work.path().join("other.wasm");
     std::fs::write(&other, big_module(50 << 20, 2)).unwrap();
-    let mut child = Command::new(edgectl_bin())
+    let mut child = edgectl_command()
         .args(["--identity", fleet.operator.to_str().unwrap()])
         .args(["--node", &edged.control.unwrap().to_string()])
         .args([

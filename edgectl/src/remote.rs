@@ -295,17 +295,23 @@ pub async fn simple(target: &Target, request: Request) -> Result<()> {
     match response {
         Response::Deployments { items } => {
             println!(
-                "{:<24} {:>8} {:<7} {:<15} {:<24} SIGNER",
-                "NAME", "VERSION", "ACTIVE", "KIND", "ROUTE"
+                "{:<24} {:>8} {:<7} {:<15} {:<24} {:<18} SIGNER",
+                "NAME", "VERSION", "ACTIVE", "KIND", "ROUTE", "FLEET RECORD"
             );
             for d in items {
+                // The fleet activation record the name follows: `#sequence -> version`.
+                let fleet = d
+                    .fleet_record
+                    .map(|r| format!("#{} -> v{}", r.sequence, r.version))
+                    .unwrap_or_default();
                 println!(
-                    "{:<24} {:>8} {:<7} {:<15} {:<24} {}",
+                    "{:<24} {:>8} {:<7} {:<15} {:<24} {:<18} {}",
                     d.name,
                     d.version,
                     if d.active { "*" } else { "" },
                     d.kind,
                     d.route,
+                    fleet,
                     d.signer.unwrap_or_else(|| "(local config)".into())
                 );
             }
@@ -363,7 +369,7 @@ fn print_sync(sync: &edged_control::wire::SyncStatus) {
     }
     for d in &sync.deployments {
         println!(
-            "  {}@{}  here: {}  peers: {}",
+            "  {}@{}  here: {}  peers: {}{}",
             d.name,
             d.version,
             if d.here { "yes" } else { "no" },
@@ -371,7 +377,10 @@ fn print_sync(sync: &edged_control::wire::SyncStatus) {
                 "-".to_string()
             } else {
                 d.peers.join(", ")
-            }
+            },
+            d.fleet_record
+                .map(|r| format!("  follows fleet record #{} (v{})", r.sequence, r.version))
+                .unwrap_or_default()
         );
     }
     for t in &sync.transfers {

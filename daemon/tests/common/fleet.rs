@@ -12,20 +12,23 @@ pub fn edgectl_bin() -> PathBuf {
 }
 
 pub fn edgectl(identity: &Path, node: &Edged, args: &[&str]) -> Output {
-    Command::new(edgectl_bin())
-        .args(["--identity", identity.to_str().unwrap()])
-        .args([
-            "--node",
-            &node.control.expect("control plane on").to_string(),
-        ])
-        .args(args)
-        .output()
-        .unwrap()
+    edgectl_env(identity, node, &[], args)
+}
+
+/// `edgectl` for tests: never the user's compile cache, but one shared under cargo's
+/// per-target scratch directory (a test that needs its own passes `EDGECTL_CACHE_DIR`).
+pub fn edgectl_command() -> Command {
+    let mut command = Command::new(edgectl_bin());
+    command.env(
+        "EDGECTL_CACHE_DIR",
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join("edgectl-cache"),
+    );
+    command
 }
 
 /// [`edgectl`] with extra environment variables (e.g. its own `EDGECTL_CACHE_DIR`).
 pub fn edgectl_env(identity: &Path, node: &Edged, env: &[(&str, &str)], args: &[&str]) -> Output {
-    Command::new(edgectl_bin())
+    edgectl_command()
         .envs(env.iter().copied())
         .args(["--identity", identity.to_str().unwrap()])
         .args([
@@ -92,7 +95,7 @@ impl Fleet {
 
 /// Runs an offline `edgectl` command with the operator identity in `operator`; must succeed.
 fn as_operator(operator: &Path, args: &[&str]) {
-    let out = Command::new(edgectl_bin())
+    let out = edgectl_command()
         .args(["--identity", operator.to_str().unwrap()])
         .args(args)
         .output()
