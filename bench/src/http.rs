@@ -74,7 +74,8 @@ fn start_edged(
     EdgedProcess::start(&params.emulator, binary, &config_path, Stdio::inherit())
 }
 
-fn rss_kib(pid: u32) -> Option<u64> {
+/// Resident set size of process `pid`, in KiB.
+pub fn rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
         .lines()

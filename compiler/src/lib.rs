@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use wasmtime::Engine;
 
 pub use fingerprint::engine_fingerprint;
+pub use preinit::exports_function;
 pub use target::{EngineSettings, Target, base_config};
 
 /// The export Wizer looks for unless told otherwise.

@@ -13,6 +13,18 @@ use wasmtime_wizer::Wizer;
 
 use crate::{CompileError, CompileOptions, WasmKind};
 
+/// Does the Wasm binary `wasm` (a core module or a component, not WAT) export a function named
+/// `name` at its top level? An unparsable binary exports nothing. What `edged check-config` asks
+/// of a config's `init = "<name>"`, with the same walk the compiler uses.
+pub fn exports_function(wasm: &[u8], name: &str) -> bool {
+    let kind = if wasmparser::Parser::is_component(wasm) {
+        WasmKind::Component
+    } else {
+        WasmKind::Module
+    };
+    exports_func(kind, wasm, name)
+}
+
 /// Does `wasm` export a function named `name` (at the top level, for components)?
 pub(crate) fn exports_func(kind: WasmKind, wasm: &[u8], name: &str) -> bool {
     let mut depth = 0usize;

@@ -165,3 +165,17 @@ fn target_names_parse() {
     );
     assert!("riscv64".parse::<Target>().is_err());
 }
+
+#[test]
+fn init_exports_are_found_at_the_top_level_only() {
+    use edged_compiler::exports_function;
+    let component = guest_bytes("init-heavy-http.wasm");
+    assert!(exports_function(&component, "wizer-initialize"));
+    assert!(!exports_function(&component, "setup"));
+    let module = guest_bytes("init-heavy-p1.wasm");
+    assert!(exports_function(&module, "wizer-initialize"));
+    // `_start` is a function export; `memory` is not a function.
+    assert!(exports_function(&module, "_start"));
+    assert!(!exports_function(&module, "memory"));
+    assert!(!exports_function(b"not wasm", "wizer-initialize"));
+}

@@ -102,7 +102,7 @@ fn check_wasm(engine: &wasmtime::Engine, function: &FunctionConfig) -> Result<()
         edged_compiler::to_binary(&input).map_err(|e| format!("wasm {path}: {e}"))?;
     edged_compiler::validate(engine, kind, &binary).map_err(|e| format!("wasm {path}: {e}"))?;
     if let InitSetting::Func(name) = &function.init
-        && !edged_node_config::exports_func(&binary, name)
+        && !edged_compiler::exports_function(&binary, name)
     {
         return Err(format!(
             "init = \"{name}\", but {path} does not export a function `{name}`"

@@ -9,22 +9,13 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::fleet::{control_section, edgectl, new_fleet, ok, refused};
-use common::{Edged, get, guest};
+use common::{Edged, get, guest, metric};
 
 /// `edgectl push FILE --name NAME --target x86_64 [extra…]`.
 fn push_args<'a>(file: &'a str, name: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
     let mut args = vec!["push", file, "--name", name, "--target", "x86_64"];
     args.extend_from_slice(extra);
     args
-}
-
-/// The value of the first `/metrics` sample whose line starts with `prefix`.
-async fn metric(node: &Edged, prefix: &str) -> Option<f64> {
-    let (_, text) = get(&node.url("/metrics")).await;
-    text.lines()
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
 }
 
 /// Sends raw bytes on a new connection and reads until the server closes it or `wait` passes.

@@ -11,7 +11,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::fleet::{Fleet, edgectl, new_fleet, ok, push_x86_64, sync_node_config};
-use common::{Edged, get};
+use common::{Edged, metric};
 use edged_testkit::big_module;
 
 fn edged() -> Command {
@@ -62,15 +62,6 @@ async fn body_of(node: &Edged, path: &str) -> Option<String> {
         return None;
     }
     response.text().await.ok()
-}
-
-/// The value of the first `/metrics` sample whose line starts with `prefix`.
-async fn metric(node: &Edged, prefix: &str) -> Option<f64> {
-    let (_, text) = get(&node.url("/metrics")).await;
-    text.lines()
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
 }
 
 fn push(fleet: &Fleet, node: &Edged, file: &Path, name: &str) {

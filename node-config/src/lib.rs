@@ -4,8 +4,8 @@
 //! `node-config/edged.example.toml`), its validation, and the embedded dev default that lets
 //! `edged` start with no file at all. Unknown keys and bad values are refused with the file, line
 //! and reason; every number has an explicit range, checked before it is scaled to bytes. Relative
-//! paths are resolved against the config file's directory. [`exports_func`] is the one check of a
-//! named file's contents (`edged check-config` uses it for `init = "<export>"`).
+//! paths are resolved against the config file's directory. The files a config names are checked
+//! by `edged check-config` (the daemon's `preflight`), not here.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -15,9 +15,6 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use toml::Spanned;
-
-mod exports;
-pub use exports::exports_func;
 
 /// The dev default: state in `./.edged-dev`, HTTP on 127.0.0.1:8080, no functions declared.
 pub const DEV_DEFAULT: &str = include_str!("../dev-default.toml");
@@ -1280,19 +1277,6 @@ mod tests {
         assert_eq!(limits.max_concurrency, 1);
         assert_eq!(limits.max_body_bytes, 1024);
         assert_eq!(notes.len(), 4, "{notes:?}");
-    }
-
-    #[test]
-    fn init_exports_are_found_at_the_top_level_only() {
-        let component = std::fs::read(edged_testkit::guest("init-heavy-http.wasm")).unwrap();
-        assert!(exports_func(&component, "wizer-initialize"));
-        assert!(!exports_func(&component, "setup"));
-        let module = std::fs::read(edged_testkit::guest("init-heavy-p1.wasm")).unwrap();
-        assert!(exports_func(&module, "wizer-initialize"));
-        // `_start` is a function export; `memory` is not a function.
-        assert!(exports_func(&module, "_start"));
-        assert!(!exports_func(&module, "memory"));
-        assert!(!exports_func(b"not wasm", "wizer-initialize"));
     }
 
     #[test]

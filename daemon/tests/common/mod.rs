@@ -190,3 +190,12 @@ pub async fn post(url: &str, body: Vec<u8>) -> (u16, String) {
     let status = response.status().as_u16();
     (status, response.text().await.unwrap())
 }
+
+/// The value of the first `/metrics` sample of `node` whose line starts with `prefix`.
+pub async fn metric(node: &Edged, prefix: &str) -> Option<f64> {
+    let (_, text) = get(&node.url("/metrics")).await;
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
