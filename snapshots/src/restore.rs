@@ -235,8 +235,8 @@ impl<T: 'static> Restorer<T> {
                     manifest = %manifest.id(),
                     artifact = %hash,
                     error = %e,
-                    "stored artifact unusable; recompiling it from the source (the fresh copy \
-                     replaces a damaged one)"
+                    "stored artifact could not be loaded (damaged, unfit for this CPU, or failing \
+                     to link); recompiling it from the source"
                 ),
             }
         }
