@@ -258,14 +258,9 @@ impl Deployments {
         matches!(store.blob_meta(hash), Ok(Some(_)))
     }
 
-    /// Of `hashes`, those this node does not hold.
-    pub fn missing<'a>(&self, hashes: impl IntoIterator<Item = &'a String>) -> Vec<String> {
-        let store = self.store();
-        hashes
-            .into_iter()
-            .filter(|h| !self.holds(store, h))
-            .cloned()
-            .collect()
+    /// Whether blob `hash` is in this node's store.
+    pub fn holds_blob(&self, hash: &str) -> bool {
+        self.holds(self.store(), hash)
     }
 
     /// Indexes an admitted deployment whose blobs are stored (the manifest, then the signed form

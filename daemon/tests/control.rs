@@ -254,8 +254,8 @@ async fn bad_identities_and_bad_manifests_are_refused_and_store_nothing() {
     let status: serde_json::Value =
         serde_json::from_str(&ok(edgectl(&fleet.operator, &edged, &["--json", "status"]))).unwrap();
     assert_eq!(
-        status["status"]["blobs"], 2,
-        "source + own-target artifact of app@5 only"
+        status["status"]["blobs"], 3,
+        "source + both targets' artifacts of app@5 (keep_targets), nothing of the refused pushes"
     );
 }
 
@@ -358,8 +358,8 @@ async fn nodes_serve_peers_signed_holdings_and_verified_blob_slices() {
         (held.name.as_str(), held.version, held.active),
         ("app", 1, true)
     );
-    // The source and this node's own artifact; not the aarch64 one it never received.
-    assert_eq!(held.blobs.len(), 2, "{held:?}");
+    // The source, this node's own artifact and the aarch64 one it keeps to relay.
+    assert_eq!(held.blobs.len(), 3, "{held:?}");
 
     let request = Request::GetManifest {
         name: "app".into(),

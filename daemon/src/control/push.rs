@@ -181,13 +181,9 @@ impl Pushes {
 
     /// Stores offer `manifest_id` once all its blobs are here, and activates it if asked.
     pub async fn commit(&self, manifest_id: &str, activate: bool) -> Result<()> {
-        let signed = {
-            let store = self.deployments.store();
-            let holds = |hash: &str| matches!(store.blob_meta(hash), Ok(Some(_)));
-            lock(&self.state)
-                .sessions
-                .ready_to_commit(manifest_id, holds)?
-        };
+        let signed = lock(&self.state)
+            .sessions
+            .ready_to_commit(manifest_id, |hash| self.deployments.holds_blob(hash))?;
         let committed = self
             .deployments
             .commit(&signed, Origin::Push, activate)
