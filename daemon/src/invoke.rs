@@ -13,6 +13,7 @@ use wasmtime::{Engine, Store, UpdateDeadline};
 use wasmtime_wasi::I32Exit;
 use wasmtime_wasi::p2::pipe::{MemoryInputPipe, MemoryOutputPipe};
 use wasmtime_wasi_http::WasiHttpView;
+use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 
 use crate::fault::Fault;
@@ -68,6 +69,24 @@ fn new_store(engine: &Engine, state: GuestState, timeout: Duration) -> Store<Gue
         }
     });
     store
+}
+
+/// A component's typed `wasi:http/proxy` view and a fresh store for one instance of it, with the
+/// function's capabilities, memory cap and deadline.
+fn proxy_store(
+    engine: &Engine,
+    function: &Function,
+) -> Result<(ProxyPre<GuestState>, Store<GuestState>), Fault> {
+    let limits = function.config.limits;
+    let proxy = function
+        .proxy
+        .clone()
+        .ok_or_else(|| Fault::Host("component has no wasi:http/proxy view".into()))?;
+    let ctx = wasi_builder(&function.config)
+        .map_err(|e| Fault::Host(format!("{e:#}")))?
+        .build();
+    let state = GuestState::p2(ctx, function.outbound.clone(), limits.memory_bytes);
+    Ok((proxy, new_store(engine, state, limits.timeout)))
 }
 
 /// Runs a WASI p1 command for `request` (body already collected), CGI-style.
@@ -134,15 +153,7 @@ pub async fn instantiate_once(engine: &Engine, function: &Function) -> Result<()
             pre.instantiate_async(&mut store).await.map_err(classify)?;
         }
         Prepared::Component(_) => {
-            let proxy = function
-                .proxy
-                .as_ref()
-                .ok_or_else(|| Fault::Host("component has no wasi:http/proxy view".into()))?;
-            let ctx = wasi_builder(&function.config)
-                .map_err(|e| Fault::Host(format!("{e:#}")))?
-                .build();
-            let state = GuestState::p2(ctx, function.outbound.clone(), limits.memory_bytes);
-            let mut store = new_store(engine, state, limits.timeout);
+            let (proxy, mut store) = proxy_store(engine, function)?;
             proxy
                 .instantiate_async(&mut store)
                 .await
@@ -290,18 +301,7 @@ pub async fn run_proxy(
     // Created first, so that a request refused before its guest starts still reports its fault.
     let done = DoneGuard(Some(on_done));
     let limits = function.config.limits;
-    let setup = || -> Result<_, Fault> {
-        let proxy = function
-            .proxy
-            .clone()
-            .ok_or_else(|| Fault::Host("component has no wasi:http/proxy view".into()))?;
-        let ctx = wasi_builder(&function.config)
-            .map_err(|e| Fault::Host(format!("{e:#}")))?
-            .build();
-        let state = GuestState::p2(ctx, function.outbound.clone(), limits.memory_bytes);
-        Ok((proxy, new_store(engine, state, limits.timeout)))
-    };
-    let (proxy, mut store) = match setup() {
+    let (proxy, mut store) = match proxy_store(engine, function) {
         Ok(ready) => ready,
         Err(fault) => return Err(done.fail(fault)),
     };
