@@ -254,13 +254,9 @@ impl Deployments {
         needed
     }
 
-    fn holds(&self, store: &Store, hash: &str) -> bool {
-        matches!(store.blob_meta(hash), Ok(Some(_)))
-    }
-
     /// Whether blob `hash` is in this node's store.
     pub fn holds_blob(&self, hash: &str) -> bool {
-        self.holds(self.store(), hash)
+        matches!(self.store().blob_meta(hash), Ok(Some(_)))
     }
 
     /// Indexes an admitted deployment whose blobs are stored (the manifest, then the signed form
@@ -338,13 +334,24 @@ impl Deployments {
     }
 
     /// The fleet activation record `name` follows here, if any.
-    pub fn fleet_record(&self, name: &str) -> Result<Option<SignedActivation>> {
-        match self.store().activation(name)? {
-            Some(bytes) => Ok(Some(serde_json::from_slice(&bytes).with_context(|| {
-                format!("stored fleet record of `{name}` is unreadable")
-            })?)),
-            None => Ok(None),
-        }
+    pub fn fleet_record(&self, name: &str) -> Result<Option<SignedActivation>, StoreError> {
+        let Some(bytes) = self.store().activation(name)? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| StoreError::IndexEntry {
+                key: format!("activations/{name}"),
+                reason: format!("stored fleet record is unreadable: {e}"),
+            })
+    }
+
+    /// The sequence and version of the fleet record `name` follows, for `ls` and `status`.
+    pub fn fleet_record_info(&self, name: &str) -> Result<Option<FleetRecordInfo>, StoreError> {
+        Ok(self.fleet_record(name)?.map(|r| FleetRecordInfo {
+            sequence: r.record.sequence,
+            version: r.record.version,
+        }))
     }
 
     /// Every fleet activation record applied here, for peers.
@@ -373,13 +380,7 @@ impl Deployments {
                 reason,
             }
         })?;
-        let current = self.fleet_record(&record.name).map_err(|e| {
-            RecordRefusal::Store(StoreError::IndexEntry {
-                key: record.name.clone(),
-                reason: format!("{e:#}"),
-            })
-        })?;
-        if let Some(current) = current {
+        if let Some(current) = self.fleet_record(&record.name)? {
             if &current == signed {
                 return Ok(Applied::AlreadyApplied);
             }
@@ -427,12 +428,8 @@ impl Deployments {
                 .signature(&m.name, m.version)?
                 .and_then(|s| serde_json::from_slice::<SignedManifest>(&s).ok())
                 .map(|s| s.signer);
-            let fleet_record = self.fleet_record(&m.name)?.map(|r| FleetRecordInfo {
-                sequence: r.record.sequence,
-                version: r.record.version,
-            });
             items.push(DeploymentInfo {
-                fleet_record,
+                fleet_record: self.fleet_record_info(&m.name)?,
                 active: store.active_version(&m.name)? == Some(m.version),
                 kind: m.kind.to_string(),
                 route: self.serving.route_of(&m),
@@ -454,7 +451,7 @@ impl Deployments {
         let blobs_of = |manifest: &Manifest| -> (Vec<String>, Vec<String>) {
             let all = manifest.blob_hashes().map(str::to_string);
             let (stored, rest): (Vec<String>, Vec<String>) =
-                all.partition(|hash| self.holds(store, hash));
+                all.partition(|hash| self.holds_blob(hash));
             let downloading = rest.into_iter().filter(|h| fetching.contains(h)).collect();
             (stored, downloading)
         };

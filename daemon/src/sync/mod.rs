@@ -30,9 +30,7 @@ use edged_control::identity::{NODE_SERVER_NAME, common_name, peer_certificates};
 use edged_control::pacing::Pacer;
 use edged_control::signing::SignedManifest;
 use edged_control::transport::{read_frame, write_frame};
-use edged_control::wire::{
-    DeploymentSpread, FleetRecordInfo, Request, Response, SyncStatus, TransferStatus,
-};
+use edged_control::wire::{DeploymentSpread, Request, Response, SyncStatus, TransferStatus};
 use edged_node_config::SyncConfig;
 use edged_snapshots::BlobKind;
 use prometheus_client::metrics::counter::Counter;
@@ -514,15 +512,7 @@ impl SyncStatusSource for Syncer {
             deployments: spread
                 .into_iter()
                 .map(|((name, version), (here, peers))| DeploymentSpread {
-                    fleet_record: self
-                        .deployments
-                        .fleet_record(&name)
-                        .ok()
-                        .flatten()
-                        .map(|r| FleetRecordInfo {
-                            sequence: r.record.sequence,
-                            version: r.record.version,
-                        }),
+                    fleet_record: self.deployments.fleet_record_info(&name).ok().flatten(),
                     name,
                     version,
                     here,
