@@ -144,6 +144,9 @@ pub fn base_config(target: Target, settings: &EngineSettings) -> Result<Config, 
     // every loop header and function prologue, so it has to be on at compile time.
     config.epoch_interruption(true);
     config.wasm_component_model(true);
+    // WASI 0.3 (`wasi:http@0.3.0` services and middleware) needs the component model's async
+    // ABI: async lifts and lowers, streams and futures, and the task built-ins.
+    config.wasm_component_model_async(true);
     config.cranelift_opt_level(OptLevel::Speed);
     config.memory_reservation(settings.memory_reservation);
     config.memory_guard_size(settings.memory_guard_size);
