@@ -45,7 +45,7 @@ pub struct Params {
     pub pool_slots: Option<u32>,
 }
 
-fn start_edged(
+pub(crate) fn start_edged(
     params: &Params,
     work: &Path,
     guests: &[(&str, &str, PathBuf)],
@@ -322,7 +322,7 @@ async fn handle_component_request(
 
 /// Latencies of `requests` GETs of `path`, spread over `connections` keep-alive connections,
 /// and the achieved requests per second.
-async fn load(
+pub(crate) async fn load(
     addr: SocketAddr,
     path: &str,
     connections: usize,

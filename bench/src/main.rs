@@ -11,6 +11,10 @@
 //! The soak phase (`--phases soak [--soak-secs 600 --soak-connections 32]`) holds a real edged
 //! under load with hello beside the fault guests for minutes: zero hello errors, flat RSS.
 //!
+//! The large phase (`--phases large`, also a default) measures the interpreter guests that
+//! `scripts/build-large-guests.sh` builds (componentize-py and componentize-js hellos) on a fresh
+//! instance against raw wasmtime's defaults; it says so and skips when they are not built.
+//!
 //! The fleet phase (peer sync convergence against pushing to every node directly, and the
 //! origin's egress) takes longer and runs only when asked: `cargo build --release -p edged -p edgectl -p bench && target/release/bench
 //! --phases sync [--nodes 4 --artifact-mb 20 --sync-rounds 3]`
@@ -18,6 +22,7 @@
 mod coldstart;
 mod fleet;
 mod http;
+mod large;
 mod process;
 mod report;
 mod soak;
@@ -31,8 +36,9 @@ use clap::Parser;
 #[derive(Parser)]
 #[command(about = "edged benchmark: cold start, HTTP and fleet sync")]
 struct Args {
-    /// Which phases to run: coldstart, http, sync, soak (sync and soak are slow, so not defaults).
-    #[arg(long, value_delimiter = ',', default_values_t = ["coldstart".to_string(), "http".to_string()])]
+    /// Which phases to run: coldstart, http, large, sync, soak (sync and soak are slow, so not
+    /// defaults).
+    #[arg(long, value_delimiter = ',', default_values_t = ["coldstart".to_string(), "http".to_string(), "large".to_string()])]
     phases: Vec<String>,
     /// WASI p1 command guest for the cold-start phases (default: the init-heavy sample).
     #[arg(long)]
@@ -64,6 +70,9 @@ struct Args {
     /// starts (default: edged's default). qemu-user needs a small pool: see README, aarch64.
     #[arg(long)]
     pool_slots: Option<u32>,
+    /// In-process fresh-instance requests per large guest and engine (large phase).
+    #[arg(long, default_value_t = 300)]
+    large_iterations: usize,
     /// The edgectl binary for the sync phase (default: next to this binary).
     #[arg(long)]
     edgectl: Option<PathBuf>,
@@ -93,7 +102,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
-    let known = ["coldstart", "http", "sync", "soak"];
+    let known = ["coldstart", "http", "large", "sync", "soak"];
     if let Some(unknown) = args.phases.iter().find(|p| !known.contains(&p.as_str())) {
         bail!("unknown phase {unknown:?} (known: {})", known.join(", "));
     }
@@ -131,6 +140,21 @@ async fn main() -> Result<()> {
             pool_slots: args.pool_slots,
         };
         let (p, r, f) = http::run(&params, work.path()).await?;
+        phases.extend(p);
+        ratios.extend(r);
+        figures.extend(f);
+    }
+    if args.phases.iter().any(|p| p == "large") {
+        let params = large::Params {
+            edged: sibling_binary(args.edged.as_ref(), "edged")?,
+            iterations: args.large_iterations,
+            load_iterations: args.load_iterations.clamp(1, 10),
+            connections: args.connections,
+            requests: args.requests,
+            emulator: emulator.clone(),
+            pool_slots: args.pool_slots,
+        };
+        let (p, r, f) = large::run(&params, work.path()).await?;
         phases.extend(p);
         ratios.extend(r);
         figures.extend(f);

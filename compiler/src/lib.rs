@@ -13,6 +13,7 @@
 //! The node runs the same pipeline when it has to recompile a deployment from its source.
 
 mod fingerprint;
+pub mod memory_image;
 mod preinit;
 pub mod target;
 
@@ -23,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use wasmtime::Engine;
 
 pub use fingerprint::engine_fingerprint;
+pub use memory_image::MemoryImageReport;
 pub use preinit::exports_function;
 pub use target::{EngineSettings, Target, base_config};
 

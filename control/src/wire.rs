@@ -186,6 +186,9 @@ pub struct DeploymentInfo {
     pub init_func: Option<String>,
     pub signer: Option<String>,
     pub created_at: u64,
+    /// The manifest's copy-on-write image report, when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_image: Option<edged_compiler::MemoryImageReport>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -436,6 +436,7 @@ impl Deployments {
                 init_func: m.init_func.clone(),
                 signer,
                 created_at: m.created_at,
+                memory_image: m.memory_image.clone(),
                 name: m.name,
                 version: m.version,
             });

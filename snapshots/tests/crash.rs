@@ -70,6 +70,7 @@ fn churn(dir: &str) -> ! {
             }],
             route: None,
             limits: None,
+            memory_image: None,
         };
         store.put_manifest(&manifest).unwrap();
         store.activate(&name, version).unwrap();
