@@ -13,7 +13,9 @@
 //!   (a default `Config`: on-demand allocator);
 //! - **http**: client-observed latency through a real `edged` on loopback, fresh instance per
 //!   request, against the same guest served per request by raw wasmtime (default `Config`) in
-//!   this process, the way `wasmtime serve` does it.
+//!   this process, the way `wasmtime serve` does it: on one connection (the latency of a request
+//!   alone; the goals are held to this) and on `connections` (throughput; on a 2-core box its
+//!   p50 is mostly queueing behind the other connections).
 //!
 //! With the guests not built, the phase says so and skips: building them needs Python, Node
 //! and packages from PyPI and npm.
@@ -534,29 +536,41 @@ pub async fn run(params: &Params, work: &Path) -> Result<(Vec<Summary>, Vec<Rati
         .into_iter()
         .enumerate()
         {
-            let name = format!("large {} http: {label}", p.guest.name);
-            crate::http::load(addr, &path, params.connections, params.connections * 10).await?;
-            let (samples, rps) =
-                crate::http::load(addr, &path, params.connections, params.requests).await?;
+            // Latency on one connection (the request's own cost, no queueing behind others on
+            // two cores), then throughput with `connections` in parallel.
+            let name = format!("large {} http: {label}, 1 connection", p.guest.name);
+            crate::http::load(addr, &path, 1, 20).await?;
+            let (samples, _) = crate::http::load(addr, &path, 1, params.requests / 2).await?;
             let summary = summarize(&name, &samples);
             p50[i] = summary.p50_us;
             phases.push(summary);
+            let name = format!(
+                "large {} http: {label}, {} connections",
+                p.guest.name, params.connections
+            );
+            crate::http::load(addr, &path, params.connections, params.connections * 10).await?;
+            let (samples, rps) =
+                crate::http::load(addr, &path, params.connections, params.requests).await?;
+            phases.push(summarize(&name, &samples));
             figures.push(Figure {
-                name: format!("{name}: requests/s ({} connections)", params.connections),
+                name: format!("{name}: requests/s"),
                 value: rps,
                 unit: "req/s".into(),
             });
         }
         drop(raw);
         ratios.push(Ratio::new(
-            &format!("large {} http p50: raw wasmtime / ours", p.guest.name),
+            &format!(
+                "large {} http p50 (1 connection): raw wasmtime / ours",
+                p.guest.name
+            ),
             p50[1] / p50[0],
             ">= 3",
             |v| v >= 3.0,
         ));
         let goal = if p.guest.name == "python" { 1.0 } else { 0.3 };
         ratios.push(Ratio::new(
-            &format!("large {} http p50 (ours), ms", p.guest.name),
+            &format!("large {} http p50 (ours, 1 connection), ms", p.guest.name),
             p50[0] / 1e3,
             &format!("<= {goal}"),
             |v| v <= goal,
