@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use edged_compiler::{CompileOptions, EngineSettings, InitPolicy, Target, content_hash};
-use edged_node_config::{FunctionConfig, InitSetting, Limits};
+use edged_node_config::{FunctionConfig, InitSetting, InstanceSetting, Limits};
 use edged_snapshots::{BlobKind, LoadPath, Manifest, Prepared, Restorer, Store};
 use tokio::sync::Semaphore;
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
@@ -197,6 +197,12 @@ pub fn pushed_function_config(manifest: &Manifest) -> FunctionConfig {
         }
         None => Limits::default(),
     };
+    let reuse = manifest.instances.unwrap_or_default();
+    let (instances, notes) =
+        InstanceSetting::clamped(reuse.requests, reuse.concurrent, reuse.idle_timeout_ms);
+    for note in notes {
+        tracing::warn!(deployment = %manifest.id(), "pushed instance setting clamped: {note}");
+    }
     FunctionConfig {
         name: manifest.name.clone(),
         wasm: std::path::PathBuf::new(),
@@ -204,6 +210,7 @@ pub fn pushed_function_config(manifest: &Manifest) -> FunctionConfig {
         host: None,
         init: InitSetting::Auto,
         limits,
+        instances,
         env: Default::default(),
         dirs: Vec::new(),
         outbound_hosts: Vec::new(),
