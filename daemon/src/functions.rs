@@ -15,7 +15,7 @@ use tokio::sync::Semaphore;
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 
 use crate::host::{GuestState, OutboundPolicy};
-use crate::instances::{InstanceMetrics, Instances};
+use crate::instances::{InstanceEnv, Instances};
 
 /// One servable function: its configuration and its prepared active deployment.
 pub struct Function {
@@ -239,11 +239,11 @@ pub fn prepare_declared(
     restorer: &Restorer<GuestState>,
     engine: &EngineSettings,
     config: &FunctionConfig,
-    metrics: InstanceMetrics,
+    env: InstanceEnv,
 ) -> Result<(Function, LoadPath)> {
     let manifest = ensure_deployed(restorer.store(), engine, config)
         .with_context(|| format!("function `{}`", config.name))?;
-    prepare(restorer, config, manifest, metrics)
+    prepare(restorer, config, manifest, env)
 }
 
 /// Prepares `manifest` as the function `config`. Blocking: maps (or compiles) the artifact.
@@ -252,7 +252,7 @@ pub fn prepare(
     restorer: &Restorer<GuestState>,
     config: &FunctionConfig,
     manifest: Manifest,
-    metrics: InstanceMetrics,
+    env: InstanceEnv,
 ) -> Result<(Function, LoadPath)> {
     let (prepared, how) = restorer
         .prepare(&manifest)
@@ -293,7 +293,7 @@ pub fn prepare(
                 config,
                 outbound.clone(),
                 policy,
-                metrics,
+                env,
             );
             (None, Some(instances))
         }

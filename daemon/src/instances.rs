@@ -56,6 +56,14 @@ pub struct InstanceMetrics {
     pub instantiate_seconds: Histogram,
 }
 
+/// What a function's instances need from the node besides the function itself.
+#[derive(Clone)]
+pub struct InstanceEnv {
+    pub metrics: InstanceMetrics,
+    /// The engine's epoch tick: a guest interrupted at two ticks in a row held the CPU between.
+    pub epoch_tick: Duration,
+}
+
 /// A function's live instances.
 pub struct Instances {
     handler: ProxyHandler<Workers>,
@@ -68,7 +76,7 @@ impl Instances {
         config: &FunctionConfig,
         outbound: OutboundPolicy,
         policy: InstancePolicy,
-        metrics: InstanceMetrics,
+        env: InstanceEnv,
     ) -> Instances {
         Instances {
             handler: ProxyHandler::new(Workers {
@@ -77,7 +85,8 @@ impl Instances {
                 config: config.clone(),
                 outbound,
                 policy,
-                metrics,
+                metrics: env.metrics,
+                epoch_tick: env.epoch_tick,
             }),
         }
     }
@@ -91,7 +100,7 @@ impl Instances {
     pub async fn instantiate_once(&self) -> Result<(), Fault> {
         let workers = self.handler.state();
         let mut store = workers
-            .new_store(BusyMark::default())
+            .new_store(BusyMark::new(workers.epoch_tick))
             .map_err(|e| Fault::Host(format!("{e:#}")))?;
         workers
             .pre
@@ -192,6 +201,7 @@ struct Workers {
     outbound: OutboundPolicy,
     policy: InstancePolicy,
     metrics: InstanceMetrics,
+    epoch_tick: Duration,
 }
 
 impl Workers {
@@ -207,7 +217,7 @@ impl Workers {
         store.limiter(|s| &mut s.limits);
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(move |_| {
-            busy.mark();
+            busy.interrupted();
             Ok(UpdateDeadline::YieldCustom(
                 1,
                 Box::pin(tokio::task::yield_now()),
@@ -224,7 +234,7 @@ impl HandlerState for Workers {
 
     async fn instantiate(&self) -> wasmtime::Result<Instance<GuestState, Expiry, Worker>> {
         let started = Instant::now();
-        let busy = BusyMark::default();
+        let busy = BusyMark::new(self.epoch_tick);
         let mut store = self
             .new_store(busy.clone())
             .map_err(wasmtime::Error::from_anyhow)?;
@@ -272,41 +282,52 @@ struct Worker {
     discarded: Counter,
 }
 
-/// How recently a guest held the CPU through an epoch tick. A guest that is computing (or
-/// spinning) is interrupted every tick (10 ms by default), so a mark younger than
-/// [`BUSY_WINDOW`] means it is still at it; a guest serving quick requests or waiting on I/O is
-/// never interrupted at all.
+/// How recently a guest held the CPU through an epoch tick. A guest that keeps computing (or
+/// spinning) is interrupted at every tick, so two interrupts about one tick apart mean it held
+/// the CPU between them. (One interrupt alone means little: the first time a guest runs after
+/// sitting idle, its stale deadline interrupts it at once.) A guest serving quick requests or
+/// waiting on I/O is never interrupted twice in a row.
 #[derive(Clone)]
 struct BusyMark {
     origin: Instant,
-    /// Milliseconds after `origin` of the last interrupt; 0 for never.
-    last_ms: Arc<AtomicU64>,
+    tick_ms: u64,
+    /// Milliseconds after `origin` of the last interrupt, and of the last one that came a tick
+    /// after another; 0 for never.
+    last_interrupt_ms: Arc<AtomicU64>,
+    busy_at_ms: Arc<AtomicU64>,
 }
 
-/// Longer than a few epoch ticks at the default tick, short enough that an instance that did a
-/// burst of work takes requests again soon after.
-const BUSY_WINDOW: Duration = Duration::from_millis(50);
-
-impl Default for BusyMark {
-    fn default() -> Self {
-        BusyMark {
-            origin: Instant::now(),
-            last_ms: Arc::new(AtomicU64::new(0)),
-        }
-    }
-}
+/// How long an instance counts as busy after it last held the CPU through a tick: a few ticks,
+/// so one that did a burst of work takes requests again soon after.
+const BUSY_TICKS: u64 = 5;
 
 impl BusyMark {
-    fn mark(&self) {
-        let ms = self.origin.elapsed().as_millis() as u64;
-        self.last_ms.store(ms.max(1), Ordering::Relaxed);
+    fn new(epoch_tick: Duration) -> BusyMark {
+        BusyMark {
+            origin: Instant::now(),
+            tick_ms: (epoch_tick.as_millis() as u64).max(1),
+            last_interrupt_ms: Arc::new(AtomicU64::new(0)),
+            busy_at_ms: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        (self.origin.elapsed().as_millis() as u64).max(1)
+    }
+
+    /// Called at each epoch interrupt of the guest.
+    fn interrupted(&self) {
+        let now = self.now_ms();
+        let previous = self.last_interrupt_ms.swap(now, Ordering::Relaxed);
+        // Within one and a half ticks of the previous interrupt: it ran through the tick.
+        if previous != 0 && now.saturating_sub(previous) * 2 <= self.tick_ms * 3 {
+            self.busy_at_ms.store(now, Ordering::Relaxed);
+        }
     }
 
     fn is_busy(&self) -> bool {
-        let last = self.last_ms.load(Ordering::Relaxed);
-        last != 0
-            && (self.origin.elapsed().as_millis() as u64).saturating_sub(last)
-                < BUSY_WINDOW.as_millis() as u64
+        let busy_at = self.busy_at_ms.load(Ordering::Relaxed);
+        busy_at != 0 && self.now_ms().saturating_sub(busy_at) < BUSY_TICKS * self.tick_ms
     }
 }
 

@@ -32,7 +32,7 @@ use crate::functions::{
     Function, FunctionSet, prepare, prepare_declared, pushed_function_config, pushed_route,
 };
 use crate::host::{GuestState, linkers};
-use crate::instances::{Guarded, InstanceMetrics, Instances, StreamedBody, coalesce};
+use crate::instances::{Guarded, InstanceEnv, InstanceMetrics, Instances, StreamedBody, coalesce};
 use crate::invoke::{ResponseBody, Timing, instantiate_once, run_cgi, run_proxy, text_response};
 use crate::metrics::{FunctionLabel, latency_histogram};
 
@@ -144,8 +144,8 @@ impl Serving {
         let prepared = tokio::task::spawn_blocking(move || -> Result<Vec<(Function, LoadPath)>> {
             let mut functions = Vec::new();
             for declared in &config.functions {
-                let instance_metrics = metrics.instances(&declared.name);
-                functions.push(prepare_declared(&restorer, &engine_settings, declared, instance_metrics)?);
+                let env = metrics.instance_env(&declared.name, config.epoch_tick);
+                functions.push(prepare_declared(&restorer, &engine_settings, declared, env)?);
             }
             let store = restorer.store();
             let mut names: Vec<String> = store.manifests()?.into_iter().map(|m| m.name).collect();
@@ -166,8 +166,8 @@ impl Serving {
                     continue;
                 }
                 let function_config = pushed_function_config(&manifest);
-                let instance_metrics = metrics.instances(&function_config.name);
-                match prepare(&restorer, &function_config, manifest, instance_metrics) {
+                let env = metrics.instance_env(&function_config.name, config.epoch_tick);
+                match prepare(&restorer, &function_config, manifest, env) {
                     Ok(function) => functions.push(function),
                     // One bad pushed deployment must not take the others (or the node) down.
                     Err(e) => {
@@ -219,9 +219,11 @@ impl Serving {
         let restorer = self.restorer.clone();
         let function_config = pushed_function_config(manifest);
         let candidate = manifest.clone();
-        let instance_metrics = self.metrics.instances(&function_config.name);
+        let env = self
+            .metrics
+            .instance_env(&function_config.name, self.config.load().epoch_tick);
         let prepared = tokio::task::spawn_blocking(move || {
-            prepare(&restorer, &function_config, candidate, instance_metrics)
+            prepare(&restorer, &function_config, candidate, env)
         })
         .await;
         let function = match prepared {
@@ -611,6 +613,14 @@ impl ServingMetrics {
         self.request_seconds
             .get_or_create(&FunctionLabel::new(function))
             .observe(took.as_secs_f64());
+    }
+
+    /// What a function's reused instances need: their metrics and the epoch tick.
+    fn instance_env(&self, function: &str, epoch_tick: Duration) -> InstanceEnv {
+        InstanceEnv {
+            metrics: self.instances(function),
+            epoch_tick,
+        }
     }
 
     /// The handles a function's instances report through.

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 use edged_compiler::{
-    Artifact, CompileOptions, Compiled, InitPolicy, StepTimings, Target, GuestKind, WasmKind,
+    Artifact, CompileOptions, Compiled, GuestKind, InitPolicy, StepTimings, Target, WasmKind,
 };
 use edged_snapshots::Manifest;
 use serde::{Deserialize, Serialize};

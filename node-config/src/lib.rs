@@ -1266,9 +1266,17 @@ mod tests {
              instance per request), not 0"
         );
         let (text, _) = config_with("function.instances", "", "concurrency", "2");
-        assert!(parse(&text).unwrap_err().reason.contains("unknown field `concurrency`"));
+        assert!(
+            parse(&text)
+                .unwrap_err()
+                .reason
+                .contains("unknown field `concurrency`")
+        );
         let (text, _) = config_with("function.limits", "", "timeout_ms", "100");
-        assert_eq!(parse(&text).unwrap().functions[0].instances, InstanceSetting::default());
+        assert_eq!(
+            parse(&text).unwrap().functions[0].instances,
+            InstanceSetting::default()
+        );
     }
 
     #[test]
