@@ -61,16 +61,19 @@ pub struct Params {
 /// `guests/out/large/`.
 struct Guest {
     name: &'static str,
+    route: &'static str,
     file: &'static str,
 }
 
 const GUESTS: [Guest; 2] = [
     Guest {
         name: "python",
+        route: "/python",
         file: "python-hello.wasm",
     },
     Guest {
         name: "js",
+        route: "/js",
         file: "js-hello.wasm",
     },
 ];
@@ -502,16 +505,18 @@ pub async fn run(params: &Params, work: &Path) -> Result<(Vec<Summary>, Vec<Rati
     drop(restorer);
 
     // HTTP: a real edged with the large guests, and raw wasmtime serving each.
-    let functions: Vec<(&str, String, PathBuf)> = prepped
+    let functions: Vec<crate::http::BenchFunction> = prepped
         .iter()
-        .map(|p| (p.guest.name, format!("/{}", p.guest.name), p.path.clone()))
-        .collect();
-    let functions: Vec<(&str, &str, PathBuf)> = functions
-        .iter()
-        .map(|(n, r, p)| (*n, r.as_str(), p.clone()))
+        .map(|p| crate::http::BenchFunction {
+            name: p.guest.name,
+            route: p.guest.route,
+            wasm: p.path.clone(),
+            extra: "",
+        })
         .collect();
     let http_params = crate::http::Params {
         edged: params.edged.clone(),
+        wasmtime: None,
         connections: params.connections,
         requests: params.requests,
         emulator: params.emulator.clone(),
@@ -530,7 +535,7 @@ pub async fn run(params: &Params, work: &Path) -> Result<(Vec<Summary>, Vec<Rati
         let raw = start_raw_serve(p.raw_pre.clone())?;
         let mut p50 = [0.0; 2];
         for (i, (label, addr, path)) in [
-            ("ours (edged)", edged.http, format!("/{}", p.guest.name)),
+            ("ours (edged)", edged.http, p.guest.route.to_string()),
             ("raw wasmtime", raw.addr, "/".to_string()),
         ]
         .into_iter()

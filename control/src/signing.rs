@@ -226,6 +226,8 @@ mod tests {
             route: None,
             limits: None,
             memory_image: None,
+            guest: None,
+            instances: None,
         }
     }
 

@@ -3,7 +3,7 @@
 //! It names every blob a deployment needs by BLAKE3 hash, so the store can check a manifest is
 //! complete before indexing it, and a node can check any bytes it is handed against it.
 
-use edged_compiler::{MemoryImageReport, Target, WasmKind};
+use edged_compiler::{GuestKind, MemoryImageReport, Target, WasmKind};
 use serde::{Deserialize, Serialize};
 
 /// A blob by content address.
@@ -44,9 +44,32 @@ pub struct Manifest {
     pub limits: Option<DeploymentLimits>,
     /// Whether every linear memory starts from a copy-on-write image, and its size: what
     /// `edgectl build` and `ls` show about a guest's start-up cost. Absent from manifests built
-    /// before it existed (and then not serialized, so their signatures still verify).
+    /// before it existed (and then not serialized, so their signatures still verify). Boxed:
+    /// manifests travel inside wire messages that should stay small.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub memory_image: Option<MemoryImageReport>,
+    pub memory_image: Option<Box<MemoryImageReport>>,
+    /// How a node runs it, as the compiler read it from the exports. Fields added after the
+    /// first release are left out of the encoding when unset, so manifests signed before them
+    /// keep their canonical bytes (and signatures).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest: Option<GuestKind>,
+    /// Instance reuse the deployment asks for (default: its guest kind's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instances: Option<InstanceReuse>,
+}
+
+/// Instance reuse a deployment asks for; each unset value takes the guest kind's default.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceReuse {
+    /// Requests one instance serves before it is dropped (1: fresh per request).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests: Option<u64>,
+    /// Requests one instance serves at once (wasi:http 0.3 only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrent: Option<u64>,
+    /// An idle instance is dropped after this many milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout_ms: Option<u64>,
 }
 
 /// Per-request limits a deployment asks for.
@@ -68,6 +91,15 @@ impl Manifest {
     pub fn blob_hashes(&self) -> impl Iterator<Item = &str> {
         std::iter::once(self.source.blake3.as_str())
             .chain(self.artifacts.iter().map(|a| a.blake3.as_str()))
+    }
+
+    /// How a node runs it: the compiler's record, or for manifests from before that record,
+    /// what the binary kind implies (components were all `wasi:http` 0.2 then).
+    pub fn guest_kind(&self) -> GuestKind {
+        self.guest.unwrap_or(match self.kind {
+            WasmKind::Module => GuestKind::P1Command,
+            WasmKind::Component => GuestKind::HttpP2,
+        })
     }
 
     pub fn artifact_for(&self, target: Target, fingerprint: &str) -> Option<&ArtifactRef> {
@@ -124,7 +156,11 @@ impl Manifest {
             route: None,
             limits: None,
             // Judged on what the artifacts were compiled from (the Wizer snapshot, if any).
-            memory_image: edged_compiler::memory_image::analyze(&compiled.preinitialized).ok(),
+            memory_image: edged_compiler::memory_image::analyze(&compiled.preinitialized)
+                .ok()
+                .map(Box::new),
+            guest: Some(compiled.guest),
+            instances: None,
         }
     }
 }

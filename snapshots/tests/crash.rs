@@ -71,6 +71,8 @@ fn churn(dir: &str) -> ! {
             route: None,
             limits: None,
             memory_image: None,
+            guest: None,
+            instances: None,
         };
         store.put_manifest(&manifest).unwrap();
         store.activate(&name, version).unwrap();

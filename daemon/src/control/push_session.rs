@@ -186,6 +186,8 @@ mod tests {
             route: None,
             limits: None,
             memory_image: None,
+            guest: None,
+            instances: None,
         };
         SignedManifest {
             manifest,
