@@ -297,9 +297,10 @@ struct BusyMark {
     busy_at_ms: Arc<AtomicU64>,
 }
 
-/// How long an instance counts as busy after it last held the CPU through a tick: a few ticks,
-/// so one that did a burst of work takes requests again soon after.
-const BUSY_TICKS: u64 = 5;
+/// How long an instance counts as busy after it last held the CPU through a tick: two ticks, so
+/// a guest still spinning (interrupted every tick) stays busy, and one that finished a burst of
+/// work takes requests again at once.
+const BUSY_TICKS: u64 = 2;
 
 impl BusyMark {
     fn new(epoch_tick: Duration) -> BusyMark {
