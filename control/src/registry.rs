@@ -28,7 +28,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use oci_client::client::{BlobResponse, Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
 use oci_client::manifest::{
-    IMAGE_MANIFEST_MEDIA_TYPE, OCI_IMAGE_INDEX_MEDIA_TYPE, OciDescriptor, OciImageIndex,
+    OCI_IMAGE_MEDIA_TYPE, OCI_IMAGE_INDEX_MEDIA_TYPE, OciDescriptor, OciImageIndex,
     OciImageManifest, OciManifest,
 };
 use oci_client::secrets::RegistryAuth;
@@ -380,7 +380,7 @@ impl RegistryClient {
             ..OciDescriptor::default()
         };
         let manifest = OciImageManifest {
-            media_type: Some(IMAGE_MANIFEST_MEDIA_TYPE.into()),
+            media_type: Some(OCI_IMAGE_MEDIA_TYPE.into()),
             config: OciDescriptor {
                 media_type: WASM_CONFIG_MEDIA_TYPE.into(),
                 digest: self.push_blob(reference, &config).await?,
@@ -410,7 +410,7 @@ impl RegistryClient {
             .pull_manifest_raw(
                 &reference.clone_with_digest(wasm_digest.clone()),
                 &self.auth,
-                &[IMAGE_MANIFEST_MEDIA_TYPE],
+                &[OCI_IMAGE_MEDIA_TYPE],
             )
             .await
             .map_err(Self::err(reference))?
@@ -440,7 +440,7 @@ impl RegistryClient {
         let config = serde_json::to_vec(signed).expect("serializes");
         let annotations = BTreeMap::from([(DEPLOYMENT_ANNOTATION.to_string(), id.clone())]);
         let referrer = OciImageManifest {
-            media_type: Some(IMAGE_MANIFEST_MEDIA_TYPE.into()),
+            media_type: Some(OCI_IMAGE_MEDIA_TYPE.into()),
             artifact_type: Some(DEPLOYMENT_ARTIFACT.into()),
             config: OciDescriptor {
                 media_type: SIGNED_MANIFEST_MEDIA_TYPE.into(),
@@ -450,7 +450,7 @@ impl RegistryClient {
             },
             layers,
             subject: Some(OciDescriptor {
-                media_type: IMAGE_MANIFEST_MEDIA_TYPE.into(),
+                media_type: OCI_IMAGE_MEDIA_TYPE.into(),
                 digest: wasm_digest.clone(),
                 size: wasm_manifest_size as i64,
                 ..OciDescriptor::default()
@@ -476,7 +476,7 @@ impl RegistryClient {
         };
         index.manifests.retain(|m| m.digest != deployment_digest);
         index.manifests.push(oci_client::manifest::ImageIndexEntry {
-            media_type: IMAGE_MANIFEST_MEDIA_TYPE.into(),
+            media_type: OCI_IMAGE_MEDIA_TYPE.into(),
             digest: deployment_digest,
             size: referrer_bytes.len() as i64,
             platform: None,
