@@ -26,9 +26,11 @@ use std::sync::Once;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use oci_client::client::{BlobResponse, Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
+use oci_client::client::{
+    BlobResponse, Certificate, CertificateEncoding, ClientConfig, ClientProtocol,
+};
 use oci_client::manifest::{
-    OCI_IMAGE_MEDIA_TYPE, OCI_IMAGE_INDEX_MEDIA_TYPE, OciDescriptor, OciImageIndex,
+    OCI_IMAGE_INDEX_MEDIA_TYPE, OCI_IMAGE_MEDIA_TYPE, OciDescriptor, OciImageIndex,
     OciImageManifest, OciManifest,
 };
 use oci_client::secrets::RegistryAuth;
@@ -105,7 +107,10 @@ pub fn parse_reference(text: &str) -> Result<Reference, RegistryError> {
     let rest = text
         .strip_prefix(SCHEME)
         .ok_or_else(|| RegistryError::NotOci(text.to_string()))?;
-    if !rest.split('/').next().is_some_and(|host| host.contains(['.', ':']) || host == "localhost")
+    if !rest
+        .split('/')
+        .next()
+        .is_some_and(|host| host.contains(['.', ':']) || host == "localhost")
     {
         return Err(RegistryError::BadReference {
             reference: text.into(),
@@ -232,8 +237,16 @@ impl WasmConfig {
             Ok(wit_component::DecodedWasm::Component(resolve, world)) => {
                 let world = &resolve.worlds[world];
                 Some(ComponentInfo {
-                    exports: world.exports.keys().map(|k| resolve.name_world_key(k)).collect(),
-                    imports: world.imports.keys().map(|k| resolve.name_world_key(k)).collect(),
+                    exports: world
+                        .exports
+                        .keys()
+                        .map(|k| resolve.name_world_key(k))
+                        .collect(),
+                    imports: world
+                        .imports
+                        .keys()
+                        .map(|k| resolve.name_world_key(k))
+                        .collect(),
                     target: None,
                 })
             }
@@ -243,7 +256,12 @@ impl WasmConfig {
             created: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
             author,
             architecture: "wasm".into(),
-            os: if component.is_some() { "wasip2" } else { "wasip1" }.into(),
+            os: if component.is_some() {
+                "wasip2"
+            } else {
+                "wasip1"
+            }
+            .into(),
             layer_digests: vec![sha256_digest(wasm)],
             component,
         }
@@ -310,7 +328,9 @@ impl RegistryClient {
         })
     }
 
-    fn err(reference: &Reference) -> impl Fn(oci_client::errors::OciDistributionError) -> RegistryError + '_ {
+    fn err(
+        reference: &Reference,
+    ) -> impl Fn(oci_client::errors::OciDistributionError) -> RegistryError + '_ {
         move |source| RegistryError::Registry {
             registry: reference.registry().to_string(),
             source,
@@ -339,7 +359,10 @@ impl RegistryClient {
     ) -> Result<String, RegistryError> {
         let body = serde_json::to_vec(manifest).expect("manifests serialize");
         let digest = sha256_digest(&body);
-        let content_type = manifest.content_type().parse().expect("a valid header value");
+        let content_type = manifest
+            .content_type()
+            .parse()
+            .expect("a valid header value");
         self.client
             .push_manifest_raw(reference, body, content_type)
             .await
@@ -347,7 +370,11 @@ impl RegistryClient {
         Ok(digest)
     }
 
-    async fn push_blob(&self, reference: &Reference, bytes: &[u8]) -> Result<String, RegistryError> {
+    async fn push_blob(
+        &self,
+        reference: &Reference,
+        bytes: &[u8],
+    ) -> Result<String, RegistryError> {
         let digest = sha256_digest(bytes);
         if !self
             .client
@@ -390,7 +417,8 @@ impl RegistryClient {
             layers: vec![layer],
             ..OciImageManifest::default()
         };
-        self.push_manifest(reference, &OciManifest::Image(manifest)).await
+        self.push_manifest(reference, &OciManifest::Image(manifest))
+            .await
     }
 
     /// Publishes a signed deployment under `reference`'s tag: the Wasm artifact at the tag, the
@@ -418,7 +446,12 @@ impl RegistryClient {
             .len();
 
         let id = signed.manifest.id();
-        let blake3_of = |hash: &str| Some(BTreeMap::from([(BLAKE3_ANNOTATION.to_string(), hash.to_string())]));
+        let blake3_of = |hash: &str| {
+            Some(BTreeMap::from([(
+                BLAKE3_ANNOTATION.to_string(),
+                hash.to_string(),
+            )]))
+        };
         let mut layers = vec![OciDescriptor {
             media_type: WASM_LAYER_MEDIA_TYPE.into(),
             digest: sha256_digest(source),
@@ -458,14 +491,16 @@ impl RegistryClient {
             annotations: Some(annotations.clone()),
             ..OciImageManifest::default()
         };
-        let referrer_bytes = serde_json::to_vec(&OciManifest::Image(referrer.clone())).expect("serializes");
+        let referrer_bytes =
+            serde_json::to_vec(&OciManifest::Image(referrer.clone())).expect("serializes");
         let deployment_digest = sha256_digest(&referrer_bytes);
         let deployment = Reference::with_digest(
             reference.registry().to_string(),
             reference.repository().to_string(),
             deployment_digest.clone(),
         );
-        self.push_manifest(&deployment, &OciManifest::Image(referrer)).await?;
+        self.push_manifest(&deployment, &OciManifest::Image(referrer))
+            .await?;
 
         // The referrers tag schema: registries without the referrers API list referrers in an
         // index under `sha256-<hex>`. Others' entries there are kept.
@@ -488,7 +523,8 @@ impl RegistryClient {
             reference.repository().to_string(),
             wasm_digest.replacen(':', "-", 1),
         );
-        self.push_manifest(&tag_ref, &OciManifest::ImageIndex(index)).await?;
+        self.push_manifest(&tag_ref, &OciManifest::ImageIndex(index))
+            .await?;
         Ok(Published {
             wasm_digest,
             deployment,
@@ -499,7 +535,10 @@ impl RegistryClient {
     /// The Wasm artifact at `reference`: its one `application/wasm` layer, as published by
     /// `wkg oci push`, `edgectl publish` or any tool following the CNCF layout. Returns the
     /// bytes (digest-checked by the client) and the manifest digest.
-    pub async fn pull_wasm(&self, reference: &Reference) -> Result<(Vec<u8>, String), RegistryError> {
+    pub async fn pull_wasm(
+        &self,
+        reference: &Reference,
+    ) -> Result<(Vec<u8>, String), RegistryError> {
         self.login(reference).await?;
         let (manifest, digest) = self
             .client
@@ -518,7 +557,10 @@ impl RegistryClient {
         let [layer] = manifest.layers.as_slice() else {
             return Err(Self::layout(
                 reference,
-                format!("a Wasm artifact has one layer; this one has {}", manifest.layers.len()),
+                format!(
+                    "a Wasm artifact has one layer; this one has {}",
+                    manifest.layers.len()
+                ),
             ));
         };
         if layer.media_type != WASM_LAYER_MEDIA_TYPE {
@@ -629,8 +671,13 @@ impl RegistryClient {
         repository: &Reference,
         layer: &OciDescriptor,
         offset: u64,
-    ) -> Result<(u64, futures_util::stream::BoxStream<'static, std::io::Result<bytes::Bytes>>), RegistryError>
-    {
+    ) -> Result<
+        (
+            u64,
+            futures_util::stream::BoxStream<'static, std::io::Result<bytes::Bytes>>,
+        ),
+        RegistryError,
+    > {
         self.login(repository).await?;
         let response = self
             .client
@@ -686,7 +733,9 @@ mod tests {
             parse_reference("127.0.0.1:5000/apps/hello:v1"),
             Err(RegistryError::NotOci(_))
         ));
-        let e = parse_reference("oci://apps/hello:v1").unwrap_err().to_string();
+        let e = parse_reference("oci://apps/hello:v1")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("registry host"), "{e}");
     }
 
@@ -698,18 +747,30 @@ mod tests {
         let c = Credentials::load(&path).unwrap();
         assert_eq!(c.username, "ci-bot");
         assert_eq!(c.password, "s3cr:et");
-        let shown = format!("{c:?} {:?}", Access { credentials: Some(c.clone()), ..Access::default() });
+        let shown = format!(
+            "{c:?} {:?}",
+            Access {
+                credentials: Some(c.clone()),
+                ..Access::default()
+            }
+        );
         assert!(!shown.contains("s3cr"), "{shown}");
         std::fs::write(&path, "no colon here\n").unwrap();
         let e = Credentials::load(&path).unwrap_err().to_string();
-        assert!(e.contains("USERNAME:PASSWORD") && e.contains("creds"), "{e}");
+        assert!(
+            e.contains("USERNAME:PASSWORD") && e.contains("creds"),
+            "{e}"
+        );
     }
 
     #[test]
     fn wasm_config_follows_the_cncf_layout() {
         let module = wat::parse_str("(module)").unwrap();
         let config = WasmConfig::describe(&module, None);
-        assert_eq!((config.architecture.as_str(), config.os.as_str()), ("wasm", "wasip1"));
+        assert_eq!(
+            (config.architecture.as_str(), config.os.as_str()),
+            ("wasm", "wasip1")
+        );
         assert_eq!(config.layer_digests, vec![sha256_digest(&module)]);
         assert!(config.component.is_none());
         let json = serde_json::to_value(&config).unwrap();

@@ -94,7 +94,9 @@ pub enum PullError {
         reason: String,
     },
     /// The registry is down, stalled or refused, after retrying within the window.
-    #[error("blob {hash} of {id}: registry unavailable ({reason}); {have} of {size} bytes are kept and the next attempt resumes")]
+    #[error(
+        "blob {hash} of {id}: registry unavailable ({reason}); {have} of {size} bytes are kept and the next attempt resumes"
+    )]
     Unavailable {
         hash: String,
         id: String,
@@ -182,7 +184,9 @@ impl RegistryOrigin {
             );
         }
         if reference.digest().is_none() {
-            bail!("{text} names a tag; nodes are given deployments pinned by digest (edgectl deploy resolves the tag)");
+            bail!(
+                "{text} names a tag; nodes are given deployments pinned by digest (edgectl deploy resolves the tag)"
+            );
         }
         Ok(reference)
     }
@@ -236,12 +240,10 @@ impl RegistryOrigin {
         let _pulling = self.deployments.begin_sync(signed);
         let needed = self.deployments.needed_blobs(&signed.manifest);
         tracing::info!(deployment = %id, reference, blobs = needed.len(), "pulling deployment from the registry");
-        let pulls = needed
-            .into_values()
-            .map(|(blob, kind)| {
-                let (pinned, id) = (&pinned, &id);
-                async move { self.fetch_blob(pinned, id, &blob, kind).await }
-            });
+        let pulls = needed.into_values().map(|(blob, kind)| {
+            let (pinned, id) = (&pinned, &id);
+            async move { self.fetch_blob(pinned, id, &blob, kind).await }
+        });
         let results = futures_util::future::join_all(pulls).await;
         for result in results {
             result?;
@@ -287,12 +289,13 @@ impl RegistryOrigin {
             reference: reference.clone(),
             reason,
         };
-        let layer = layers
-            .blobs
-            .get(hash)
-            .ok_or_else(|| bad("the registry's deployment has no layer with this BLAKE3 name".into()))?;
+        let layer = layers.blobs.get(hash).ok_or_else(|| {
+            bad("the registry's deployment has no layer with this BLAKE3 name".into())
+        })?;
         if u64::try_from(layer.size).ok() != Some(blob.size) {
-            self.fetches.get_or_create(&OutcomeLabel::new("bad_data")).inc();
+            self.fetches
+                .get_or_create(&OutcomeLabel::new("bad_data"))
+                .inc();
             return Err(bad(format!(
                 "the registry says it has {} bytes; the signed manifest says {}",
                 layer.size, blob.size
@@ -304,12 +307,20 @@ impl RegistryOrigin {
         let mut retry = Retry::new(Instant::now(), self.window);
         loop {
             let have = store.partial_len(Partial::RegistryFetch(hash));
-            match self.download(pinned, layer, &partial, have, blob.size).await {
+            match self
+                .download(pinned, layer, &partial, have, blob.size)
+                .await
+            {
                 Ok(()) => break,
                 Err(Download::TooLong) => {
                     let _ = std::fs::remove_file(&partial);
-                    self.fetches.get_or_create(&OutcomeLabel::new("bad_data")).inc();
-                    return Err(bad(format!("it sent more than the {} bytes the signed manifest says", blob.size)));
+                    self.fetches
+                        .get_or_create(&OutcomeLabel::new("bad_data"))
+                        .inc();
+                    return Err(bad(format!(
+                        "it sent more than the {} bytes the signed manifest says",
+                        blob.size
+                    )));
                 }
                 Err(Download::Unavailable { reason, progressed }) => {
                     if progressed {
@@ -322,7 +333,9 @@ impl RegistryOrigin {
                             tokio::time::sleep(wait).await;
                         }
                         None => {
-                            self.fetches.get_or_create(&OutcomeLabel::new("unavailable")).inc();
+                            self.fetches
+                                .get_or_create(&OutcomeLabel::new("unavailable"))
+                                .inc();
                             return Err(PullError::Unavailable {
                                 hash: hash.clone(),
                                 id: id.to_string(),
@@ -354,9 +367,13 @@ impl RegistryOrigin {
                 Ok(())
             }
             Err(e @ (StoreError::HashMismatch { .. } | StoreError::BadBlob { .. })) => {
-                self.fetches.get_or_create(&OutcomeLabel::new("bad_data")).inc();
+                self.fetches
+                    .get_or_create(&OutcomeLabel::new("bad_data"))
+                    .inc();
                 let _ = std::fs::remove_file(&partial);
-                Err(bad(format!("it fails verification against the signed manifest: {e}")))
+                Err(bad(format!(
+                    "it fails verification against the signed manifest: {e}"
+                )))
             }
             Err(e) => Err(anyhow::Error::from(e).into()),
         }
@@ -398,7 +415,9 @@ impl RegistryOrigin {
             .map_err(Download::Io)?;
         if start > 0 {
             use tokio::io::AsyncSeekExt;
-            file.seek(std::io::SeekFrom::Start(start)).await.map_err(Download::Io)?;
+            file.seek(std::io::SeekFrom::Start(start))
+                .await
+                .map_err(Download::Io)?;
         }
         let got = AtomicU64::new(start);
         let outcome = loop {

@@ -53,7 +53,15 @@ fn edgectl(
     command.args(args).output().unwrap()
 }
 
-fn publish(fleet: &Fleet, registry: &Registry, file: &Path, name: &str, tag: &str) -> String {
+/// Publishes `file` as `name@version` under `tag` (x86_64 only, to keep tests quick).
+fn publish(
+    fleet: &Fleet,
+    registry: &Registry,
+    file: &Path,
+    name: &str,
+    version: u64,
+    tag: &str,
+) -> String {
     ok(edgectl(
         fleet,
         registry,
@@ -65,6 +73,8 @@ fn publish(fleet: &Fleet, registry: &Registry, file: &Path, name: &str, tag: &st
             &registry.reference(tag),
             "--name",
             name,
+            "--version",
+            &version.to_string(),
             "--target",
             "x86_64",
         ],
@@ -143,13 +153,16 @@ async fn a_published_deployment_is_pulled_and_served_by_two_nodes_without_peers(
     let fleet = new_fleet();
     let registry = Registry::start();
     let hello = edged_testkit::guest("hello-http.wasm");
-    let out = publish(&fleet, &registry, &hello, "hello", "apps/hello:v1");
+    let out = publish(&fleet, &registry, &hello, "hello", 1, "apps/hello:v1");
     assert!(out.contains("published hello@1"), "{out}");
 
     // The tag is a CNCF Wasm artifact (what `wkg oci pull` reads): one application/wasm layer,
     // the Wasm config; edged's deployment is a referrer of it, found through the tag schema.
     let wasm = registry_json(&registry, "apps/hello/manifests/v1").await;
-    assert_eq!(wasm["config"]["mediaType"], "application/vnd.wasm.config.v0+json");
+    assert_eq!(
+        wasm["config"]["mediaType"],
+        "application/vnd.wasm.config.v0+json"
+    );
     let layers = wasm["layers"].as_array().unwrap();
     assert_eq!(layers.len(), 1, "{wasm}");
     assert_eq!(layers[0]["mediaType"], "application/wasm");
@@ -162,18 +175,29 @@ async fn a_published_deployment_is_pulled_and_served_by_two_nodes_without_peers(
         let out = ok(deploy(&fleet, &registry, n, "apps/hello:v1"));
         assert!(out.contains("deployed hello@1 (active)"), "{out}");
         assert!(
-            body_of(n, "/hello").await.is_some_and(|b| b.contains("hello")),
+            body_of(n, "/hello")
+                .await
+                .is_some_and(|b| b.contains("hello")),
             "{}",
             n.log()
         );
-        assert!(n.log().contains("blob pulled from the registry and verified"));
+        assert!(
+            n.log()
+                .contains("blob pulled from the registry and verified")
+        );
         // The source and this node's artifact came from the registry.
-        assert_eq!(metric(n, "edged_registry_fetches_total{outcome=\"ok\"}").await, Some(2.0));
+        assert_eq!(
+            metric(n, "edged_registry_fetches_total{outcome=\"ok\"}").await,
+            Some(2.0)
+        );
     }
     // `ls` shows it like any deployment; deploying it again pulls nothing.
     let out = ok(deploy(&fleet, &registry, &a, "apps/hello:v1"));
     assert!(out.contains("deployed hello@1"), "{out}");
-    assert_eq!(metric(&a, "edged_registry_fetches_total{outcome=\"ok\"}").await, Some(2.0));
+    assert_eq!(
+        metric(&a, "edged_registry_fetches_total{outcome=\"ok\"}").await,
+        Some(2.0)
+    );
 
     // A tag that is not there: the operator is told which.
     let err = refused(deploy(&fleet, &registry, &a, "apps/nothing:v1"));
@@ -185,13 +209,20 @@ async fn a_layer_tampered_with_in_the_registry_is_refused_and_the_node_keeps_ser
     let fleet = new_fleet();
     let registry = Registry::start();
     let node = node(&fleet, &registry, "");
-    publish(&fleet, &registry, &edged_testkit::guest("hello-http.wasm"), "app", "apps/app:v1");
+    publish(
+        &fleet,
+        &registry,
+        &edged_testkit::guest("hello-http.wasm"),
+        "app",
+        1,
+        "apps/app:v1",
+    );
     ok(deploy(&fleet, &registry, &node, "apps/app:v1"));
     assert!(body_of(&node, "/app").await.is_some());
 
     // Version 2 (another guest); its x86_64 artifact is altered in the registry's storage.
     let probe = edged_testkit::guest("probe-p1.wasm");
-    let out = publish(&fleet, &registry, &probe, "app", "apps/app:v2");
+    let out = publish(&fleet, &registry, &probe, "app", 2, "apps/app:v2");
     assert!(out.contains("published app@2"), "{out}");
     let wasm = registry_json(&registry, "apps/app/manifests/v2").await;
     let subject = wasm_digest(&registry, "apps/app", "v2").await;
@@ -200,7 +231,10 @@ async fn a_layer_tampered_with_in_the_registry_is_refused_and_the_node_keeps_ser
         &format!("apps/app/manifests/{}", subject.replacen(':', "-", 1)),
     )
     .await;
-    let referrer_digest = index["manifests"][0]["digest"].as_str().unwrap().to_string();
+    let referrer_digest = index["manifests"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let referrer = registry_json(&registry, &format!("apps/app/manifests/{referrer_digest}")).await;
     assert_eq!(referrer["subject"]["digest"], subject, "{wasm}");
     let cwasm = referrer["layers"]
@@ -209,7 +243,10 @@ async fn a_layer_tampered_with_in_the_registry_is_refused_and_the_node_keeps_ser
         .iter()
         .find(|l| l["mediaType"] == "application/vnd.edged.cwasm.v1")
         .unwrap();
-    let blake3 = cwasm["annotations"]["dev.edged.blake3"].as_str().unwrap().to_string();
+    let blake3 = cwasm["annotations"]["dev.edged.blake3"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let file = registry.blob_file(cwasm["digest"].as_str().unwrap());
     let mut bytes = std::fs::read(&file).unwrap();
     let middle = bytes.len() / 2;
@@ -219,20 +256,34 @@ async fn a_layer_tampered_with_in_the_registry_is_refused_and_the_node_keeps_ser
     let err = refused(deploy(&fleet, &registry, &node, "apps/app:v2"));
     assert!(err.contains(&blake3) && err.contains("refused"), "{err}");
     assert!(err.contains("nothing was stored"), "{err}");
-    assert!(!stored_blobs(&node).contains(&blake3), "the tampered blob was stored");
-    assert_eq!(node.partial_bytes("registry-"), 0, "the tampered download was kept");
+    assert!(
+        !stored_blobs(&node).contains(&blake3),
+        "the tampered blob was stored"
+    );
+    assert_eq!(
+        node.partial_bytes("registry-"),
+        0,
+        "the tampered download was kept"
+    );
     assert_eq!(
         metric(&node, "edged_registry_fetches_total{outcome=\"bad_data\"}").await,
         Some(1.0)
     );
     // Version 1 still serves.
-    assert!(body_of(&node, "/app").await.is_some_and(|b| b.contains("hello")));
+    assert!(
+        body_of(&node, "/app")
+            .await
+            .is_some_and(|b| b.contains("hello"))
+    );
 }
 
 /// The digest of the manifest at `repo:tag`.
 async fn wasm_digest(registry: &Registry, repo: &str, tag: &str) -> String {
     let response = reqwest::Client::new()
-        .head(format!("http://{}/v2/{repo}/manifests/{tag}", registry.host()))
+        .head(format!(
+            "http://{}/v2/{repo}/manifests/{tag}",
+            registry.host()
+        ))
         .header("accept", "application/vnd.oci.image.manifest.v1+json")
         .send()
         .await
@@ -250,7 +301,7 @@ async fn a_download_resumes_after_the_registry_is_killed_and_restarted() {
     let dir = tempfile::tempdir().unwrap();
     let big = dir.path().join("big.wasm");
     std::fs::write(&big, edged_testkit::big_module(12 << 20, 7)).unwrap();
-    publish(&fleet, &registry, &big, "big", "apps/big:v1");
+    publish(&fleet, &registry, &big, "big", 1, "apps/big:v1");
     // The node's own download cap (6 MB/s for ~24 MB) leaves seconds to interrupt it in.
     let node = node(&fleet, &registry, "max_rate_mb = 6");
 
@@ -268,9 +319,12 @@ async fn a_download_resumes_after_the_registry_is_killed_and_restarted() {
                 .unwrap()
         })
     };
-    wait_for("part of the download", Duration::from_secs(60), &[&node], || async {
-        node.partial_bytes("registry-") > 2 << 20
-    })
+    wait_for(
+        "part of the download",
+        Duration::from_secs(60),
+        &[&node],
+        || async { node.partial_bytes("registry-") > 2 << 20 },
+    )
     .await;
     registry.kill();
     let kept = node.partial_bytes("registry-");
@@ -287,7 +341,9 @@ async fn a_download_resumes_after_the_registry_is_killed_and_restarted() {
     assert!(kept > 2 << 20);
     assert!(body_of(&node, "/big").await.is_some(), "{log}");
     // What was kept was not fetched again: about one copy of each blob crossed.
-    let fetched = metric(&node, "edged_registry_fetched_bytes_total").await.unwrap();
+    let fetched = metric(&node, "edged_registry_fetched_bytes_total")
+        .await
+        .unwrap();
     let sizes: f64 = stored_blobs(&node)
         .iter()
         .map(|h| {
@@ -296,7 +352,10 @@ async fn a_download_resumes_after_the_registry_is_killed_and_restarted() {
                 .len() as f64
         })
         .sum();
-    assert!(fetched <= sizes * 1.05, "fetched {fetched} bytes for {sizes} bytes of blobs");
+    assert!(
+        fetched <= sizes * 1.05,
+        "fetched {fetched} bytes for {sizes} bytes of blobs"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -305,17 +364,22 @@ async fn a_component_another_tool_pushed_is_compiled_signed_and_pushed() {
     let registry = Registry::start();
     // Lay it out the way `wkg oci push` does (CNCF Wasm OCI artifact), with the same crate.
     let hello = std::fs::read(edged_testkit::guest("hello-http.wasm")).unwrap();
-    let reference = edged_control::registry::parse_reference(&registry.reference("wkg/hello:1.0.0")).unwrap();
+    let reference =
+        edged_control::registry::parse_reference(&registry.reference("wkg/hello:1.0.0")).unwrap();
     let client = edged_control::registry::RegistryClient::new(&edged_control::registry::Access {
         plain_http: true,
         ..Default::default()
     })
     .unwrap();
-    client.push_wasm(&reference, &hello, Some("wkg".into())).await.unwrap();
-    let config_digest = registry_json(&registry, "wkg/hello/manifests/1.0.0").await["config"]["digest"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    client
+        .push_wasm(&reference, &hello, Some("wkg".into()))
+        .await
+        .unwrap();
+    let config_digest =
+        registry_json(&registry, "wkg/hello/manifests/1.0.0").await["config"]["digest"]
+            .as_str()
+            .unwrap()
+            .to_string();
     let config: serde_json::Value = reqwest::get(format!(
         "http://{}/v2/wkg/hello/blobs/{config_digest}",
         registry.host()
@@ -325,13 +389,19 @@ async fn a_component_another_tool_pushed_is_compiled_signed_and_pushed() {
     .json()
     .await
     .unwrap();
-    assert_eq!((config["architecture"].as_str(), config["os"].as_str()), (Some("wasm"), Some("wasip2")));
+    assert_eq!(
+        (config["architecture"].as_str(), config["os"].as_str()),
+        (Some("wasm"), Some("wasip2"))
+    );
     assert!(
         config["component"]["exports"]
             .as_array()
             .unwrap()
             .iter()
-            .any(|e| e.as_str().unwrap().starts_with("wasi:http/incoming-handler")),
+            .any(|e| e
+                .as_str()
+                .unwrap()
+                .starts_with("wasi:http/incoming-handler")),
         "{config}"
     );
 
@@ -341,10 +411,19 @@ async fn a_component_another_tool_pushed_is_compiled_signed_and_pushed() {
         &registry,
         None,
         Some(&node),
-        &["push", &registry.reference("wkg/hello:1.0.0"), "--target", "x86_64"],
+        &[
+            "push",
+            &registry.reference("wkg/hello:1.0.0"),
+            "--target",
+            "x86_64",
+        ],
     ));
     assert!(out.contains("pushed hello@1"), "{out}");
-    assert!(body_of(&node, "/hello").await.is_some_and(|b| b.contains("hello")));
+    assert!(
+        body_of(&node, "/hello")
+            .await
+            .is_some_and(|b| b.contains("hello"))
+    );
 
     // Not a Wasm artifact (an edged referrer index is not one either): refused, named.
     let err = refused(edgectl(
@@ -377,11 +456,16 @@ async fn tls_with_the_tests_own_ca_and_credentials_that_never_show() {
             "publish",
             edged_testkit::guest("hello-http.wasm").to_str().unwrap(),
             &registry.reference("apps/hello:v1"),
+            "--name",
+            "hello",
             "--target",
             "x86_64",
         ],
     ));
-    assert!(err.to_lowercase().contains("cert") || err.contains("error sending request"), "{err}");
+    assert!(
+        err.to_lowercase().contains("cert") || err.contains("error sending request"),
+        "{err}"
+    );
     ok(edgectl(
         &fleet,
         &registry,
@@ -391,6 +475,8 @@ async fn tls_with_the_tests_own_ca_and_credentials_that_never_show() {
             "publish",
             edged_testkit::guest("hello-http.wasm").to_str().unwrap(),
             &registry.reference("apps/hello:v1"),
+            "--name",
+            "hello",
             "--target",
             "x86_64",
         ],
@@ -420,9 +506,18 @@ async fn tls_with_the_tests_own_ca_and_credentials_that_never_show() {
     ));
     assert!(out.contains("deployed hello@1"), "{out}");
     assert!(body_of(&node, "/hello").await.is_some());
-    let status = ok(edgectl(&fleet, &registry, None, Some(&node), &["--json", "status"]));
+    let status = ok(edgectl(
+        &fleet,
+        &registry,
+        None,
+        Some(&node),
+        &["--json", "status"],
+    ));
     for text in [node.log(), status] {
-        assert!(!text.contains(secret), "the registry password leaked:\n{text}");
+        assert!(
+            !text.contains(secret),
+            "the registry password leaked:\n{text}"
+        );
     }
 }
 
@@ -441,6 +536,8 @@ async fn a_synced_deployment_takes_what_no_peer_holds_from_the_registry() {
             "publish",
             edged_testkit::guest("hello-http.wasm").to_str().unwrap(),
             &registry.reference("apps/hello:v1"),
+            "--name",
+            "hello",
         ],
     ));
     let table = registry.node_table("");
@@ -454,15 +551,21 @@ async fn a_synced_deployment_takes_what_no_peer_holds_from_the_registry() {
         &common::fleet::sync_node_config(&fleet, "b", &[a.control.unwrap()], "", &table),
     );
     ok(deploy(&fleet, &registry, &a, "apps/hello:v1"));
-    wait_for("b to serve hello", Duration::from_secs(60), &[&a, &b], || async {
-        body_of(&b, "/hello").await.is_some()
-    })
+    wait_for(
+        "b to serve hello",
+        Duration::from_secs(60),
+        &[&a, &b],
+        || async { body_of(&b, "/hello").await.is_some() },
+    )
     .await;
     // b took the source and its artifact from a (a peer), and only the aarch64 artifact from
     // the registry.
-    wait_for("b to pull the aarch64 artifact", Duration::from_secs(30), &[&b], || async {
-        metric(&b, "edged_registry_fetches_total{outcome=\"ok\"}").await == Some(1.0)
-    })
+    wait_for(
+        "b to pull the aarch64 artifact",
+        Duration::from_secs(30),
+        &[&b],
+        || async { metric(&b, "edged_registry_fetches_total{outcome=\"ok\"}").await == Some(1.0) },
+    )
     .await;
     assert!(metric(&b, "edged_sync_fetches_total{outcome=\"ok\"}").await >= Some(2.0));
 }

@@ -102,8 +102,7 @@ pub async fn pull_source(registry: &RegistryArgs, reference: &str) -> Result<Vec
 pub fn name_from_reference(reference: &str) -> Result<String> {
     let parsed = parse_reference(reference)?;
     let last = parsed.repository().rsplit('/').next().unwrap_or_default();
-    edged_snapshots::manifest::validate_name(last)
-        .map_err(|e| anyhow!("{e}; pass --name"))?;
+    edged_snapshots::manifest::validate_name(last).map_err(|e| anyhow!("{e}; pass --name"))?;
     Ok(last.to_string())
 }
 
@@ -128,12 +127,17 @@ pub async fn publish(
     }
     let name = crate::build::deployment_name(&args.input, args.name.as_deref())?;
     let key = signing_key(target)?;
-    let bytes = std::fs::read(&args.input)
-        .with_context(|| format!("reading {}", args.input.display()))?;
-    let Built { compiled, steps } = compile_cached(&bytes, &args.compile.options()?, cache.open().as_ref())
-        .with_context(|| format!("building {}", args.input.display()))?;
+    let bytes =
+        std::fs::read(&args.input).with_context(|| format!("reading {}", args.input.display()))?;
+    let Built { compiled, steps } =
+        compile_cached(&bytes, &args.compile.options()?, cache.open().as_ref())
+            .with_context(|| format!("building {}", args.input.display()))?;
     if !target.json {
-        println!("built {name} ({}, {} targets)", compiled.kind, compiled.artifacts.len());
+        println!(
+            "built {name} ({}, {} targets)",
+            compiled.kind,
+            compiled.artifacts.len()
+        );
         print_steps(&steps);
     }
     let client = registry.client()?;

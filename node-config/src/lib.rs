@@ -789,7 +789,9 @@ fn validate_registry(
     };
     let host = rest.trim_end_matches('/');
     if host.is_empty() || host.contains(['/', '@', '?', '#', ' ']) {
-        return Err(bad("must be a scheme and host[:port] only, without a path or a login"));
+        return Err(bad(
+            "must be a scheme and host[:port] only, without a path or a login",
+        ));
     }
     if let Some((_, port)) = host.rsplit_once(':')
         && !host.ends_with(']')
@@ -1120,8 +1122,10 @@ mod tests {
         let err = parse("[registry]\nurl = \"http://r\"\n").unwrap_err();
         assert_eq!(err.line, Some(1), "{err}");
         assert!(err.reason.contains("[control]"), "{err}");
-        let err = parse(&format!("{control}[registry]\nurl = \"http://r\"\npassword = \"x\"\n"))
-            .unwrap_err();
+        let err = parse(&format!(
+            "{control}[registry]\nurl = \"http://r\"\npassword = \"x\"\n"
+        ))
+        .unwrap_err();
         assert!(err.reason.contains("password"), "{err}");
     }
 

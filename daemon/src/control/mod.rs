@@ -260,7 +260,10 @@ impl ControlServer {
                 let id = manifest.manifest.id();
                 origin.deploy(&manifest, &reference, activate).await?;
                 tracing::info!(deployment = %id, %peer, %reference, "deploy from the registry committed");
-                Response::Committed { id, active: activate }
+                Response::Committed {
+                    id,
+                    active: activate,
+                }
             }
             Request::List {} => Response::Deployments {
                 items: deployments.list()?,

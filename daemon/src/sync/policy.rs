@@ -575,7 +575,10 @@ mod tests {
         let mut table = table(&[("a", vec![holding("app", 1)]), ("b", vec![])], t0);
         let mut fetch = BlobFetch::new(BLOB, t0);
         // A peer holds it: the peer, never the registry.
-        assert_eq!(fetch.next_source(&table, true, t0), NextHolders::Ask(vec!["a".into()]));
+        assert_eq!(
+            fetch.next_source(&table, true, t0),
+            NextHolders::Ask(vec!["a".into()])
+        );
         // It failed: now the registry.
         fetch.record(&mut table, "a", &Attempt::Failed("reset".into()), t0);
         assert_eq!(fetch.next_source(&table, true, t0), NextHolders::Registry);
@@ -596,16 +599,28 @@ mod tests {
         // b is downloading the blob (from the registry or a peer): wait for it.
         let table = table(&[("b", vec![fetching_holding()])], t0);
         let mut fetch = BlobFetch::new(BLOB, t0);
-        assert_eq!(fetch.next_source(&table, true, t0), NextHolders::Ask(vec![]));
+        assert_eq!(
+            fetch.next_source(&table, true, t0),
+            NextHolders::Ask(vec![])
+        );
         let later = t0 + ORIGIN_PATIENCE + Duration::from_secs(1);
-        assert_eq!(fetch.next_source(&table, true, later), NextHolders::Ask(vec![]));
+        assert_eq!(
+            fetch.next_source(&table, true, later),
+            NextHolders::Ask(vec![])
+        );
         // b stops answering: its download no longer counts, so the registry.
         let mut table = table;
         fail(&mut table, "b", later);
-        assert_eq!(fetch.next_source(&table, true, later), NextHolders::Registry);
+        assert_eq!(
+            fetch.next_source(&table, true, later),
+            NextHolders::Registry
+        );
         // Once b holds it whole, b.
         table.record_holdings("b", Ok(vec![holding("app", 1)]), later, |_| 0);
-        assert_eq!(fetch.next_source(&table, true, later), NextHolders::Ask(vec!["b".into()]));
+        assert_eq!(
+            fetch.next_source(&table, true, later),
+            NextHolders::Ask(vec!["b".into()])
+        );
     }
 
     #[test]
@@ -615,7 +630,10 @@ mod tests {
             registry: Some("oci://reg:5000/apps/app@sha256:ab".into()),
             ..holding("app", 1)
         };
-        let table = table(&[("a", vec![holding("app", 1)]), ("b", vec![published])], t0);
+        let table = table(
+            &[("a", vec![holding("app", 1)]), ("b", vec![published])],
+            t0,
+        );
         assert_eq!(
             table.published_at("app", 1, t0).as_deref(),
             Some("oci://reg:5000/apps/app@sha256:ab")

@@ -33,7 +33,11 @@ impl TestCa {
             .subject_alt_names
             .push(SanType::IpAddress("127.0.0.1".parse().unwrap()));
         let cert = params.signed_by(&key, &issuer).unwrap();
-        let (ca_pem, cert_pem, key_pem) = (dir.join("ca.pem"), dir.join("cert.pem"), dir.join("key.pem"));
+        let (ca_pem, cert_pem, key_pem) = (
+            dir.join("ca.pem"),
+            dir.join("cert.pem"),
+            dir.join("key.pem"),
+        );
         std::fs::write(&ca_pem, ca.pem()).unwrap();
         std::fs::write(&cert_pem, cert.pem()).unwrap();
         std::fs::write(&key_pem, key.serialize_pem()).unwrap();
@@ -148,7 +152,10 @@ impl Registry {
     /// The `[registry]` table a node uses to pull from it (`extra` lines appended).
     pub fn node_table(&self, extra: &str) -> String {
         let scheme = if self.tls { "https" } else { "http" };
-        format!("[registry]\nurl = \"{scheme}://{}\"\n{extra}\n", self.host())
+        format!(
+            "[registry]\nurl = \"{scheme}://{}\"\n{extra}\n",
+            self.host()
+        )
     }
 
     /// Where the registry keeps blob `sha256:<hex>` on disk.
