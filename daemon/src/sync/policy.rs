@@ -584,12 +584,13 @@ mod tests {
         assert_eq!(fetch.next_source(&table, true, t0), NextHolders::Registry);
         // Not published anywhere: nobody.
         assert_eq!(fetch.next_source(&table, false, t0), NextHolders::Nobody);
-        // The registry failed too: nobody, until the next round's fetch.
+        // The registry failed too: nobody in this fetch. The next round's fetch starts with
+        // the peer again.
         fetch.record_registry_failure();
         assert_eq!(fetch.next_source(&table, true, t0), NextHolders::Nobody);
         assert_eq!(
             BlobFetch::new(BLOB, t0).next_source(&table, true, t0),
-            NextHolders::Registry
+            NextHolders::Ask(vec!["a".into()])
         );
     }
 
@@ -845,7 +846,7 @@ mod tests {
         let firsts: Vec<String> = (0..4)
             .map(|_| match fetch.next_holders(&table, t0) {
                 NextHolders::Ask(holders) => holders[0].clone(),
-                NextHolders::Nobody => panic!("two holders"),
+                NextHolders::Nobody | NextHolders::Registry => panic!("two holders"),
             })
             .collect();
         assert_eq!(firsts, ["b", "c", "b", "c"]);
