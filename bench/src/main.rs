@@ -19,6 +19,7 @@ mod coldstart;
 mod fleet;
 mod http;
 mod process;
+mod registry_fleet;
 mod report;
 mod soak;
 mod stats;
