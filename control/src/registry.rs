@@ -292,18 +292,32 @@ impl fmt::Debug for RegistryClient {
     }
 }
 
+/// Reads a PEM file of CA certificates; refuses one that holds none or does not parse.
+pub fn load_ca(path: &Path) -> Result<Vec<u8>, RegistryError> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let bad = |reason: String| RegistryError::File {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let data = std::fs::read(path).map_err(|e| bad(format!("cannot read the registry CA: {e}")))?;
+    let certs = CertificateDer::pem_slice_iter(&data)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad(format!("not a PEM certificate file: {e}")))?;
+    if certs.is_empty() {
+        return Err(bad("holds no PEM certificate".into()));
+    }
+    Ok(data)
+}
+
 impl RegistryClient {
     pub fn new(access: &Access) -> Result<RegistryClient, RegistryError> {
         install_ring();
         let mut extra_root_certificates = Vec::new();
         if let Some(ca) = &access.ca_file {
-            let data = std::fs::read(ca).map_err(|e| RegistryError::File {
-                path: ca.clone(),
-                reason: format!("cannot read the registry CA: {e}"),
-            })?;
             extra_root_certificates.push(Certificate {
                 encoding: CertificateEncoding::Pem,
-                data,
+                data: load_ca(ca)?,
             });
         }
         let config = ClientConfig {
@@ -761,6 +775,25 @@ mod tests {
             e.contains("USERNAME:PASSWORD") && e.contains("creds"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_ca_file_must_hold_certificates() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ca.pem");
+        std::fs::write(&path, "not a certificate\n").unwrap();
+        let e = load_ca(&path).unwrap_err().to_string();
+        assert!(
+            e.contains("no PEM certificate") && e.contains("ca.pem"),
+            "{e}"
+        );
+        let e = load_ca(&dir.path().join("absent.pem"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cannot read"), "{e}");
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        std::fs::write(&path, cert.cert.pem()).unwrap();
+        assert!(load_ca(&path).is_ok());
     }
 
     #[test]

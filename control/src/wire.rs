@@ -214,6 +214,9 @@ pub struct NodeStatus {
     /// Present when the node has `[sync]` configured.
     #[serde(default)]
     pub sync: Option<SyncStatus>,
+    /// The registry the node pulls from (`[registry]`): scheme and host only, never a login.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registry: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

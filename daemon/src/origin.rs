@@ -167,9 +167,20 @@ impl RegistryOrigin {
         }))
     }
 
-    /// The registry this node pulls from (`host[:port]`); no credentials.
-    pub fn host(&self) -> &str {
-        &self.config.host
+    /// The registry this node pulls from, as `status` shows it: scheme and host, and whether
+    /// it logs in — never the login itself.
+    pub fn describe(&self) -> String {
+        let scheme = if self.config.plain_http {
+            "http"
+        } else {
+            "https"
+        };
+        let login = if self.config.credentials_file.is_some() {
+            " (with credentials)"
+        } else {
+            ""
+        };
+        format!("{scheme}://{}{login}", self.config.host)
     }
 
     /// `text` as a deployment pinned by digest on this node's registry.

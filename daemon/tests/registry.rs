@@ -506,14 +506,22 @@ async fn tls_with_the_tests_own_ca_and_credentials_that_never_show() {
     ));
     assert!(out.contains("deployed hello@1"), "{out}");
     assert!(body_of(&node, "/hello").await.is_some());
-    let status = ok(edgectl(
+    let status = ok(edgectl(&fleet, &registry, None, Some(&node), &["status"]));
+    assert!(
+        status.contains(&format!(
+            "registry    https://{} (with credentials)",
+            registry.host()
+        )),
+        "{status}"
+    );
+    let json = ok(edgectl(
         &fleet,
         &registry,
         None,
         Some(&node),
         &["--json", "status"],
     ));
-    for text in [node.log(), status] {
+    for text in [node.log(), status, json] {
         assert!(
             !text.contains(secret),
             "the registry password leaked:\n{text}"
@@ -568,4 +576,39 @@ async fn a_synced_deployment_takes_what_no_peer_holds_from_the_registry() {
     )
     .await;
     assert!(metric(&b, "edged_sync_fetches_total{outcome=\"ok\"}").await >= Some(2.0));
+}
+
+#[test]
+fn check_config_names_registry_files_it_cannot_use() {
+    let fleet = new_fleet();
+    let dir = tempfile::tempdir().unwrap();
+    let (credentials, ca) = (dir.path().join("creds"), dir.path().join("ca.pem"));
+    std::fs::write(&credentials, "no colon\n").unwrap();
+    std::fs::write(&ca, "not a certificate\n").unwrap();
+    let config = dir.path().join("edged.toml");
+    std::fs::write(
+        &config,
+        common::config_text(&format!(
+            "{}[registry]\nurl = \"https://127.0.0.1:5000\"\ncredentials_file = {:?}\nca_file = {:?}\n",
+            control_section(&fleet),
+            credentials.display().to_string(),
+            ca.display().to_string()
+        )),
+    )
+    .unwrap();
+    let out = edged().arg("check-config").arg(&config).output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains("[registry] credentials_file") && text.contains("USERNAME:PASSWORD"),
+        "{text}"
+    );
+    assert!(
+        text.contains("[registry] ca_file") && text.contains("no PEM certificate"),
+        "{text}"
+    );
 }

@@ -334,6 +334,9 @@ pub async fn simple(target: &Target, request: Request) -> Result<()> {
                 "store       {} blobs, {} bytes",
                 status.blobs, status.store_bytes
             );
+            if let Some(registry) = &status.registry {
+                println!("registry    {registry}");
+            }
             if let Some(sync) = &status.sync {
                 print_sync(sync);
             }

@@ -351,6 +351,7 @@ impl ControlServer {
                 store_bytes: blobs.iter().map(|(_, m)| m.size).sum(),
                 blobs: blobs.len(),
                 sync,
+                registry: self.origin.as_ref().map(|o| o.describe()),
             },
         })
     }
