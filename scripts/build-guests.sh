@@ -9,7 +9,8 @@ cd "$root/guests"
 # Where cargo put them: guests/target, or wherever CARGO_TARGET_DIR (or a config) points.
 target=$("$root/scripts/target-dir.sh" "$root/guests")
 cargo build --quiet --release --target wasm32-wasip1 -p init-heavy-p1 -p probe-p1
-cargo build --quiet --release --target wasm32-wasip2 -p hello-http -p init-heavy-http -p outbound-http
+cargo build --quiet --release --target wasm32-wasip2 -p hello-http -p init-heavy-http -p outbound-http \
+  -p p3-hello -p p3-echo -p p3-probe -p p3-init-heavy
 out="$root/guests/out"
 mkdir -p "$out"
 place() { # place SRC NAME: atomic copy into $out
@@ -25,6 +26,9 @@ place "$target/wasm32-wasip1/release/probe-p1.wasm" probe-p1.wasm
 place "$target/wasm32-wasip2/release/hello_http.wasm" hello-http.wasm
 place "$target/wasm32-wasip2/release/init_heavy_http.wasm" init-heavy-http.wasm
 place "$target/wasm32-wasip2/release/outbound_http.wasm" outbound-http.wasm
+for p3 in p3_hello p3_echo p3_probe p3_init_heavy; do
+  place "$target/wasm32-wasip2/release/$p3.wasm" "${p3//_/-}.wasm"
+done
 for wat in wat/*.wat; do
   place "$wat" "$(basename "$wat")"
 done

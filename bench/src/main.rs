@@ -50,7 +50,12 @@ struct Args {
     /// The edged binary for the HTTP phase (default: next to this binary).
     #[arg(long)]
     edged: Option<PathBuf>,
-    /// Concurrent keep-alive connections of the HTTP load generator.
+    /// The real `wasmtime` 48.0.8 CLI for the HTTP phase's `wasmtime serve` rows (default: where
+    /// scripts/install-wasmtime-cli.sh puts it; the rows are skipped when it is absent).
+    #[arg(long)]
+    wasmtime: Option<PathBuf>,
+    /// Concurrent keep-alive connections of the HTTP load generator (each target is also
+    /// measured at 1).
     #[arg(long, default_value_t = 8)]
     connections: usize,
     /// Requests per HTTP target.
@@ -126,6 +131,7 @@ async fn main() -> Result<()> {
     if args.phases.iter().any(|p| p == "http") {
         let params = http::Params {
             edged: sibling_binary(args.edged.as_ref(), "edged")?,
+            wasmtime: args.wasmtime.clone().or_else(installed_wasmtime),
             connections: args.connections,
             requests: args.requests,
             emulator: emulator.clone(),
@@ -198,6 +204,15 @@ async fn main() -> Result<()> {
     report::write_svg(&report, &svg)?;
     println!("\nwrote {} and {}", json.display(), svg.display());
     Ok(())
+}
+
+/// The `wasmtime` CLI scripts/install-wasmtime-cli.sh installs, if it has.
+fn installed_wasmtime() -> Option<PathBuf> {
+    let tools = std::env::var_os("EDGED_TOOLS_DIR")
+        .map(PathBuf::from)
+        .or_else(|| dirs::home_dir().map(|home| home.join(".cache/edged/tools")))?;
+    let path = tools.join("wasmtime-48.0.8/bin/wasmtime");
+    path.exists().then_some(path)
 }
 
 /// `explicit`, or the binary `name` next to this one (where cargo builds the workspace's

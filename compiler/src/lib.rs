@@ -2,8 +2,9 @@
 //!
 //! Owns the path from the `.wasm` an operator hands us to native code a node can map and run:
 //!
-//! 1. **inspect** — is it a core module (WASI preview 1) or a component (WASI 0.2)? Is it valid?
-//!    (WAT text is accepted too and turned into a binary first.)
+//! 1. **inspect** — is it a core module (WASI preview 1), a `wasi:http@0.2` component or a
+//!    `wasi:http@0.3` one ([`GuestKind`])? Is it valid? (WAT text is accepted too and turned
+//!    into a binary first.)
 //! 2. **pre-initialize** — if it exports an init function, run it once under Wizer with every
 //!    import trapping, and snapshot the initialized memory and globals into a new module.
 //! 3. **AOT-compile** — Cranelift, once per [`Target`], with that target's documented CPU
@@ -13,6 +14,7 @@
 //! The node runs the same pipeline when it has to recompile a deployment from its source.
 
 mod fingerprint;
+mod guest_kind;
 mod preinit;
 pub mod target;
 
@@ -23,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use wasmtime::Engine;
 
 pub use fingerprint::engine_fingerprint;
+pub use guest_kind::{GuestKind, component_exports, component_imports, guest_kind};
 pub use preinit::exports_function;
 pub use target::{EngineSettings, Target, base_config};
 
@@ -62,7 +65,7 @@ pub enum CompileError {
 pub enum WasmKind {
     /// A core module; edged runs these as WASI preview 1 commands.
     Module,
-    /// A component; edged runs these as `wasi:http/proxy`.
+    /// A component; edged runs these as `wasi:http` 0.2 or 0.3 (see [`GuestKind`]).
     Component,
 }
 
@@ -136,6 +139,7 @@ impl StepTimings {
 #[derive(Debug, Clone)]
 pub struct Compiled {
     pub kind: WasmKind,
+    pub guest: GuestKind,
     /// The input as a Wasm binary (WAT is converted): what a node recompiles from.
     pub source: Vec<u8>,
     /// The init function that was run, if Wizer ran.
@@ -144,6 +148,8 @@ pub struct Compiled {
     pub preinitialized: Vec<u8>,
     pub artifacts: Vec<Artifact>,
     pub timings: StepTimings,
+    /// What the build chose not to do, one line each (e.g. why Wizer was skipped).
+    pub warnings: Vec<String>,
 }
 
 /// BLAKE3 of `bytes` as lowercase hex: the content address used throughout edged.
@@ -227,12 +233,13 @@ pub fn precompile(
 /// the [`engine_fingerprint`] (which covers the wasmtime and Wizer version and every code-affecting
 /// engine setting) it names everything besides the input and [`CompileOptions`] that decides the
 /// output. Bump the `+pipeline.N` part when a change here changes output for the same input.
-pub const PIPELINE_VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), "+pipeline.1");
+pub const PIPELINE_VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), "+pipeline.2");
 
 /// The input after inspection, validation and pre-initialization: what every target compiles.
 #[derive(Debug, Clone)]
 pub struct Prepared {
     pub kind: WasmKind,
+    pub guest: GuestKind,
     /// The input as a Wasm binary (WAT is converted).
     pub source: Vec<u8>,
     /// The init function that was run, if Wizer ran.
@@ -240,6 +247,8 @@ pub struct Prepared {
     /// The Wizer snapshot when Wizer ran, else the source.
     pub preinitialized: Vec<u8>,
     pub timings: StepTimings,
+    /// What the build chose not to do, one line each (e.g. why Wizer was skipped).
+    pub warnings: Vec<String>,
 }
 
 /// The target whose engine validates the input and runs its init function: the host when edged
@@ -262,6 +271,8 @@ fn prepare_with(
     let mut timings = StepTimings::default();
     let (kind, source) = to_binary(input)?;
     timings.record("validate", || validate(run_engine, kind, &source))?;
+    let guest = guest_kind(kind, &source)?;
+    let mut warnings = Vec::new();
 
     let init_func = match &options.init {
         InitPolicy::Skip => None,
@@ -274,18 +285,35 @@ fn prepare_with(
         InitPolicy::IfExported => preinit::exports_func(kind, &source, DEFAULT_INIT_FUNC)
             .then(|| DEFAULT_INIT_FUNC.to_string()),
     };
-    let preinitialized = match &init_func {
-        Some(init) => timings.record(format!("wizer ({init})"), || {
+    let snapshot = init_func.as_ref().map(|init| {
+        timings.record(format!("wizer ({init})"), || {
             preinit::preinitialize(run_engine, kind, &source, init, options)
-        })?,
-        None => source.to_vec(),
+        })
+    });
+    let (init_func, preinitialized) = match snapshot {
+        None => (None, source.to_vec()),
+        Some(Ok(snapshot)) => (init_func, snapshot),
+        // Wizer cannot yet snapshot every wasi:http 0.3 component (the async ABI's tasks and
+        // streams are state it does not capture). Unless the operator asked for this init
+        // function by name, such a guest is still worth serving, just without pre-initialization.
+        Some(Err(CompileError::Preinit { init, reason }))
+            if guest == GuestKind::HttpP3 && options.init == InitPolicy::IfExported =>
+        {
+            warnings.push(format!(
+                "not pre-initialized: Wizer cannot snapshot this wasi:http 0.3 component                  ({init}: {reason}); it runs `{init}` never, and starts from its data segments"
+            ));
+            (None, source.to_vec())
+        }
+        Some(Err(e)) => return Err(e),
     };
     Ok(Prepared {
         kind,
+        guest,
         source: source.into_owned(),
         init_func,
         preinitialized,
         timings,
+        warnings,
     })
 }
 
@@ -314,10 +342,12 @@ pub fn compile(input: &[u8], options: &CompileOptions) -> Result<Compiled, Compi
     let run_engine = engine_for(run_target, &options.engine)?;
     let Prepared {
         kind,
+        guest,
         source,
         init_func,
         preinitialized,
         mut timings,
+        warnings,
     } = prepare_with(&run_engine, input, options)?;
 
     let mut artifacts = Vec::with_capacity(options.targets.len());
@@ -333,10 +363,12 @@ pub fn compile(input: &[u8], options: &CompileOptions) -> Result<Compiled, Compi
     }
     Ok(Compiled {
         kind,
+        guest,
         source,
         init_func,
         preinitialized,
         artifacts,
         timings,
+        warnings,
     })
 }

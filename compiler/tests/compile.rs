@@ -179,3 +179,50 @@ fn init_exports_are_found_at_the_top_level_only() {
     assert!(!exports_function(&module, "memory"));
     assert!(!exports_function(b"not wasm", "wizer-initialize"));
 }
+
+#[test]
+fn guest_kinds_are_read_from_exports() {
+    use edged_compiler::GuestKind;
+    let options = CompileOptions {
+        targets: vec![Target::host().unwrap()],
+        ..CompileOptions::default()
+    };
+    for (file, kind) in [
+        ("probe-p1.wasm", GuestKind::P1Command),
+        ("hello-http.wasm", GuestKind::HttpP2),
+        ("p3-hello.wasm", GuestKind::HttpP3),
+        ("p3-echo.wasm", GuestKind::HttpP3),
+    ] {
+        let prepared = edged_compiler::prepare(&guest_bytes(file), &options).unwrap();
+        assert_eq!(prepared.guest, kind, "{file}");
+    }
+}
+
+#[test]
+fn a_component_serving_no_wasi_http_version_is_refused_by_name() {
+    let err = compile(
+        br#"(component (core module $m (func (export "f"))) (core instance (instantiate $m)))"#,
+        &CompileOptions::default(),
+    )
+    .unwrap_err();
+    let CompileError::Invalid { reason, .. } = &err else {
+        panic!("expected Invalid, got {err:?}")
+    };
+    assert!(reason.contains("wasi:http/handler@0.3.x"), "{reason}");
+    assert!(reason.contains("exports nothing"), "{reason}");
+}
+
+#[test]
+fn a_p3_component_with_an_init_function_is_preinitialized() {
+    let heavy = compile(
+        &guest_bytes("p3-init-heavy.wasm"),
+        &CompileOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(heavy.guest, edged_compiler::GuestKind::HttpP3);
+    assert_eq!(heavy.init_func.as_deref(), Some("wizer-initialize"));
+    assert!(heavy.warnings.is_empty(), "{:?}", heavy.warnings);
+    // The snapshot carries the 4 MiB table as data.
+    assert!(heavy.preinitialized.len() > heavy.source.len() + (4 << 20));
+    assert_eq!(heavy.artifacts.len(), 2);
+}

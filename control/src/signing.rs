@@ -225,6 +225,8 @@ mod tests {
             }],
             route: None,
             limits: None,
+            guest: None,
+            instances: None,
         }
     }
 

@@ -431,7 +431,7 @@ impl Deployments {
             items.push(DeploymentInfo {
                 fleet_record: self.fleet_record_info(&m.name)?,
                 active: store.active_version(&m.name)? == Some(m.version),
-                kind: m.kind.to_string(),
+                kind: m.guest_kind().to_string(),
                 route: self.serving.route_of(&m),
                 init_func: m.init_func.clone(),
                 signer,

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 use edged_compiler::{
-    Artifact, CompileOptions, Compiled, InitPolicy, StepTimings, Target, WasmKind,
+    Artifact, CompileOptions, Compiled, GuestKind, InitPolicy, StepTimings, Target, WasmKind,
 };
 use edged_snapshots::Manifest;
 use serde::{Deserialize, Serialize};
@@ -142,7 +142,10 @@ pub struct Built {
 #[derive(Serialize, Deserialize)]
 struct PrepareFacts {
     kind: WasmKind,
+    guest: GuestKind,
     init_func: Option<String>,
+    #[serde(default)]
+    warnings: Vec<String>,
 }
 
 /// An `aot` entry's bytes are the artifact; its BLAKE3 is checked on read and is the artifact's.
@@ -165,8 +168,13 @@ pub fn compile_file(
     cache: Option<&CompileCache>,
 ) -> Result<Built> {
     let bytes = std::fs::read(input).with_context(|| format!("reading {}", input.display()))?;
-    compile_cached(&bytes, &args.options()?, cache)
-        .with_context(|| format!("building {}", input.display()))
+    let built = compile_cached(&bytes, &args.options()?, cache)
+        .with_context(|| format!("building {}", input.display()))?;
+    // What the build chose not to do, on stderr so `--json` output stays parseable.
+    for warning in &built.compiled.warnings {
+        eprintln!("note: {}: {warning}", input.display());
+    }
+    Ok(built)
 }
 
 /// [`edged_compiler::compile`] step by step, each step's output looked up in `cache` first and
@@ -208,7 +216,7 @@ pub fn compile_cached(
     ]);
     let started = Instant::now();
     let lookup = cache.map(|c| c.get::<PrepareFacts>(&prepare_key));
-    let (kind, init_func, preinitialized) = match lookup {
+    let (kind, guest, init_func, preinitialized, warnings) = match lookup {
         Some(Lookup::Hit(entry)) => {
             let ms = started.elapsed().as_secs_f64() * 1e3;
             let facts = entry.facts;
@@ -229,7 +237,13 @@ pub fn compile_cached(
                 Some(bytes) => bytes,
                 None => source.to_vec(),
             };
-            (facts.kind, facts.init_func, preinitialized)
+            (
+                facts.kind,
+                facts.guest,
+                facts.init_func,
+                preinitialized,
+                facts.warnings,
+            )
         }
         lookup => {
             let outcome = outcome_of_miss(lookup.as_ref());
@@ -238,7 +252,9 @@ pub fn compile_cached(
             if let Some(cache) = cache {
                 let facts = PrepareFacts {
                     kind: prepared.kind,
+                    guest: prepared.guest,
                     init_func: prepared.init_func.clone(),
+                    warnings: prepared.warnings.clone(),
                 };
                 // Without Wizer the output is the source itself: store no second copy.
                 let file = prepared
@@ -247,7 +263,13 @@ pub fn compile_cached(
                     .then_some(("wasm", &prepared.preinitialized[..]));
                 store(cache, &prepare_key, "prepare", &facts, file);
             }
-            (prepared.kind, prepared.init_func, prepared.preinitialized)
+            (
+                prepared.kind,
+                prepared.guest,
+                prepared.init_func,
+                prepared.preinitialized,
+                prepared.warnings,
+            )
         }
     };
 
@@ -317,11 +339,13 @@ pub fn compile_cached(
     Ok(Built {
         compiled: Compiled {
             kind,
+            guest,
             source: source.into_owned(),
             init_func,
             preinitialized,
             artifacts,
             timings,
+            warnings,
         },
         steps,
     })
@@ -423,7 +447,7 @@ pub fn build(args: BuildArgs, cache: &CacheArgs) -> Result<()> {
         "{} v{} ({}, {})",
         manifest.name,
         manifest.version,
-        compiled.kind,
+        compiled.guest,
         match &compiled.init_func {
             Some(init) => format!("pre-initialized with `{init}`"),
             None => "not pre-initialized".to_string(),

@@ -13,7 +13,7 @@ use edged_control::pacing::Pacer;
 use edged_control::signing::{SignedManifest, signing_key_from_hex};
 use edged_control::transport::{read_frame, write_frame};
 use edged_control::wire::{Request, Response};
-use edged_snapshots::Manifest;
+use edged_snapshots::{InstanceReuse, Manifest};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::build::{Built, CacheArgs, CompileArgs, deployment_name, now_secs, print_steps};
@@ -156,6 +156,16 @@ pub struct PushArgs {
     /// Route prefix (default: /<name>).
     #[arg(long)]
     pub route: Option<String>,
+    /// Requests one instance may serve before it is dropped (1: a fresh instance per request).
+    /// Default: the guest kind's (fresh for wasi:http 0.2, 128 for wasi:http 0.3).
+    #[arg(long, value_name = "N")]
+    pub reuse: Option<u64>,
+    /// Requests one wasi:http 0.3 instance may serve at once (default 16).
+    #[arg(long, value_name = "N")]
+    pub reuse_concurrent: Option<u64>,
+    /// Milliseconds an idle reused instance is kept (default 1000).
+    #[arg(long, value_name = "MS")]
+    pub reuse_idle_ms: Option<u64>,
     /// Store without activating.
     #[arg(long)]
     pub no_activate: bool,
@@ -189,7 +199,7 @@ pub async fn push(
     if !target.json {
         println!(
             "built {name} ({}, {} targets)",
-            compiled.kind,
+            compiled.guest,
             compiled.artifacts.len()
         );
         print_steps(&steps);
@@ -212,6 +222,12 @@ pub async fn push(
     };
     let mut manifest = Manifest::from_compiled(&name, version, now_secs(), &compiled);
     manifest.route = args.route.clone();
+    let reuse = InstanceReuse {
+        requests: args.reuse,
+        concurrent: args.reuse_concurrent,
+        idle_timeout_ms: args.reuse_idle_ms,
+    };
+    manifest.instances = (reuse != InstanceReuse::default()).then_some(reuse);
     let id = manifest.id();
     let signed = SignedManifest::sign(manifest, &key);
 

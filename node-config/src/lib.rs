@@ -17,6 +17,12 @@ use serde::Deserialize;
 use toml::Spanned;
 
 /// The dev default: state in `./.edged-dev`, HTTP on 127.0.0.1:8080, no functions declared.
+mod instances;
+pub use instances::{
+    InstancePolicy, InstanceSetting, MAX_CONCURRENT_PER_INSTANCE, MAX_IDLE_TIMEOUT_MS,
+    MAX_REQUESTS_PER_INSTANCE,
+};
+
 pub const DEV_DEFAULT: &str = include_str!("../dev-default.toml");
 
 #[derive(Debug, thiserror::Error)]
@@ -167,6 +173,8 @@ pub struct FunctionConfig {
     pub host: Option<String>,
     pub init: InitSetting,
     pub limits: Limits,
+    /// Instance reuse asked for; resolved against the guest's kind when it is prepared.
+    pub instances: InstanceSetting,
     /// The only environment variables the guest sees (CGI variables aside).
     pub env: BTreeMap<String, String>,
     pub dirs: Vec<DirGrant>,
@@ -415,6 +423,8 @@ struct RawFunction {
     #[serde(default)]
     limits: RawLimits,
     #[serde(default)]
+    instances: RawInstances,
+    #[serde(default)]
     env: BTreeMap<String, String>,
     #[serde(default)]
     dirs: Vec<RawDir>,
@@ -440,6 +450,15 @@ impl Default for RawLimits {
             max_body_kib: Spanned::new(0..0, 1024),
         }
     }
+}
+
+/// `[function.instances]`: absent values take the guest kind's default.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawInstances {
+    requests: Option<Spanned<u64>>,
+    concurrent: Option<Spanned<u64>>,
+    idle_timeout_ms: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize)]
@@ -966,6 +985,7 @@ fn validate_function(
         "limits.max_body_kib",
         err_at,
     )?;
+    let instances = validate_instances(&f.instances, err_at)?;
     let mut dirs = Vec::new();
     for d in &f.dirs {
         let host_dir = resolve(d.host.get_ref());
@@ -1004,6 +1024,7 @@ fn validate_function(
             max_concurrency,
             max_body_bytes,
         },
+        instances,
         env: f.env.clone(),
         dirs,
         outbound_hosts: f
@@ -1011,6 +1032,42 @@ fn validate_function(
             .iter()
             .map(|h| h.to_ascii_lowercase())
             .collect(),
+    })
+}
+
+fn validate_instances(
+    raw: &RawInstances,
+    err_at: &impl Fn(std::ops::Range<usize>, String) -> ConfigError,
+) -> Result<InstanceSetting, ConfigError> {
+    let check = |value: &Option<Spanned<u64>>, field: &str, max: u64, why: &str| {
+        value
+            .as_ref()
+            .map(|v| in_range(v, field, 1, max, why, err_at))
+            .transpose()
+    };
+    let requests = check(
+        &raw.requests,
+        "instances.requests",
+        MAX_REQUESTS_PER_INSTANCE,
+        " (1 = a fresh instance per request)",
+    )?;
+    let concurrent = check(
+        &raw.concurrent,
+        "instances.concurrent",
+        MAX_CONCURRENT_PER_INSTANCE,
+        "",
+    )?;
+    let idle = check(
+        &raw.idle_timeout_ms,
+        "instances.idle_timeout_ms",
+        MAX_IDLE_TIMEOUT_MS,
+        " (one hour)",
+    )?;
+    // The maxima fit in u32.
+    Ok(InstanceSetting {
+        requests: requests.map(|v| v as u32),
+        concurrent: concurrent.map(|v| v as u32),
+        idle_timeout: idle.map(Duration::from_millis),
     })
 }
 
@@ -1165,7 +1222,7 @@ mod tests {
         let control = "[control]\nlisten = \"127.0.0.1:0\"\nidentity_dir = \"id\"\n";
         let mut text = String::new();
         match section {
-            "function.limits" => text.push_str(function),
+            "function.limits" | "function.instances" => text.push_str(function),
             "sync" => text.push_str(control),
             _ => {}
         }
@@ -1210,6 +1267,27 @@ mod tests {
             MAX_CONCURRENCY as u64,
         ),
         ("function.limits", "", "max_body_kib", 1, MAX_BODY_KIB),
+        (
+            "function.instances",
+            "",
+            "requests",
+            1,
+            MAX_REQUESTS_PER_INSTANCE,
+        ),
+        (
+            "function.instances",
+            "",
+            "concurrent",
+            1,
+            MAX_CONCURRENT_PER_INSTANCE,
+        ),
+        (
+            "function.instances",
+            "",
+            "idle_timeout_ms",
+            1,
+            MAX_IDLE_TIMEOUT_MS,
+        ),
         ("sync", "", "interval_ms", 100, MAX_SYNC_INTERVAL_MS),
         ("sync", "", "max_transfers", 1, MAX_TRANSFERS as u64),
         (
@@ -1306,6 +1384,38 @@ mod tests {
         );
         let (text, _) = config_with("function.limits", "", "max_body_kib", "0");
         assert!(parse(&text).unwrap_err().reason.contains("max_body_kib"));
+    }
+
+    #[test]
+    fn instance_reuse_is_read_and_range_checked() {
+        let (text, _) = config_with("function.instances", "", "requests", "1000");
+        let c = parse(&format!("{text}concurrent = 8\nidle_timeout_ms = 250\n")).unwrap();
+        assert_eq!(
+            c.functions[0].instances,
+            InstanceSetting {
+                requests: Some(1000),
+                concurrent: Some(8),
+                idle_timeout: Some(Duration::from_millis(250)),
+            }
+        );
+        let (text, _) = config_with("function.instances", "", "requests", "0");
+        assert_eq!(
+            parse(&text).unwrap_err().to_string(),
+            "edged.toml:6: instances.requests must be between 1 and 1000000 (1 = a fresh \
+             instance per request), not 0"
+        );
+        let (text, _) = config_with("function.instances", "", "concurrency", "2");
+        assert!(
+            parse(&text)
+                .unwrap_err()
+                .reason
+                .contains("unknown field `concurrency`")
+        );
+        let (text, _) = config_with("function.limits", "", "timeout_ms", "100");
+        assert_eq!(
+            parse(&text).unwrap().functions[0].instances,
+            InstanceSetting::default()
+        );
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! It names every blob a deployment needs by BLAKE3 hash, so the store can check a manifest is
 //! complete before indexing it, and a node can check any bytes it is handed against it.
 
-use edged_compiler::{Target, WasmKind};
+use edged_compiler::{GuestKind, Target, WasmKind};
 use serde::{Deserialize, Serialize};
 
 /// A blob by content address.
@@ -42,6 +42,28 @@ pub struct Manifest {
     /// Per-request limits (default: the node's defaults).
     #[serde(default)]
     pub limits: Option<DeploymentLimits>,
+    /// How a node runs it, as the compiler read it from the exports. Fields added after the
+    /// first release are left out of the encoding when unset, so manifests signed before them
+    /// keep their canonical bytes (and signatures).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest: Option<GuestKind>,
+    /// Instance reuse the deployment asks for (default: its guest kind's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instances: Option<InstanceReuse>,
+}
+
+/// Instance reuse a deployment asks for; each unset value takes the guest kind's default.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceReuse {
+    /// Requests one instance serves before it is dropped (1: fresh per request).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests: Option<u64>,
+    /// Requests one instance serves at once (wasi:http 0.3 only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrent: Option<u64>,
+    /// An idle instance is dropped after this many milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout_ms: Option<u64>,
 }
 
 /// Per-request limits a deployment asks for.
@@ -63,6 +85,15 @@ impl Manifest {
     pub fn blob_hashes(&self) -> impl Iterator<Item = &str> {
         std::iter::once(self.source.blake3.as_str())
             .chain(self.artifacts.iter().map(|a| a.blake3.as_str()))
+    }
+
+    /// How a node runs it: the compiler's record, or for manifests from before that record,
+    /// what the binary kind implies (components were all `wasi:http` 0.2 then).
+    pub fn guest_kind(&self) -> GuestKind {
+        self.guest.unwrap_or(match self.kind {
+            WasmKind::Module => GuestKind::P1Command,
+            WasmKind::Component => GuestKind::HttpP2,
+        })
     }
 
     pub fn artifact_for(&self, target: Target, fingerprint: &str) -> Option<&ArtifactRef> {
@@ -118,6 +149,8 @@ impl Manifest {
                 .collect(),
             route: None,
             limits: None,
+            guest: Some(compiled.guest),
+            instances: None,
         }
     }
 }

@@ -70,6 +70,8 @@ fn churn(dir: &str) -> ! {
             }],
             route: None,
             limits: None,
+            guest: None,
+            instances: None,
         };
         store.put_manifest(&manifest).unwrap();
         store.activate(&name, version).unwrap();

@@ -185,6 +185,8 @@ mod tests {
             artifacts: Vec::new(),
             route: None,
             limits: None,
+            guest: None,
+            instances: None,
         };
         SignedManifest {
             manifest,
