@@ -13,6 +13,8 @@ if [ -x "$bin" ] && "$bin" --version 2>/dev/null | grep -q "^wasmtime $version";
 fi
 mkdir -p "$root"
 echo "building wasmtime-cli $version into $root (once; takes a while)" >&2
-cargo install wasmtime-cli --version "$version" --locked --root "$root" --quiet >&2
+# A build dir of its own, kept: an interrupted build resumes where it stopped.
+cargo install wasmtime-cli --version "$version" --locked --root "$root" \
+  --target-dir "$root/build" --quiet >&2
 "$bin" --version >&2
 echo "$bin"

@@ -358,7 +358,9 @@ async fn start_real_wasmtime_serve(
     wasm: &Path,
     flags: &[&str],
 ) -> Result<RealWasmtimeServe> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
     let child = std::process::Command::new(wasmtime)
         .arg("serve")
@@ -454,15 +456,50 @@ pub async fn run(params: &Params, work: &Path) -> Result<(Vec<Summary>, Vec<Rati
     }
     let reuse_toml: &'static str = "instances = { requests = 1000 }\n";
     let mut guests = vec![
-        BenchFunction { name: "hello", route: "/hello", wasm: p2_hello.clone(), extra: "" },
-        BenchFunction { name: "hello-reuse", route: "/hello-reuse", wasm: p2_hello.clone(), extra: reuse_toml },
-        BenchFunction { name: "p3", route: "/p3", wasm: p3_hello.clone(), extra: "" },
-        BenchFunction { name: "heavy", route: "/heavy", wasm: edged_testkit::guest("init-heavy-http.wasm"), extra: "" },
-        BenchFunction { name: "cgi", route: "/cgi", wasm: edged_testkit::guest("init-heavy-p1.wasm"), extra: "" },
+        BenchFunction {
+            name: "hello",
+            route: "/hello",
+            wasm: p2_hello.clone(),
+            extra: "",
+        },
+        BenchFunction {
+            name: "hello-reuse",
+            route: "/hello-reuse",
+            wasm: p2_hello.clone(),
+            extra: reuse_toml,
+        },
+        BenchFunction {
+            name: "p3",
+            route: "/p3",
+            wasm: p3_hello.clone(),
+            extra: "",
+        },
+        BenchFunction {
+            name: "heavy",
+            route: "/heavy",
+            wasm: edged_testkit::guest("init-heavy-http.wasm"),
+            extra: "",
+        },
+        BenchFunction {
+            name: "cgi",
+            route: "/cgi",
+            wasm: edged_testkit::guest("init-heavy-p1.wasm"),
+            extra: "",
+        },
     ];
     if let Some(python) = &python {
-        guests.push(BenchFunction { name: "py", route: "/py", wasm: python.clone(), extra: "" });
-        guests.push(BenchFunction { name: "py-reuse", route: "/py-reuse", wasm: python.clone(), extra: reuse_toml });
+        guests.push(BenchFunction {
+            name: "py",
+            route: "/py",
+            wasm: python.clone(),
+            extra: "",
+        });
+        guests.push(BenchFunction {
+            name: "py-reuse",
+            route: "/py-reuse",
+            wasm: python.clone(),
+            extra: reuse_toml,
+        });
     }
     let edged = start_edged(params, work, &guests)?;
     let floor = start_floor_server()?;
@@ -480,16 +517,46 @@ pub async fn run(params: &Params, work: &Path) -> Result<(Vec<Summary>, Vec<Rati
     };
     let mut targets = vec![
         target("http: bare hyper floor", floor, "/", n),
-        target("http: in-process wasmtime p2 hello (floor 2)", serve.addr, "/", n),
+        target(
+            "http: in-process wasmtime p2 hello (floor 2)",
+            serve.addr,
+            "/",
+            n,
+        ),
         target("http: edged p2 hello (fresh)", edged.http, "/hello", n),
-        target("http: edged p2 hello (reuse)", edged.http, "/hello-reuse", n),
+        target(
+            "http: edged p2 hello (reuse)",
+            edged.http,
+            "/hello-reuse",
+            n,
+        ),
         target("http: edged p3 hello (defaults)", edged.http, "/p3", n),
-        target("http: edged init-heavy p2 (Wizer)", edged.http, "/heavy?key=4242", n),
-        target("http: edged init-heavy p1 CGI (Wizer)", edged.http, "/cgi?key=4242", n),
+        target(
+            "http: edged init-heavy p2 (Wizer)",
+            edged.http,
+            "/heavy?key=4242",
+            n,
+        ),
+        target(
+            "http: edged init-heavy p1 CGI (Wizer)",
+            edged.http,
+            "/cgi?key=4242",
+            n,
+        ),
     ];
     if python.is_some() {
-        targets.push(target("http: edged python hello (fresh)", edged.http, "/py", n / 8));
-        targets.push(target("http: edged python hello (reuse)", edged.http, "/py-reuse", n));
+        targets.push(target(
+            "http: edged python hello (fresh)",
+            edged.http,
+            "/py",
+            n / 8,
+        ));
+        targets.push(target(
+            "http: edged python hello (reuse)",
+            edged.http,
+            "/py-reuse",
+            n,
+        ));
     }
     // The real `wasmtime serve`, one process per configuration, each started when its turn
     // comes so that only one of them holds memory and threads at a time.
@@ -497,12 +564,37 @@ pub async fn run(params: &Params, work: &Path) -> Result<(Vec<Summary>, Vec<Rati
     let mut real: Vec<(String, PathBuf, Vec<String>, usize)> = Vec::new();
     match &params.wasmtime {
         Some(_) => {
-            real.push(("http: wasmtime serve p2 hello (defaults)".into(), p2_hello.clone(), vec![], n));
-            real.push(("http: wasmtime serve p2 hello (reuse)".into(), p2_hello.clone(), vec![reuse_flag.clone()], n));
-            real.push(("http: wasmtime serve p3 hello (defaults)".into(), p3_hello.clone(), vec![], n));
+            real.push((
+                "http: wasmtime serve p2 hello (defaults)".into(),
+                p2_hello.clone(),
+                vec![],
+                n,
+            ));
+            real.push((
+                "http: wasmtime serve p2 hello (reuse)".into(),
+                p2_hello.clone(),
+                vec![reuse_flag.clone()],
+                n,
+            ));
+            real.push((
+                "http: wasmtime serve p3 hello (defaults)".into(),
+                p3_hello.clone(),
+                vec![],
+                n,
+            ));
             if let Some(python) = &python {
-                real.push(("http: wasmtime serve python hello (defaults)".into(), python.clone(), vec![], n / 8));
-                real.push(("http: wasmtime serve python hello (reuse)".into(), python.clone(), vec![reuse_flag.clone()], n));
+                real.push((
+                    "http: wasmtime serve python hello (defaults)".into(),
+                    python.clone(),
+                    vec![],
+                    n / 8,
+                ));
+                real.push((
+                    "http: wasmtime serve python hello (reuse)".into(),
+                    python.clone(),
+                    vec![reuse_flag.clone()],
+                    n,
+                ));
             }
         }
         None => println!(
@@ -515,24 +607,33 @@ pub async fn run(params: &Params, work: &Path) -> Result<(Vec<Summary>, Vec<Rati
     // Requests/s by (row name, connections).
     let mut rps_of = std::collections::HashMap::new();
     let mut p50_of = std::collections::HashMap::new();
-    let connection_counts = if params.connections > 1 { vec![1, params.connections] } else { vec![1] };
-    let mut measure = async |name: &str, addr: SocketAddr, path: &str, requests: usize| -> Result<()> {
-        for &connections in &connection_counts {
-            // Warm-up: connections, page cache, CPU frequency, instances.
-            load(addr, path, connections, (connections * 20).max(40)).await?;
-            let (samples, rps) = load(addr, path, connections, requests.max(connections * 20)).await?;
-            let row = format!("{name} ×{connections}");
-            phases.push(summarize(&row, &samples));
-            p50_of.insert(row.clone(), phases.last().map(|p: &Summary| p.p50_us).unwrap_or(0.0));
-            rps_of.insert(row.clone(), rps);
-            figures.push(Figure {
-                name: format!("{row}: requests/s"),
-                value: rps,
-                unit: "req/s".into(),
-            });
-        }
-        Ok(())
+    let connection_counts = if params.connections > 1 {
+        vec![1, params.connections]
+    } else {
+        vec![1]
     };
+    let mut measure =
+        async |name: &str, addr: SocketAddr, path: &str, requests: usize| -> Result<()> {
+            for &connections in &connection_counts {
+                // Warm-up: connections, page cache, CPU frequency, instances.
+                load(addr, path, connections, (connections * 20).max(40)).await?;
+                let (samples, rps) =
+                    load(addr, path, connections, requests.max(connections * 20)).await?;
+                let row = format!("{name} ×{connections}");
+                phases.push(summarize(&row, &samples));
+                p50_of.insert(
+                    row.clone(),
+                    phases.last().map(|p: &Summary| p.p50_us).unwrap_or(0.0),
+                );
+                rps_of.insert(row.clone(), rps);
+                figures.push(Figure {
+                    name: format!("{row}: requests/s"),
+                    value: rps,
+                    unit: "req/s".into(),
+                });
+            }
+            Ok(())
+        };
     for t in &targets {
         measure(&t.name, t.addr, t.path, t.requests).await?;
     }
@@ -547,7 +648,10 @@ pub async fn run(params: &Params, work: &Path) -> Result<(Vec<Summary>, Vec<Rati
     }
     if let Some(kib) = idle_rss {
         figures.push(Figure {
-            name: format!("edged idle RSS with the {} bench functions prepared", guests.len()),
+            name: format!(
+                "edged idle RSS with the {} bench functions prepared",
+                guests.len()
+            ),
             value: kib as f64 / 1024.0,
             unit: "MiB".into(),
         });
@@ -564,18 +668,92 @@ pub async fn run(params: &Params, work: &Path) -> Result<(Vec<Summary>, Vec<Rati
     };
     let div = |a: Option<f64>, b: Option<f64>| Some(a? / b?);
     let floor = "http: bare hyper floor";
-    ratio("http p50 ×1: edged p3 hello / bare-hyper floor".into(), div(p50("http: edged p3 hello (defaults)"), p50(floor)), "<= 1.5", |v| v <= 1.5);
-    ratio("http p50 ×1: edged p2 hello / bare-hyper floor".into(), div(p50("http: edged p2 hello (fresh)"), p50(floor)), "<= 1.5", |v| v <= 1.5);
-    ratio("http p50 ×1: edged p2 hello / in-process wasmtime (floor 2)".into(), div(p50("http: edged p2 hello (fresh)"), p50("http: in-process wasmtime p2 hello (floor 2)")), "<= 1.2", |v| v <= 1.2);
-    ratio("http p50 ×1: init-heavy p2 / p2 hello".into(), div(p50("http: edged init-heavy p2 (Wizer)"), p50("http: edged p2 hello (fresh)")), "<= 2.0", |v| v <= 2.0);
+    ratio(
+        "http p50 ×1: edged p3 hello / bare-hyper floor".into(),
+        div(p50("http: edged p3 hello (defaults)"), p50(floor)),
+        "<= 1.5",
+        |v| v <= 1.5,
+    );
+    ratio(
+        "http p50 ×1: edged p2 hello / bare-hyper floor".into(),
+        div(p50("http: edged p2 hello (fresh)"), p50(floor)),
+        "<= 1.5",
+        |v| v <= 1.5,
+    );
+    ratio(
+        "http p50 ×1: edged p2 hello / in-process wasmtime (floor 2)".into(),
+        div(
+            p50("http: edged p2 hello (fresh)"),
+            p50("http: in-process wasmtime p2 hello (floor 2)"),
+        ),
+        "<= 1.2",
+        |v| v <= 1.2,
+    );
+    ratio(
+        "http p50 ×1: init-heavy p2 / p2 hello".into(),
+        div(
+            p50("http: edged init-heavy p2 (Wizer)"),
+            p50("http: edged p2 hello (fresh)"),
+        ),
+        "<= 2.0",
+        |v| v <= 2.0,
+    );
     for c in [1, wide] {
         let vs = |edged_row: &str, serve_row: &str| div(rps(edged_row, c), rps(serve_row, c));
-        ratio(format!("req/s ×{c}: edged / wasmtime serve, p2 hello, both defaults"), vs("http: edged p2 hello (fresh)", "http: wasmtime serve p2 hello (defaults)"), ">= 3", |v| v >= 3.0);
-        ratio(format!("req/s ×{c}: edged / wasmtime serve, p2 hello, both reuse"), vs("http: edged p2 hello (reuse)", "http: wasmtime serve p2 hello (reuse)"), ">= 1.5", |v| v >= 1.5);
-        ratio(format!("req/s ×{c}: edged / wasmtime serve, p3 hello, both defaults"), vs("http: edged p3 hello (defaults)", "http: wasmtime serve p3 hello (defaults)"), ">= 1.5", |v| v >= 1.5);
-        ratio(format!("req/s ×{c}: edged python hello, reuse / fresh"), vs("http: edged python hello (reuse)", "http: edged python hello (fresh)"), ">= 10", |v| v >= 10.0);
-        ratio(format!("req/s ×{c}: edged / wasmtime serve, python hello, both reuse"), vs("http: edged python hello (reuse)", "http: wasmtime serve python hello (reuse)"), ">= 1.2", |v| v >= 1.2);
-        ratio(format!("req/s ×{c}: edged / wasmtime serve, python hello, both fresh"), vs("http: edged python hello (fresh)", "http: wasmtime serve python hello (defaults)"), "info", |_| true);
+        ratio(
+            format!("req/s ×{c}: edged / wasmtime serve, p2 hello, both defaults"),
+            vs(
+                "http: edged p2 hello (fresh)",
+                "http: wasmtime serve p2 hello (defaults)",
+            ),
+            ">= 3",
+            |v| v >= 3.0,
+        );
+        ratio(
+            format!("req/s ×{c}: edged / wasmtime serve, p2 hello, both reuse"),
+            vs(
+                "http: edged p2 hello (reuse)",
+                "http: wasmtime serve p2 hello (reuse)",
+            ),
+            ">= 1.5",
+            |v| v >= 1.5,
+        );
+        ratio(
+            format!("req/s ×{c}: edged / wasmtime serve, p3 hello, both defaults"),
+            vs(
+                "http: edged p3 hello (defaults)",
+                "http: wasmtime serve p3 hello (defaults)",
+            ),
+            ">= 1.5",
+            |v| v >= 1.5,
+        );
+        ratio(
+            format!("req/s ×{c}: edged python hello, reuse / fresh"),
+            vs(
+                "http: edged python hello (reuse)",
+                "http: edged python hello (fresh)",
+            ),
+            ">= 10",
+            |v| v >= 10.0,
+        );
+        ratio(
+            format!("req/s ×{c}: edged / wasmtime serve, python hello, both reuse"),
+            vs(
+                "http: edged python hello (reuse)",
+                "http: wasmtime serve python hello (reuse)",
+            ),
+            ">= 1.2",
+            |v| v >= 1.2,
+        );
+        ratio(
+            format!("req/s ×{c}: edged / wasmtime serve, python hello, both fresh"),
+            vs(
+                "http: edged python hello (fresh)",
+                "http: wasmtime serve python hello (defaults)",
+            ),
+            "info",
+            |_| true,
+        );
     }
     Ok((phases, ratios, figures))
 }
