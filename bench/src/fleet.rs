@@ -9,6 +9,10 @@
 //! a deploy script would, and the clock runs from the first push's start until every one of them
 //! serves it. Sync convergence over that is the figure to quote; the absolute times say more
 //! about the machine than about sync.
+//!
+//! With Debian's `docker-registry` installed, each round also measures the registry as the
+//! origin ([`crate::registry_fleet`]): deploy from a registry to one node and sync, and every
+//! node pulling from the registry, with the registry's egress in copies of the blobs.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -22,6 +26,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 
 use crate::process::{self, EdgedProcess};
+use crate::registry_fleet::{self, RegistryRound};
 use crate::report::{Figure, Ratio};
 use crate::stats::{Summary, summarize};
 
@@ -42,22 +47,22 @@ const CONVERGE_TIMEOUT: Duration = Duration::from_secs(180);
 /// Probe interval while waiting for a node; the arrival times are this coarse.
 const POLL: Duration = Duration::from_millis(20);
 /// The nodes' `interval_ms`: how often each asks its peers what they hold.
-const SYNC_INTERVAL: Duration = Duration::from_secs(1);
+pub(crate) const SYNC_INTERVAL: Duration = Duration::from_secs(1);
 /// Goal for the origin's egress, in copies of the deployment's blobs.
 const ORIGIN_EGRESS_GOAL: f64 = 1.1;
 
 /// One running `edged` of the fleet; killed on drop.
-struct Node {
+pub(crate) struct Node {
     _process: EdgedProcess,
-    info: NodeInfo,
+    pub(crate) info: NodeInfo,
 }
 
 /// Where a node answers and logs: what a probe task needs, without owning the process.
 #[derive(Clone)]
-struct NodeInfo {
+pub(crate) struct NodeInfo {
     name: String,
     http: SocketAddr,
-    control: SocketAddr,
+    pub(crate) control: SocketAddr,
     log: PathBuf,
 }
 
@@ -78,7 +83,7 @@ fn tail(path: &Path, lines: usize) -> String {
 
 /// Runs `edgectl --identity <operator> args...` to completion; its stdout, or an error with
 /// its stderr.
-async fn edgectl(params: &Params, operator: &Path, args: &[&str]) -> Result<String> {
+pub(crate) async fn edgectl(params: &Params, operator: &Path, args: &[&str]) -> Result<String> {
     let mut command =
         tokio::process::Command::from(process::command(&params.emulator, &params.edgectl));
     let output = command
@@ -108,7 +113,12 @@ async fn edgectl(params: &Params, operator: &Path, args: &[&str]) -> Result<Stri
 
 /// Issues node certificate `name` with the operator's key into `<dir>/<name>`, where
 /// [`start_node`] looks for it.
-async fn issue_node(params: &Params, operator: &Path, dir: &Path, name: &str) -> Result<()> {
+pub(crate) async fn issue_node(
+    params: &Params,
+    operator: &Path,
+    dir: &Path,
+    name: &str,
+) -> Result<()> {
     let out = dir.join(name);
     let out = out.to_str().context("non-UTF-8 temp path")?;
     edgectl(params, operator, &["issue-node", name, "--out", out]).await?;
@@ -118,11 +128,13 @@ async fn issue_node(params: &Params, operator: &Path, dir: &Path, name: &str) ->
 /// Starts node `name` with its certificate from `<dir>/<name>` and a fresh state dir, and waits
 /// until it prints both its addresses. `sync` is the peers it syncs with (control addresses), or
 /// `None` for no `[sync]` table at all: a node as it runs without sync, for the baseline.
-fn start_node(
+/// `extra` tables go at the end of its config.
+pub(crate) fn start_node(
     params: &Params,
     dir: &Path,
     name: &str,
     sync: Option<&[SocketAddr]>,
+    extra: &str,
 ) -> Result<Node> {
     let name = name.to_string();
     let path = |p: &str| format!("{:?}", dir.join(p).display().to_string());
@@ -149,6 +161,7 @@ fn start_node(
             "\n[engine]\ntotal_instances = {slots}\ntotal_memories = {slots}\n"
         );
     }
+    config.push_str(extra);
     let config_path = dir.join(format!("{name}.toml"));
     std::fs::write(&config_path, config)?;
     let log = dir.join(format!("{name}.log"));
@@ -207,7 +220,7 @@ fn counter(metrics: &str, name: &str) -> Option<f64> {
     (!values.is_empty()).then(|| values.iter().sum())
 }
 
-async fn node_counter(node: &NodeInfo, name: &str) -> Result<Option<f64>> {
+pub(crate) async fn node_counter(node: &NodeInfo, name: &str) -> Result<Option<f64>> {
     let (status, body) = get(node.http, "/metrics").await?;
     if status != 200 {
         bail!("{}: /metrics answered {status}", node.name);
@@ -260,7 +273,7 @@ async fn wait_for_arrival(node: NodeInfo, started: Instant) -> Result<Duration> 
 }
 
 /// The artifact target of this machine, which the nodes run.
-fn target() -> &'static str {
+pub(crate) fn target() -> &'static str {
     match std::env::consts::ARCH {
         "aarch64" => "aarch64",
         _ => "x86_64",
@@ -306,7 +319,10 @@ async fn push(
 /// Polls every node until it serves `/big`; per node, in the order given, its name and the time
 /// from `started`. Each node is polled by its own task, so one slow answer does not delay
 /// another's time. The first failure ends the wait; dropping the set stops the other probes.
-async fn wait_for_all(nodes: &[Node], started: Instant) -> Result<Vec<(String, Duration)>> {
+pub(crate) async fn wait_for_all(
+    nodes: &[Node],
+    started: Instant,
+) -> Result<Vec<(String, Duration)>> {
     let mut waits = tokio::task::JoinSet::new();
     for (i, node) in nodes.iter().enumerate() {
         let info = node.info.clone();
@@ -365,10 +381,12 @@ struct DirectPushes {
     total: Duration,
 }
 
-/// One round: the fleet with sync, then the baseline on the same module.
+/// One round: the fleet with sync, then the baseline on the same module, then (when a registry
+/// is installed) the registry-origin variants.
 struct Round {
     sync: SyncFleet,
     direct: DirectPushes,
+    registry: Option<RegistryRound>,
 }
 
 impl Round {
@@ -401,7 +419,16 @@ async fn round(params: &Params, work: &Path, index: usize) -> Result<Round> {
     // never compete for the machine's cores.
     let sync = sync_fleet(params, dir, &operator, &wasm).await?;
     let direct = direct_pushes(params, dir, &operator, &wasm).await?;
-    Ok(Round { sync, direct })
+    let registry = if registry_fleet::available() {
+        Some(registry_fleet::round(params, dir, &operator, &wasm, sync.blob_bytes).await?)
+    } else {
+        None
+    };
+    Ok(Round {
+        sync,
+        direct,
+        registry,
+    })
 }
 
 /// N nodes syncing with each other, the push to the first, and the time until every other one
@@ -420,7 +447,7 @@ async fn sync_fleet(
     let mut nodes: Vec<Node> = Vec::with_capacity(params.nodes);
     for name in &names {
         let peers: Vec<SocketAddr> = nodes.iter().map(|n| n.info.control).collect();
-        nodes.push(start_node(params, dir, name, Some(&peers))?);
+        nodes.push(start_node(params, dir, name, Some(&peers), "")?);
     }
 
     let report = push(params, operator, &nodes[0].info, wasm).await?;
@@ -476,7 +503,7 @@ async fn direct_pushes(
     }
     let mut nodes: Vec<Node> = Vec::with_capacity(names.len());
     for name in &names {
-        nodes.push(start_node(params, dir, name, None)?);
+        nodes.push(start_node(params, dir, name, None, "")?);
     }
 
     let started = Instant::now();
@@ -556,6 +583,22 @@ pub async fn run(params: &Params, work: &Path) -> Result<(Vec<Summary>, Vec<Rati
             direct.total.as_secs_f64(),
             round.ratio(),
         );
+        match &round.registry {
+            Some(reg) => println!(
+                "  registry origin: deploy to one node + sync {:.2} s (registry egress {:.2} \
+                 copies, first node served {:.2}); every node from the registry {:.2} s \
+                 (registry egress {:.2} copies)",
+                reg.with_sync.convergence.as_secs_f64(),
+                reg.with_sync.registry_copies,
+                reg.with_sync.first_node_copies.unwrap_or_default(),
+                reg.registry_only.convergence.as_secs_f64(),
+                reg.registry_only.registry_copies,
+            ),
+            None => println!(
+                "  registry origin: skipped ({} is not installed: scripts/install-test-deps.sh)",
+                registry_fleet::REGISTRY_BIN
+            ),
+        }
         rounds.push(round);
     }
 
@@ -604,6 +647,39 @@ pub async fn run(params: &Params, work: &Path) -> Result<(Vec<Summary>, Vec<Rati
         ),
     ];
 
+    let registry: Vec<&RegistryRound> = rounds.iter().filter_map(|r| r.registry.as_ref()).collect();
+    let mut phases = phases;
+    let mut ratios = ratios;
+    if !registry.is_empty() {
+        let times = |f: fn(&RegistryRound) -> Duration| -> Vec<Duration> {
+            registry.iter().map(|r| f(r)).collect()
+        };
+        phases.push(summarize(
+            &format!(
+                "registry origin + sync, deploy to all {} nodes",
+                params.nodes
+            ),
+            &times(|r| r.with_sync.convergence),
+        ));
+        phases.push(summarize(
+            &format!("registry only, every one of {} nodes pulls", params.nodes),
+            &times(|r| r.registry_only.convergence),
+        ));
+        let max_copies =
+            |f: fn(&RegistryRound) -> f64| registry.iter().map(|r| f(r)).fold(f64::MIN, f64::max);
+        ratios.push(Ratio::new(
+            "registry + sync: registry egress / artifact set (max over rounds)",
+            max_copies(|r| r.with_sync.registry_copies),
+            &format!("<= {ORIGIN_EGRESS_GOAL}"),
+            |v| v <= ORIGIN_EGRESS_GOAL,
+        ));
+        ratios.push(Ratio::new(
+            "registry only: registry egress / artifact set (max over rounds; one copy per node)",
+            max_copies(|r| r.registry_only.registry_copies),
+            &format!("<= {}", params.nodes as f64 * 1.01),
+            |v| v <= params.nodes as f64 * 1.01,
+        ));
+    }
     let mut figures = vec![
         Figure {
             name: format!("sync: convergence p50 {label}"),

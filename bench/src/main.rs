@@ -24,6 +24,7 @@ mod fleet;
 mod http;
 mod large;
 mod process;
+mod registry_fleet;
 mod report;
 mod soak;
 mod stats;

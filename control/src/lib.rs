@@ -8,10 +8,12 @@
 //! - [`signing`]: ed25519-signed manifests and the trusted-key check;
 //! - [`transport`]: reading and writing frames on QUIC streams;
 //! - [`verified`]: BLAKE3-verified streaming of blobs between nodes (Bao slices, resumable);
-//! - [`pacing`]: the bandwidth cap shared by concurrent transfers.
+//! - [`pacing`]: the bandwidth cap shared by concurrent transfers;
+//! - [`registry`]: OCI registries as an origin of signed deployments (layout and client).
 
 pub mod identity;
 pub mod pacing;
+pub mod registry;
 pub mod signing;
 pub mod transport;
 pub mod verified;

@@ -71,6 +71,16 @@ pub enum Request {
         #[serde(default)]
         body: Vec<u8>,
     },
+    /// A deployment published in an OCI registry (operator only): the node admits the signed
+    /// manifest like an offer, pulls the blobs it needs from the registry itself (checked
+    /// against the manifest's BLAKE3 names), then commits. `reference` is the deployment
+    /// pinned by digest (`oci://REGISTRY/REPO@sha256:…`) on the registry in the node's
+    /// `[registry]` table.
+    Deploy {
+        manifest: SignedManifest,
+        reference: String,
+        activate: bool,
+    },
     /// Sync (node certificates may ask): the signed deployments this node holds.
     Holdings {},
     /// Sync: the signed manifest of one held deployment.
@@ -108,6 +118,10 @@ pub struct Holding {
     /// to finish rather than ask the node that got the push for another copy.
     #[serde(default)]
     pub fetching: Vec<String>,
+    /// Where the deployment is published (`oci://REGISTRY/REPO@sha256:…`), if it came from a
+    /// registry: a peer that finds no node holding a blob pulls it from there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registry: Option<String>,
 }
 
 /// What a node's syncer knows: its peers, where each deployment is, transfers in progress.
@@ -203,6 +217,9 @@ pub struct NodeStatus {
     /// Present when the node has `[sync]` configured.
     #[serde(default)]
     pub sync: Option<SyncStatus>,
+    /// The registry the node pulls from (`[registry]`): scheme and host only, never a login.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registry: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -467,6 +467,7 @@ impl Deployments {
                 active: store.active_version(&manifest.name)? == Some(manifest.version),
                 complete: true,
                 pushed_here: pushed_here.contains(&manifest.id()),
+                registry: store.published(&manifest.name, manifest.version)?,
                 blobs,
                 fetching,
                 name: manifest.name,
@@ -488,6 +489,7 @@ impl Deployments {
                 active: false,
                 complete: false,
                 pushed_here: false,
+                registry: None,
                 blobs,
                 fetching,
             });

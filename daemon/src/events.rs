@@ -25,6 +25,8 @@ pub enum Origin {
     Push,
     /// This node fetched it from peers.
     Sync,
+    /// An operator deployed it from an OCI registry; this node pulled the blobs itself.
+    Registry,
 }
 
 /// What the control server hears that sync must act on.

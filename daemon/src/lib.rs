@@ -13,6 +13,9 @@
 //!   ├─► housekeeping, epoch, notify
 //!   │
 //!   ▼
+//! origin                         pulling published deployments from an OCI registry
+//!   │                            (control's deploy and sync's last resort both use it)
+//!   ▼
 //! deployments                    admission, needed blobs, commit, activate/rollback/remove,
 //!   │                            holdings; emits events
 //!   ▼
@@ -52,6 +55,7 @@ pub mod invoke;
 pub mod lifecycle;
 pub mod metrics;
 pub mod notify;
+pub mod origin;
 pub mod pool;
 pub mod preflight;
 pub mod serving;

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use edged_node_config::{ControlConfig, NodeConfig, SyncConfig};
+use edged_node_config::{ControlConfig, NodeConfig, RegistryConfig, SyncConfig};
 use hyper_util::server::graceful::GracefulShutdown;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -28,6 +28,7 @@ use crate::housekeeping;
 use crate::ingress::{AcceptBackoff, Ingress};
 use crate::metrics::{self, OutcomeLabel};
 use crate::notify;
+use crate::origin::RegistryOrigin;
 use crate::serving::Serving;
 use crate::sync::Syncer;
 
@@ -51,6 +52,7 @@ pub async fn run(
             &serving,
             control,
             config.sync.as_ref(),
+            config.registry.as_ref(),
             &mut registry,
         )?),
         None => None,
@@ -143,18 +145,23 @@ fn start_control(
     serving: &Arc<Serving>,
     control: &ControlConfig,
     sync: Option<&SyncConfig>,
+    oci: Option<&RegistryConfig>,
     registry: &mut Registry,
 ) -> Result<quinn::Endpoint> {
     let identity = ControlIdentity::load(control)?;
     let endpoint = identity.bind(control.listen)?;
     let deployments = Deployments::new(serving.clone(), identity.trusted.clone());
     let (news, news_rx) = mpsc::unbounded_channel();
+    let origin = oci
+        .map(|oci| RegistryOrigin::new(deployments.clone(), oci, registry))
+        .transpose()?;
     let syncer = match sync {
         Some(sync) => Some(Syncer::new(
             deployments.clone(),
             endpoint.clone(),
             identity.client_config()?,
             sync.clone(),
+            origin.clone(),
             registry,
         )),
         None => None,
@@ -165,6 +172,7 @@ fn start_control(
         sync.map_or(DEFAULT_MAX_SERVING, |s| s.max_uploads),
         news,
         syncer.clone().map(|s| s as Arc<dyn SyncStatusSource>),
+        origin,
         registry,
     );
     if let Some(syncer) = syncer {

@@ -6,6 +6,8 @@
 //! - the `[control]` identity (`ca.pem`, `<node_name>.pem`/`.key`) loads and makes TLS configs,
 //!   and every trusted key file parses, unless `dev_identity` is about to create them (start
 //!   loads them in `control::ControlIdentity::load`);
+//! - the `[registry]` credentials file (`USERNAME:PASSWORD`) and CA file load (start loads
+//!   them in `origin::RegistryOrigin::new`);
 //! - `state_dir` is a writable directory, or can be created (start opens the store there);
 //! - the engine's pool fits the address space this process can reserve (start probes it and
 //!   refuses an explicit `[engine]` pool that cannot fit: `pool`).
@@ -20,7 +22,7 @@ use std::path::{Path, PathBuf};
 
 use edged_compiler::{EngineSettings, Target};
 use edged_control::FleetIdentity;
-use edged_node_config::{ControlConfig, FunctionConfig, InitSetting, NodeConfig};
+use edged_node_config::{ControlConfig, FunctionConfig, InitSetting, NodeConfig, RegistryConfig};
 
 /// One thing start could not use: the setting or file, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,6 +44,9 @@ pub fn check(config: &NodeConfig) -> Vec<Problem> {
     check_functions(config, &mut problems);
     if let Some(control) = &config.control {
         check_control(control, &mut problems);
+    }
+    if let Some(registry) = &config.registry {
+        check_registry(registry, &mut problems);
     }
     if let Err(reason) = check_state_dir(&config.state_dir) {
         problems.push(Problem {
@@ -155,6 +160,25 @@ fn check_control(control: &ControlConfig, problems: &mut Vec<Problem>) {
                 reason: e.to_string(),
             });
         }
+    }
+}
+
+fn check_registry(registry: &RegistryConfig, problems: &mut Vec<Problem>) {
+    if let Some(path) = &registry.credentials_file
+        && let Err(e) = edged_control::registry::Credentials::load(path)
+    {
+        problems.push(Problem {
+            subject: "[registry] credentials_file".into(),
+            reason: e.to_string(),
+        });
+    }
+    if let Some(path) = &registry.ca_file
+        && let Err(e) = edged_control::registry::load_ca(path)
+    {
+        problems.push(Problem {
+            subject: "[registry] ca_file".into(),
+            reason: e.to_string(),
+        });
     }
 }
 

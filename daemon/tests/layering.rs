@@ -16,6 +16,8 @@ const LAYERS: &[&[&str]] = &[
         "epoch",
         "notify",
     ],
+    // The registry origin: control (deploy) and sync (last resort) both pull through it.
+    &["origin"],
     &["deployments"],
     &["serving"],
     // preflight (`edged check-config`) may use what functions and hosts use, nothing above.

@@ -3,11 +3,14 @@
 //! - `build` runs the compiler pipeline locally and writes artifacts and a manifest;
 //! - `init` / `issue-node` create the fleet identity (CA, certificates, signing key);
 //! - `push`, `ls`, `status`, `activate`, `rollback`, `invoke`, `rm` talk to a node over QUIC;
+//! - `publish` stores a signed deployment in an OCI registry, `deploy` tells a node to pull one
+//!   (and `push oci://…` deploys a component someone else published);
 //! - `cache` shows, prunes or clears the compile cache `build` and `push` share.
 
 mod build;
 mod cache;
 mod fleet;
+mod oci;
 mod remote;
 
 use std::path::PathBuf;
@@ -27,6 +30,8 @@ struct Cli {
     target: remote::Target,
     #[command(flatten)]
     cache: build::CacheArgs,
+    #[command(flatten)]
+    registry: oci::RegistryArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -51,6 +56,13 @@ enum Command {
     },
     /// Compile for every target, sign, upload what the node lacks, and activate.
     Push(remote::PushArgs),
+    /// Compile for every target, sign, and store the deployment in an OCI registry under one
+    /// tag (the Wasm artifact `wkg oci pull` reads, with edged's signed manifest and artifacts
+    /// as a referrer).
+    Publish(oci::PublishArgs),
+    /// Tell a node to pull a published deployment from its registry: only the signed manifest
+    /// goes over this link; the node downloads and verifies the blobs itself.
+    Deploy(oci::DeployArgs),
     /// Deployments the node holds.
     Ls,
     /// The node's identity, target, engine fingerprint and store.
@@ -136,7 +148,13 @@ fn main() -> Result<()> {
             println!("issued node certificate {name} into {}", out.display());
             Ok(())
         }
-        Command::Push(args) => runtime()?.block_on(remote::push(&target, &cli.cache, args)),
+        Command::Push(args) => {
+            runtime()?.block_on(remote::push(&target, &cli.cache, &cli.registry, args))
+        }
+        Command::Publish(args) => {
+            runtime()?.block_on(oci::publish(&target, &cli.cache, &cli.registry, args))
+        }
+        Command::Deploy(args) => runtime()?.block_on(oci::deploy(&target, &cli.registry, args)),
         Command::Ls => runtime()?.block_on(remote::simple(&target, Request::List {})),
         Command::Status => runtime()?.block_on(remote::simple(&target, Request::Status {})),
         Command::Activate { id, fleet } => {

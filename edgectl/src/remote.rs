@@ -16,9 +16,7 @@ use edged_control::wire::{Request, Response};
 use edged_snapshots::{InstanceReuse, Manifest};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::build::{
-    Built, CacheArgs, CompileArgs, compile_file, deployment_name, now_secs, print_steps,
-};
+use crate::build::{Built, CacheArgs, CompileArgs, deployment_name, now_secs, print_steps};
 
 /// Where to reach a node and who we are.
 #[derive(clap::Args, Clone)]
@@ -146,7 +144,8 @@ impl Client {
 
 #[derive(clap::Args)]
 pub struct PushArgs {
-    /// The .wasm (or .wat) to deploy.
+    /// The .wasm (or .wat) to deploy, or a component in a registry: oci://REGISTRY/REPO:TAG
+    /// (CNCF Wasm layout, e.g. pushed with `wkg oci push`).
     pub input: PathBuf,
     /// Deployment name (default: the input's file stem).
     #[arg(long)]
@@ -177,8 +176,17 @@ pub struct PushArgs {
     pub compile: CompileArgs,
 }
 
-pub async fn push(target: &Target, cache: &CacheArgs, args: PushArgs) -> Result<()> {
-    let name = deployment_name(&args.input, args.name.as_deref())?;
+pub async fn push(
+    target: &Target,
+    cache: &CacheArgs,
+    registry: &crate::oci::RegistryArgs,
+    args: PushArgs,
+) -> Result<()> {
+    let name = if crate::oci::is_reference(&args.input) && args.name.is_none() {
+        crate::oci::name_from_reference(&args.input.to_string_lossy())?
+    } else {
+        deployment_name(&args.input, args.name.as_deref())?
+    };
     let dir = identity_dir(target.identity.as_deref());
     let key_path = dir.join("signing.key");
     let key = signing_key_from_hex(
@@ -187,7 +195,7 @@ pub async fn push(target: &Target, cache: &CacheArgs, args: PushArgs) -> Result<
     )
     .map_err(|e| anyhow!("{}: {e}", key_path.display()))?;
     let Built { compiled, steps } =
-        compile_file(&args.input, &args.compile, cache.open().as_ref())?;
+        crate::oci::push_input(&args.input, &args.compile, cache, registry).await?;
     if !target.json {
         println!(
             "built {name} ({}, {} targets)",
@@ -343,6 +351,9 @@ pub async fn simple(target: &Target, request: Request) -> Result<()> {
                 "store       {} blobs, {} bytes",
                 status.blobs, status.store_bytes
             );
+            if let Some(registry) = &status.registry {
+                println!("registry    {registry}");
+            }
             if let Some(sync) = &status.sync {
                 print_sync(sync);
             }

@@ -95,6 +95,25 @@ pub struct NodeConfig {
     /// Peer sync; off when the file has no `[sync]` table. Needs `[control]` (the node's
     /// certificate and QUIC endpoint).
     pub sync: Option<SyncConfig>,
+    /// An OCI registry this node pulls published deployments from; off when the file has no
+    /// `[registry]` table.
+    pub registry: Option<RegistryConfig>,
+}
+
+/// `[registry]`: where published deployments are pulled from, and how to log in. The registry
+/// is untrusted storage: every blob is checked against a signed manifest before it is stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RegistryConfig {
+    /// `host[:port]`: deployments named `oci://` on this registry are pulled from it.
+    pub host: String,
+    /// `http://` in the url: no TLS (a registry on loopback or a trusted LAN).
+    pub plain_http: bool,
+    /// One line `USERNAME:PASSWORD`; never logged.
+    pub credentials_file: Option<PathBuf>,
+    /// PEM CA certificates trusted for the registry's TLS besides the system roots.
+    pub ca_file: Option<PathBuf>,
+    /// Download bandwidth cap from the registry in bytes per second; `None` is uncapped.
+    pub max_rate_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -286,6 +305,17 @@ struct RawConfig {
     functions: Vec<RawFunction>,
     control: Option<RawControl>,
     sync: Option<Spanned<RawSync>>,
+    registry: Option<Spanned<RawRegistry>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRegistry {
+    url: Spanned<String>,
+    credentials_file: Option<String>,
+    ca_file: Option<String>,
+    #[serde(default)]
+    max_rate_mb: Option<Spanned<f64>>,
 }
 
 #[derive(Deserialize)]
@@ -718,6 +748,20 @@ impl NodeConfig {
                 Some(validate_sync(raw_sync.get_ref(), &err_at)?)
             }
         };
+        let registry = match &raw.registry {
+            None => None,
+            Some(r) => {
+                if control.is_none() {
+                    return Err(err_at(
+                        r.span(),
+                        "[registry] needs a [control] table: deployments are announced to the \
+                         node over the control plane"
+                            .into(),
+                    ));
+                }
+                Some(validate_registry(r.get_ref(), &err_at, &resolve)?)
+            }
+        };
         Ok(NodeConfig {
             state_dir: resolve(node.state_dir.get_ref()),
             http_listen,
@@ -738,8 +782,59 @@ impl NodeConfig {
             functions,
             control,
             sync,
+            registry,
         })
     }
+}
+
+fn validate_registry(
+    r: &RawRegistry,
+    err_at: &impl Fn(std::ops::Range<usize>, String) -> ConfigError,
+    resolve: &impl Fn(&str) -> PathBuf,
+) -> Result<RegistryConfig, ConfigError> {
+    let url = r.url.get_ref();
+    let bad = |why: &str| {
+        err_at(
+            r.url.span(),
+            format!("registry.url `{url}` {why} (e.g. https://registry.example:5000)"),
+        )
+    };
+    let (plain_http, rest) = if let Some(rest) = url.strip_prefix("https://") {
+        (false, rest)
+    } else if let Some(rest) = url.strip_prefix("http://") {
+        (true, rest)
+    } else {
+        return Err(bad("must start with https:// or http://"));
+    };
+    let host = rest.trim_end_matches('/');
+    if host.is_empty() || host.contains(['/', '@', '?', '#', ' ']) {
+        return Err(bad(
+            "must be a scheme and host[:port] only, without a path or a login",
+        ));
+    }
+    if let Some((_, port)) = host.rsplit_once(':')
+        && !host.ends_with(']')
+        && port.parse::<u16>().is_err()
+    {
+        return Err(bad("has a port that is not a number from 1 to 65535"));
+    }
+    let rate = r.max_rate_mb.as_ref().map_or(0.0, |v| *v.get_ref());
+    if !(0.0..=MAX_RATE_MB).contains(&rate) {
+        return Err(err_at(
+            r.max_rate_mb.as_ref().map_or(0..0, |v| v.span()),
+            format!(
+                "registry.max_rate_mb must be 0 (no cap) or a number of MB/s up to \
+                 {MAX_RATE_MB}, not {rate}"
+            ),
+        ));
+    }
+    Ok(RegistryConfig {
+        host: host.to_string(),
+        plain_http,
+        credentials_file: r.credentials_file.as_deref().map(resolve),
+        ca_file: r.ca_file.as_deref().map(resolve),
+        max_rate_bytes: (rate > 0.0).then_some((rate * 1e6) as u64),
+    })
 }
 
 fn validate_sync(
@@ -1045,6 +1140,50 @@ mod tests {
             .unwrap_err();
         assert_eq!(err.line, Some(3), "{err}");
         assert!(err.to_string().starts_with("edged.toml:3: wasm"), "{err}");
+    }
+
+    #[test]
+    fn registry_table_is_validated_with_lines() {
+        let control = "[control]\nlisten = \"127.0.0.1:0\"\nidentity_dir = \"id\"\n";
+        let c = parse(&format!(
+            "{control}[registry]\nurl = \"http://127.0.0.1:5000\"\ncredentials_file = \"creds\"\n"
+        ))
+        .unwrap();
+        let r = c.registry.unwrap();
+        assert_eq!((r.host.as_str(), r.plain_http), ("127.0.0.1:5000", true));
+        assert!(r.credentials_file.unwrap().ends_with("creds"));
+        assert_eq!((r.ca_file, r.max_rate_bytes), (None, None));
+        let r = parse(&format!(
+            "{control}[registry]\nurl = \"https://reg.example/\"\nmax_rate_mb = 2\n"
+        ))
+        .unwrap()
+        .registry
+        .unwrap();
+        assert_eq!((r.host.as_str(), r.plain_http), ("reg.example", false));
+        assert_eq!(r.max_rate_bytes, Some(2_000_000));
+
+        for (url, why) in [
+            ("ftp://reg", "https://"),
+            ("https://reg/apps", "without a path"),
+            ("https://reg:http", "port"),
+        ] {
+            let err = parse(&format!("{control}[registry]\n\nurl = \"{url}\"\n")).unwrap_err();
+            assert_eq!(err.line, Some(6), "{err}");
+            assert!(err.reason.contains(why), "{url}: {err}");
+        }
+        let err = parse(&format!(
+            "{control}[registry]\nurl = \"http://r\"\nmax_rate_mb = -1\n"
+        ))
+        .unwrap_err();
+        assert_eq!(err.line, Some(6), "{err}");
+        let err = parse("[registry]\nurl = \"http://r\"\n").unwrap_err();
+        assert_eq!(err.line, Some(1), "{err}");
+        assert!(err.reason.contains("[control]"), "{err}");
+        let err = parse(&format!(
+            "{control}[registry]\nurl = \"http://r\"\npassword = \"x\"\n"
+        ))
+        .unwrap_err();
+        assert!(err.reason.contains("password"), "{err}");
     }
 
     #[test]

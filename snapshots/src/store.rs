@@ -201,6 +201,9 @@ pub struct Store {
     signatures: sled::Tree,
     /// name → the newest fleet activation record applied for it (signed JSON, opaque here).
     activations: sled::Tree,
+    /// `name \0 version` → where the deployment is published in an OCI registry
+    /// (`oci://…@sha256:…`), for deployments that came from one.
+    published: sled::Tree,
     /// Held by put (rename → index) and gc, so gc never sees a renamed-but-unindexed blob as
     /// stray and deletes it under a put.
     blob_lock: Mutex<()>,
@@ -213,6 +216,9 @@ pub enum Partial<'a> {
     PushUpload(&'a str),
     /// Being fetched from peers, verified chunk by chunk.
     PeerFetch(&'a str),
+    /// Being downloaded from an OCI registry (HTTP Range resumes it). Unverified until whole:
+    /// it is hashed as it is adopted, and removed if it does not match.
+    RegistryFetch(&'a str),
 }
 
 /// The file (under the store root) and index key holding the store's id.
@@ -361,6 +367,7 @@ impl Store {
             seen: db.open_tree("seen")?,
             signatures: db.open_tree("signatures")?,
             activations: db.open_tree("activations")?,
+            published: db.open_tree("published")?,
             db,
             root,
             blob_lock: Mutex::new(()),
@@ -429,6 +436,7 @@ impl Store {
         let name = match partial {
             Partial::PushUpload(hash) => format!("upload-{hash}"),
             Partial::PeerFetch(hash) => format!("sync-{hash}"),
+            Partial::RegistryFetch(hash) => format!("registry-{hash}"),
         };
         self.root.join("tmp").join(name)
     }
@@ -789,6 +797,27 @@ impl Store {
             .map(|v| v.to_vec()))
     }
 
+    /// Records where `name@version` is published in an OCI registry (opaque to the store).
+    pub fn put_published(
+        &self,
+        name: &str,
+        version: u64,
+        reference: &str,
+    ) -> Result<(), StoreError> {
+        self.published
+            .insert(manifest_key(name, version), reference.as_bytes())?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Where `name@version` is published, if it came from a registry.
+    pub fn published(&self, name: &str, version: u64) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .published
+            .get(manifest_key(name, version))?
+            .map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
     /// Records the fleet activation record `name` now follows (opaque to the store), durably.
     pub fn put_activation(&self, name: &str, record: &[u8]) -> Result<(), StoreError> {
         self.activations.insert(name.as_bytes(), record)?;
@@ -878,6 +907,7 @@ impl Store {
         {
             return Err(StoreError::NoManifest(format!("{name}@{version}")));
         }
+        self.published.remove(manifest_key(name, version))?;
         self.db.flush()?;
         Ok(())
     }

@@ -6,6 +6,7 @@
 //!   [`push_session`] core;
 //! - [`peer_serving`]: answering peers that sync from this node (holdings, manifests, blob
 //!   slices), one fetcher per blob within a cap;
+//! - a deploy from an OCI registry is one call into the [`RegistryOrigin`];
 //! - everything else (list, status, activate, rollback, remove, invoke) is one call into the
 //!   deployments or serving core.
 //!
@@ -29,6 +30,7 @@ use tokio::sync::mpsc;
 
 use crate::deployments::{Applied, Deployments};
 use crate::events::{PeerNews, SyncStatusSource};
+use crate::origin::RegistryOrigin;
 use peer_serving::PeerServing;
 use push::Pushes;
 
@@ -80,17 +82,20 @@ pub struct ControlServer {
     node_name: String,
     news: mpsc::UnboundedSender<PeerNews>,
     sync_status: Option<Arc<dyn SyncStatusSource>>,
+    origin: Option<Arc<RegistryOrigin>>,
 }
 
 impl ControlServer {
     /// `max_serving` caps blobs served to peers at once; `news` goes to sync (when it runs),
-    /// and `sync_status` is what `edgectl status` shows of it.
+    /// and `sync_status` is what `edgectl status` shows of it; `origin` (with `[registry]`)
+    /// answers deploys from an OCI registry.
     pub fn new(
         deployments: Arc<Deployments>,
         node_name: String,
         max_serving: usize,
         news: mpsc::UnboundedSender<PeerNews>,
         sync_status: Option<Arc<dyn SyncStatusSource>>,
+        origin: Option<Arc<RegistryOrigin>>,
         registry: &mut Registry,
     ) -> Arc<ControlServer> {
         Arc::new(ControlServer {
@@ -100,6 +105,7 @@ impl ControlServer {
             node_name,
             news,
             sync_status,
+            origin,
         })
     }
 
@@ -243,6 +249,22 @@ impl ControlServer {
                     active: activate,
                 }
             }
+            Request::Deploy {
+                manifest,
+                reference,
+                activate,
+            } => {
+                let origin = self.origin.as_ref().ok_or_else(|| {
+                    anyhow!("this node has no [registry] table; it does not pull from registries")
+                })?;
+                let id = manifest.manifest.id();
+                origin.deploy(&manifest, &reference, activate).await?;
+                tracing::info!(deployment = %id, %peer, %reference, "deploy from the registry committed");
+                Response::Committed {
+                    id,
+                    active: activate,
+                }
+            }
             Request::List {} => Response::Deployments {
                 items: deployments.list()?,
             },
@@ -329,6 +351,7 @@ impl ControlServer {
                 store_bytes: blobs.iter().map(|(_, m)| m.size).sum(),
                 blobs: blobs.len(),
                 sync,
+                registry: self.origin.as_ref().map(|o| o.describe()),
             },
         })
     }
@@ -346,6 +369,7 @@ fn authorize(role: Role, request: &Request) -> std::result::Result<(), String> {
             | Request::ActivateFleet { .. }
             | Request::Remove { .. }
             | Request::Invoke { .. }
+            | Request::Deploy { .. }
     );
     if operator_only && role != Role::Operator {
         return Err(format!(

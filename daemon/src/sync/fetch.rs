@@ -51,6 +51,7 @@ impl Syncer {
         id: &str,
         blob: &BlobRef,
         kind: BlobKind,
+        published: Option<&oci_client::Reference>,
     ) -> Result<()> {
         let hash = &blob.blake3;
         let lock = self.blob_lock(hash);
@@ -61,9 +62,25 @@ impl Syncer {
         let _transfer = self.transfers.acquire().await?;
         let mut plan = BlobFetch::new(hash, Instant::now());
         loop {
-            let next = plan.next_holders(&self.table(), Instant::now());
+            let next = plan.next_source(&self.table(), published.is_some(), Instant::now());
             let holders = match next {
                 NextHolders::Ask(holders) => holders,
+                NextHolders::Registry => {
+                    let (Some(origin), Some(pinned)) = (&self.origin, published) else {
+                        unreachable!("the registry is offered only for a published deployment")
+                    };
+                    match origin.fetch_blob(pinned, id, blob, kind.clone()).await {
+                        Ok(()) => {
+                            self.metrics.fetch("ok");
+                            return Ok(());
+                        }
+                        Err(e) => {
+                            tracing::warn!(blob = %hash, deployment = %id, "no peer holds this blob and the registry could not deliver it: {e}");
+                            plan.record_registry_failure();
+                            continue;
+                        }
+                    }
+                }
                 NextHolders::Nobody => bail!(
                     "no reachable peer holds blob {hash} of {id} (failed: {:?})",
                     plan.failed()

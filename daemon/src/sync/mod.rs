@@ -15,6 +15,10 @@
 //!
 //! Peers are the configured addresses plus every node that connects to this one (the syncer
 //! dials from the control endpoint, so an inbound node connection comes from its listen address).
+//!
+//! A deployment a peer says is published in an OCI registry (and this node has that registry
+//! as its `[registry]`) has the registry as the holder of last resort for its blobs: when no
+//! usable peer holds a blob or is getting it, [`RegistryOrigin`] pulls it, checked the same way.
 
 mod fetch;
 pub mod policy;
@@ -42,6 +46,7 @@ use tokio::sync::{Notify, Semaphore, broadcast, mpsc};
 use crate::deployments::Deployments;
 use crate::events::{DeploymentEvent, Origin, PeerNews, SyncStatusSource};
 use crate::metrics::{OutcomeLabel, PeerLabel};
+use crate::origin::RegistryOrigin;
 use policy::PeerTable;
 
 /// A peer that does not answer a request within this long is skipped for the round.
@@ -70,6 +75,8 @@ pub struct Syncer {
     names_in_sync: Mutex<HashSet<String>>,
     fetched_bytes: AtomicU64,
     metrics: SyncMetrics,
+    /// The `[registry]` this node pulls from, if any.
+    origin: Option<Arc<RegistryOrigin>>,
 }
 
 struct Transfer {
@@ -85,6 +92,7 @@ impl Syncer {
         endpoint: quinn::Endpoint,
         client_config: quinn::ClientConfig,
         config: SyncConfig,
+        origin: Option<Arc<RegistryOrigin>>,
         registry: &mut Registry,
     ) -> Arc<Syncer> {
         Arc::new(Syncer {
@@ -103,6 +111,7 @@ impl Syncer {
             names_in_sync: Mutex::default(),
             fetched_bytes: AtomicU64::new(0),
             metrics: SyncMetrics::register(registry),
+            origin,
         })
     }
 
@@ -120,7 +129,7 @@ impl Syncer {
                         None => return,
                     },
                     event = events.recv() => match event {
-                        Ok(DeploymentEvent::Committed { origin: Origin::Push, .. })
+                        Ok(DeploymentEvent::Committed { origin: Origin::Push | Origin::Registry, .. })
                         | Ok(DeploymentEvent::FleetRecordApplied { .. }) => listener.announce(),
                         // Sync announces what it stored itself, once it is activated.
                         Ok(DeploymentEvent::Committed { origin: Origin::Sync, .. }) => {}
@@ -354,12 +363,19 @@ impl Syncer {
         tracing::info!(deployment = %id, peer = %from, "syncing deployment from peers");
         // Peers see it as incomplete (and may take the blobs already here) until it is stored.
         let _syncing = self.deployments.begin_sync(&signed);
-        self.fetch_blobs(&signed).await?;
+        let published = self.published(name, version);
+        self.fetch_blobs(&signed, published.as_ref()).await?;
         // A synced version is activated when a peer serves it and it is newer than the one
         // active here (a push that spreads), or when the name's fleet record names it (`commit`).
         let active_at_peer = self.table().active_at_a_peer(name, version);
         let active_here = self.deployments.store().active_version(name)?;
         let activate = active_at_peer && active_here.is_none_or(|v| v < version);
+        if let Some((_, text)) = &published {
+            // Passed on: this node's peers may need the registry too.
+            self.deployments
+                .store()
+                .put_published(name, version, text)?;
+        }
         self.deployments
             .commit(&signed, Origin::Sync, activate)
             .await?;
@@ -419,10 +435,27 @@ impl Syncer {
         Err(last_error)
     }
 
+    /// Where peers say `name@version` is published, if it is on this node's registry.
+    fn published(&self, name: &str, version: u64) -> Option<(oci_client::Reference, String)> {
+        let origin = self.origin.as_ref()?;
+        let text = self.table().published_at(name, version, Instant::now())?;
+        match origin.pinned(&text) {
+            Ok(pinned) => Some((pinned, text)),
+            Err(e) => {
+                tracing::info!(deployment = %format!("{name}@{version}"), "not pulling from the registry peers name: {e:#}");
+                None
+            }
+        }
+    }
+
     /// Fetches the blobs of `signed` this node lacks, concurrently. An artifact for this node's
-    /// target and fingerprint that no peer holds is left out: the node compiles it from the
-    /// source instead.
-    async fn fetch_blobs(self: &Arc<Self>, signed: &SignedManifest) -> Result<()> {
+    /// target and fingerprint that no peer holds (and no registry, for a `published`
+    /// deployment) is left out: the node compiles it from the source instead.
+    async fn fetch_blobs(
+        self: &Arc<Self>,
+        signed: &SignedManifest,
+        published: Option<&(oci_client::Reference, String)>,
+    ) -> Result<()> {
         let id = signed.manifest.id();
         let needed = self.deployments.needed_blobs(&signed.manifest);
         let serving = self.deployments.serving();
@@ -442,6 +475,7 @@ impl Syncer {
             let id = id.clone();
             async move {
                 if let BlobKind::Artifact { target, .. } = &kind
+                    && published.is_none()
                     && self
                         .table()
                         .holders_of(&blob.blake3, Instant::now())
@@ -464,7 +498,8 @@ impl Syncer {
                     }
                     return Ok(());
                 }
-                self.fetch_blob(&id, &blob, kind).await
+                self.fetch_blob(&id, &blob, kind, published.map(|(pinned, _)| pinned))
+                    .await
             }
         }))
         .await;

@@ -12,7 +12,11 @@
 //!   pushed it to ("the origin"), so the origin uploads each blob about once; while some peer is
 //!   fetching the blob (a relay is coming) the others wait for it, but for at most
 //!   [`ORIGIN_PATIENCE`];
-//! - a busy holder is asked again later; a holder that failed is not asked again in that fetch.
+//! - a busy holder is asked again later; a holder that failed is not asked again in that fetch;
+//! - the OCI registry a deployment is published in is the holder of last resort: it is asked
+//!   only when no usable peer holds the blob and none is getting it (a relay is awaited first),
+//!   at most once per fetch (its own retries back off inside the attempt), so a fleet pulls a
+//!   blob from the registry about once and relays it.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::time::{Duration, Instant};
@@ -299,6 +303,18 @@ impl PeerTable {
         self.listing(hash, now, |h| &h.blobs)
     }
 
+    /// Where a peer says `name@version` is published in an OCI registry (a pinned reference),
+    /// if any. Untrusted like everything from peers: what is pulled from it is checked against
+    /// the signed manifest.
+    pub fn published_at(&self, name: &str, version: u64, now: Instant) -> Option<String> {
+        self.peers
+            .values()
+            .filter(|p| !p.is_penalised(now))
+            .flat_map(|p| &p.holdings)
+            .find(|h| h.name == name && h.version == version && h.registry.is_some())
+            .and_then(|h| h.registry.clone())
+    }
+
     /// Peers (not penalised) downloading `hash` right now.
     pub fn fetchers_of(&self, hash: &str, now: Instant) -> Vec<String> {
         let fetchers = self.listing(hash, now, |h| &h.fetching);
@@ -366,6 +382,8 @@ pub struct BlobFetch {
     failed: HashSet<String>,
     /// Spreads fetchers over equal holders.
     rotation: usize,
+    /// The registry was tried in this fetch and failed.
+    registry_failed: bool,
 }
 
 /// Whom to ask next for a blob.
@@ -373,6 +391,9 @@ pub struct BlobFetch {
 pub enum NextHolders {
     /// Ask these, in order (empty: wait a moment, a relay is coming).
     Ask(Vec<String>),
+    /// No usable peer holds it or is getting it, but the deployment is published in a
+    /// registry: pull it from there.
+    Registry,
     /// Nobody usable holds it or is getting it.
     Nobody,
 }
@@ -384,7 +405,22 @@ impl BlobFetch {
             started: now,
             failed: HashSet::new(),
             rotation: 0,
+            registry_failed: false,
         }
+    }
+
+    /// [`BlobFetch::next_holders`], with the registry (when the deployment is `published`) as
+    /// the holder of last resort.
+    pub fn next_source(&mut self, table: &PeerTable, published: bool, now: Instant) -> NextHolders {
+        match self.next_holders(table, now) {
+            NextHolders::Nobody if published && !self.registry_failed => NextHolders::Registry,
+            other => other,
+        }
+    }
+
+    /// The registry could not deliver the blob in this fetch.
+    pub fn record_registry_failure(&mut self) {
+        self.registry_failed = true;
     }
 
     /// Holders to try now. The node that got the push serves a blob only when nobody else has
@@ -462,6 +498,7 @@ mod tests {
             pushed_here: false,
             blobs: vec![BLOB.into()],
             fetching: Vec::new(),
+            registry: None,
         }
     }
 
@@ -530,6 +567,79 @@ mod tests {
         let newer = table.newer_records(current, t0);
         assert_eq!((newer[0].0.as_str(), newer[0].1.record.sequence), ("b", 2));
         assert!(table.newer_records(|_| 5, t0).is_empty());
+    }
+
+    #[test]
+    fn the_registry_is_the_holder_of_last_resort() {
+        let t0 = Instant::now();
+        let mut table = table(&[("a", vec![holding("app", 1)]), ("b", vec![])], t0);
+        let mut fetch = BlobFetch::new(BLOB, t0);
+        // A peer holds it: the peer, never the registry.
+        assert_eq!(
+            fetch.next_source(&table, true, t0),
+            NextHolders::Ask(vec!["a".into()])
+        );
+        // It failed: now the registry.
+        fetch.record(&mut table, "a", &Attempt::Failed("reset".into()), t0);
+        assert_eq!(fetch.next_source(&table, true, t0), NextHolders::Registry);
+        // Not published anywhere: nobody.
+        assert_eq!(fetch.next_source(&table, false, t0), NextHolders::Nobody);
+        // The registry failed too: nobody in this fetch. The next round's fetch starts with
+        // the peer again.
+        fetch.record_registry_failure();
+        assert_eq!(fetch.next_source(&table, true, t0), NextHolders::Nobody);
+        assert_eq!(
+            BlobFetch::new(BLOB, t0).next_source(&table, true, t0),
+            NextHolders::Ask(vec!["a".into()])
+        );
+    }
+
+    #[test]
+    fn a_relay_coming_is_awaited_before_the_registry() {
+        let t0 = Instant::now();
+        // b is downloading the blob (from the registry or a peer): wait for it.
+        let table = table(&[("b", vec![fetching_holding()])], t0);
+        let mut fetch = BlobFetch::new(BLOB, t0);
+        assert_eq!(
+            fetch.next_source(&table, true, t0),
+            NextHolders::Ask(vec![])
+        );
+        let later = t0 + ORIGIN_PATIENCE + Duration::from_secs(1);
+        assert_eq!(
+            fetch.next_source(&table, true, later),
+            NextHolders::Ask(vec![])
+        );
+        // b stops answering: its download no longer counts, so the registry.
+        let mut table = table;
+        fail(&mut table, "b", later);
+        assert_eq!(
+            fetch.next_source(&table, true, later),
+            NextHolders::Registry
+        );
+        // Once b holds it whole, b.
+        table.record_holdings("b", Ok(vec![holding("app", 1)]), later, |_| 0);
+        assert_eq!(
+            fetch.next_source(&table, true, later),
+            NextHolders::Ask(vec!["b".into()])
+        );
+    }
+
+    #[test]
+    fn where_a_deployment_is_published_is_learned_from_peers() {
+        let t0 = Instant::now();
+        let published = Holding {
+            registry: Some("oci://reg:5000/apps/app@sha256:ab".into()),
+            ..holding("app", 1)
+        };
+        let table = table(
+            &[("a", vec![holding("app", 1)]), ("b", vec![published])],
+            t0,
+        );
+        assert_eq!(
+            table.published_at("app", 1, t0).as_deref(),
+            Some("oci://reg:5000/apps/app@sha256:ab")
+        );
+        assert_eq!(table.published_at("app", 2, t0), None);
     }
 
     #[test]
@@ -736,7 +846,7 @@ mod tests {
         let firsts: Vec<String> = (0..4)
             .map(|_| match fetch.next_holders(&table, t0) {
                 NextHolders::Ask(holders) => holders[0].clone(),
-                NextHolders::Nobody => panic!("two holders"),
+                NextHolders::Nobody | NextHolders::Registry => panic!("two holders"),
             })
             .collect();
         assert_eq!(firsts, ["b", "c", "b", "c"]);

@@ -10,6 +10,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 pub mod fleet;
+pub mod registry;
 
 pub struct Edged {
     pub child: Child,
@@ -72,6 +73,7 @@ impl Edged {
     /// Runs `command --config <dir>/edged.toml`, logging to `<dir>/edged.log`, until it prints
     /// its addresses.
     fn launch(mut command: Command, dir: &Path) -> (Child, SocketAddr, Option<SocketAddr>) {
+        install_crypto_provider();
         let config_path = dir.join("edged.toml");
         let stderr = std::fs::OpenOptions::new()
             .create(true)
@@ -154,6 +156,13 @@ impl Drop for Edged {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The workspace's reqwest has rustls without a built-in provider (the OCI registry client
+/// brings it, and the fleet uses ring everywhere), so a test process picks ring once before its
+/// HTTP clients are built. Every test starts a node before it talks HTTP to it.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
 /// A node section on ephemeral ports with state under the config's directory, then `functions`.
