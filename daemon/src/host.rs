@@ -17,6 +17,9 @@ use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpVi
 pub struct GuestState {
     wasi: GuestWasi,
     pub limits: MemoryCap,
+    /// Calls into WASI or `wasi:http` so far: a guest that made none between two epoch
+    /// interrupts spent that tick computing, not serving (see `instances::BusyMark`).
+    pub host_calls: u64,
 }
 
 enum GuestWasi {
@@ -34,6 +37,7 @@ impl GuestState {
         GuestState {
             wasi: GuestWasi::P1(ctx),
             limits: MemoryCap::new(memory_bytes),
+            host_calls: 0,
         }
     }
 
@@ -46,6 +50,7 @@ impl GuestState {
                 outbound,
             },
             limits: MemoryCap::new(memory_bytes),
+            host_calls: 0,
         }
     }
 
@@ -145,6 +150,7 @@ impl ResourceLimiter for MemoryCap {
 
 impl WasiView for GuestState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
+        self.host_calls = self.host_calls.wrapping_add(1);
         match &mut self.wasi {
             GuestWasi::P2 { ctx, table, .. } => WasiCtxView { ctx, table },
             GuestWasi::P1(_) => unreachable!("WASI 0.2 imports are linked only into components"),
@@ -154,6 +160,7 @@ impl WasiView for GuestState {
 
 impl WasiHttpView for GuestState {
     fn http(&mut self) -> WasiHttpCtxView<'_> {
+        self.host_calls = self.host_calls.wrapping_add(1);
         match &mut self.wasi {
             GuestWasi::P2 {
                 table,

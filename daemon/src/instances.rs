@@ -233,8 +233,8 @@ impl Workers {
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limits);
         store.set_epoch_deadline(1);
-        store.epoch_deadline_callback(move |_| {
-            busy.interrupted();
+        store.epoch_deadline_callback(move |store| {
+            busy.interrupted(store.data().host_calls);
             Ok(UpdateDeadline::YieldCustom(
                 1,
                 Box::pin(tokio::task::yield_now()),
@@ -300,17 +300,17 @@ struct Worker {
 }
 
 /// Whether a guest is holding the CPU. A guest that keeps computing (or spinning) is
-/// interrupted at every epoch tick, so interrupts at two consecutive ticks mean it ran through
-/// the tick between them. (One interrupt alone means little: the first time a guest runs after
-/// sitting idle, its stale deadline interrupts it at once.) A guest serving quick requests or
-/// waiting on I/O is never interrupted twice in a row. Counted in ticks, not time, so a ticker
-/// delayed by a loaded machine does not hide a spinning guest.
+/// interrupted at every epoch tick without calling the host in between; a guest serving
+/// requests calls WASI or `wasi:http` for each of them. So: interrupts at two consecutive ticks
+/// with no host call between them mean it ran through the tick. (Ticks alone are not enough:
+/// back-to-back quick requests each meet a stale deadline, one tick after another.) Counted in
+/// ticks, not time, so a ticker delayed by a loaded machine does not hide a spinning guest.
 #[derive(Clone)]
 struct BusyMark {
     epochs: EpochClock,
-    /// Epoch of the last interrupt, and of the last one that came one tick after another;
-    /// `u64::MAX` for never.
-    last_interrupt: Arc<AtomicU64>,
+    /// Epoch and host-call count at the last interrupt (`u64::MAX` epoch: never), and the epoch
+    /// of the last interrupt that showed the guest computing through a tick.
+    last_interrupt: Arc<Mutex<(u64, u64)>>,
     busy_at: Arc<AtomicU64>,
 }
 
@@ -318,21 +318,23 @@ impl BusyMark {
     fn new(epochs: EpochClock) -> BusyMark {
         BusyMark {
             epochs,
-            last_interrupt: Arc::new(AtomicU64::new(u64::MAX)),
+            last_interrupt: Arc::new(Mutex::new((u64::MAX, 0))),
             busy_at: Arc::new(AtomicU64::new(u64::MAX)),
         }
     }
 
-    /// Called at each epoch interrupt of the guest.
-    fn interrupted(&self) {
+    /// Called at each epoch interrupt of the guest, with its host-call count.
+    fn interrupted(&self, host_calls: u64) {
         let now = self.epochs.now();
-        let previous = self.last_interrupt.swap(now, Ordering::Relaxed);
-        if previous != u64::MAX && now.saturating_sub(previous) <= 1 {
+        let (previous, previous_calls) =
+            std::mem::replace(&mut *lock(&self.last_interrupt), (now, host_calls));
+        if previous != u64::MAX && now.saturating_sub(previous) <= 1 && host_calls == previous_calls
+        {
             self.busy_at.store(now, Ordering::Relaxed);
         }
     }
 
-    /// Busy until a full tick has passed without the guest running through it.
+    /// Busy until a full tick has passed without the guest computing through it.
     fn is_busy(&self) -> bool {
         let busy_at = self.busy_at.load(Ordering::Relaxed);
         busy_at != u64::MAX && self.epochs.now().saturating_sub(busy_at) <= 1
