@@ -69,6 +69,23 @@ pub fn guest_kind(kind: WasmKind, bytes: &[u8]) -> Result<GuestKind, CompileErro
 
 /// Names of a component's top-level exports (nested components and modules are skipped).
 pub fn component_exports(bytes: &[u8]) -> Vec<String> {
+    top_level_names(bytes, Side::Exports)
+}
+
+/// Names of a component's top-level imports.
+pub fn component_imports(bytes: &[u8]) -> Vec<String> {
+    top_level_names(bytes, Side::Imports)
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Imports,
+    Exports,
+}
+
+/// The names on one `side` of a component's own interface, skipping nested components and
+/// modules. An unparsable tail ends the walk with what was read so far.
+fn top_level_names(bytes: &[u8], side: Side) -> Vec<String> {
     let mut depth = 0usize;
     let mut names = Vec::new();
     for payload in wasmparser::Parser::new(0).parse_all(bytes) {
@@ -77,7 +94,9 @@ pub fn component_exports(bytes: &[u8]) -> Vec<String> {
             wasmparser::Payload::ModuleSection { .. }
             | wasmparser::Payload::ComponentSection { .. } => depth += 1,
             wasmparser::Payload::End(_) => depth = depth.saturating_sub(1),
-            wasmparser::Payload::ComponentExportSection(exports) if depth == 0 => {
+            wasmparser::Payload::ComponentExportSection(exports)
+                if depth == 0 && side == Side::Exports =>
+            {
                 names.extend(
                     exports
                         .into_iter()
@@ -85,23 +104,9 @@ pub fn component_exports(bytes: &[u8]) -> Vec<String> {
                         .map(|e| e.name.name.to_string()),
                 );
             }
-            _ => {}
-        }
-    }
-    names
-}
-
-/// Names of a component's top-level imports.
-pub fn component_imports(bytes: &[u8]) -> Vec<String> {
-    let mut depth = 0usize;
-    let mut names = Vec::new();
-    for payload in wasmparser::Parser::new(0).parse_all(bytes) {
-        let Ok(payload) = payload else { break };
-        match payload {
-            wasmparser::Payload::ModuleSection { .. }
-            | wasmparser::Payload::ComponentSection { .. } => depth += 1,
-            wasmparser::Payload::End(_) => depth = depth.saturating_sub(1),
-            wasmparser::Payload::ComponentImportSection(imports) if depth == 0 => {
+            wasmparser::Payload::ComponentImportSection(imports)
+                if depth == 0 && side == Side::Imports =>
+            {
                 names.extend(
                     imports
                         .into_iter()
