@@ -186,6 +186,18 @@ pub struct DeploymentInfo {
     pub init_func: Option<String>,
     pub signer: Option<String>,
     pub created_at: u64,
+    /// A middleware chain's parts, outermost first and the app last (empty for one component).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub parts: Vec<ChainPartInfo>,
+}
+
+/// One part of a middleware chain, as `ls` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChainPartInfo {
+    pub name: String,
+    /// `middleware` or `app`.
+    pub role: String,
+    pub blake3: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

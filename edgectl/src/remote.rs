@@ -17,7 +17,8 @@ use edged_snapshots::{InstanceReuse, Manifest};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::build::{
-    Built, CacheArgs, CompileArgs, compile_file, deployment_name, now_secs, print_steps,
+    Built, BuiltChain, CacheArgs, CompileArgs, compile_input, deployment_name, now_secs,
+    print_steps,
 };
 
 /// Where to reach a node and who we are.
@@ -164,6 +165,10 @@ pub struct PushArgs {
     /// Requests one wasi:http 0.3 instance may serve at once (default 16).
     #[arg(long, value_name = "N")]
     pub reuse_concurrent: Option<u64>,
+    /// A wasi:http 0.3 middleware to put in front of the input (repeat; outermost first): the
+    /// parts are composed into one component, the input last, and pushed as one deployment.
+    #[arg(long, value_name = "WASM")]
+    pub middleware: Vec<PathBuf>,
     /// Milliseconds an idle reused instance is kept (default 1000).
     #[arg(long, value_name = "MS")]
     pub reuse_idle_ms: Option<u64>,
@@ -186,8 +191,15 @@ pub async fn push(target: &Target, cache: &CacheArgs, args: PushArgs) -> Result<
             .with_context(|| format!("reading {}", key_path.display()))?,
     )
     .map_err(|e| anyhow!("{}: {e}", key_path.display()))?;
-    let Built { compiled, steps } =
-        compile_file(&args.input, &args.compile, cache.open().as_ref())?;
+    let BuiltChain {
+        built: Built { compiled, steps },
+        parts,
+    } = compile_input(
+        &args.input,
+        &args.middleware,
+        &args.compile,
+        cache.open().as_ref(),
+    )?;
     if !target.json {
         println!(
             "built {name} ({}, {} targets)",
@@ -212,7 +224,11 @@ pub async fn push(target: &Target, cache: &CacheArgs, args: PushArgs) -> Result<
             other => bail!("unexpected answer to list: {other:?}"),
         },
     };
-    let mut manifest = Manifest::from_compiled(&name, version, now_secs(), &compiled);
+    let mut manifest = if parts.is_empty() {
+        Manifest::from_compiled(&name, version, now_secs(), &compiled)
+    } else {
+        Manifest::from_chain(&name, version, now_secs(), &compiled, &parts)
+    };
     manifest.route = args.route.clone();
     let reuse = InstanceReuse {
         requests: args.reuse,
@@ -234,6 +250,9 @@ pub async fn push(target: &Target, cache: &CacheArgs, args: PushArgs) -> Result<
     );
     for a in &compiled.artifacts {
         by_hash.insert(a.blake3.clone(), &a.bytes);
+    }
+    for p in &parts {
+        by_hash.insert(p.blake3.clone(), &p.source);
     }
     let total: u64 = needed.iter().map(|n| n.blob.size - n.have).sum();
     let resumed: u64 = needed.iter().map(|n| n.have).sum();
@@ -330,6 +349,21 @@ pub async fn simple(target: &Target, request: Request) -> Result<()> {
                     fleet,
                     d.signer.unwrap_or_else(|| "(local config)".into())
                 );
+                if !d.parts.is_empty() {
+                    let chain: Vec<String> = d
+                        .parts
+                        .iter()
+                        .map(|p| {
+                            format!(
+                                "{} ({}, {})",
+                                p.name,
+                                p.role,
+                                &p.blake3[..12.min(p.blake3.len())]
+                            )
+                        })
+                        .collect();
+                    println!("  chain: {}", chain.join(" -> "));
+                }
             }
         }
         Response::Status { status } => {

@@ -72,6 +72,7 @@ fn churn(dir: &str) -> ! {
             limits: None,
             guest: None,
             instances: None,
+            parts: None,
         };
         store.put_manifest(&manifest).unwrap();
         store.activate(&name, version).unwrap();

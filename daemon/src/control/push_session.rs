@@ -187,6 +187,7 @@ mod tests {
             limits: None,
             guest: None,
             instances: None,
+            parts: None,
         };
         SignedManifest {
             manifest,
