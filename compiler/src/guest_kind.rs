@@ -78,7 +78,12 @@ pub fn component_exports(bytes: &[u8]) -> Vec<String> {
             | wasmparser::Payload::ComponentSection { .. } => depth += 1,
             wasmparser::Payload::End(_) => depth = depth.saturating_sub(1),
             wasmparser::Payload::ComponentExportSection(exports) if depth == 0 => {
-                names.extend(exports.into_iter().flatten().map(|e| e.name.name.to_string()));
+                names.extend(
+                    exports
+                        .into_iter()
+                        .flatten()
+                        .map(|e| e.name.name.to_string()),
+                );
             }
             _ => {}
         }
@@ -97,7 +102,12 @@ pub fn component_imports(bytes: &[u8]) -> Vec<String> {
             | wasmparser::Payload::ComponentSection { .. } => depth += 1,
             wasmparser::Payload::End(_) => depth = depth.saturating_sub(1),
             wasmparser::Payload::ComponentImportSection(imports) if depth == 0 => {
-                names.extend(imports.into_iter().flatten().map(|i| i.name.name.to_string()));
+                names.extend(
+                    imports
+                        .into_iter()
+                        .flatten()
+                        .map(|i| i.name.name.to_string()),
+                );
             }
             _ => {}
         }

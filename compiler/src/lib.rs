@@ -290,12 +290,11 @@ fn prepare_with(
         InitPolicy::IfExported => preinit::exports_func(kind, &source, DEFAULT_INIT_FUNC)
             .then(|| DEFAULT_INIT_FUNC.to_string()),
     };
-    let snapshot = match &init_func {
-        Some(init) => Some(timings.record(format!("wizer ({init})"), || {
+    let snapshot = init_func.as_ref().map(|init| {
+        timings.record(format!("wizer ({init})"), || {
             preinit::preinitialize(run_engine, kind, &source, init, options)
-        })),
-        None => None,
-    };
+        })
+    });
     let (init_func, preinitialized) = match snapshot {
         None => (None, source.to_vec()),
         Some(Ok(snapshot)) => (init_func, snapshot),

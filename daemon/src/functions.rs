@@ -7,21 +7,30 @@
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
+use edged_compiler::GuestKind;
 use edged_compiler::{CompileOptions, EngineSettings, InitPolicy, Target, content_hash};
-use edged_node_config::{FunctionConfig, InitSetting, InstanceSetting, Limits};
+use edged_node_config::{FunctionConfig, InitSetting, InstancePolicy, InstanceSetting, Limits};
 use edged_snapshots::{BlobKind, LoadPath, Manifest, Prepared, Restorer, Store};
 use tokio::sync::Semaphore;
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 
 use crate::host::{GuestState, OutboundPolicy};
+use crate::instances::{InstanceEnv, Instances};
 
 /// One servable function: its configuration and its prepared active deployment.
 pub struct Function {
     pub config: FunctionConfig,
     pub manifest: Manifest,
     pub prepared: Arc<Prepared<GuestState>>,
-    /// Typed `wasi:http/proxy` view of `prepared`, for components.
+    /// How it runs: the kind its component's bindings proved, not only what the manifest says.
+    pub guest: GuestKind,
+    /// Its instance policy, resolved from the config or manifest against `guest`.
+    pub policy: InstancePolicy,
+    /// Typed `wasi:http/proxy` view of `prepared`, for `wasi:http` 0.2 components served with a
+    /// fresh instance per request.
     pub proxy: Option<ProxyPre<GuestState>>,
+    /// The live instances of a function that reuses them (every `wasi:http` 0.3 component).
+    pub instances: Option<Instances>,
     /// One permit per concurrent instance allowed.
     pub permits: Arc<Semaphore>,
     pub outbound: OutboundPolicy,
@@ -332,10 +341,11 @@ pub fn prepare_declared(
     restorer: &Restorer<GuestState>,
     engine: &EngineSettings,
     config: &FunctionConfig,
+    env: InstanceEnv,
 ) -> Result<(Function, LoadPath)> {
     let manifest = ensure_deployed(restorer.store(), engine, config)
         .with_context(|| format!("function `{}`", config.name))?;
-    prepare(restorer, config, manifest)
+    prepare(restorer, config, manifest, env)
 }
 
 /// Prepares `manifest` as the function `config`. Blocking: maps (or compiles) the artifact.
@@ -344,29 +354,60 @@ pub fn prepare(
     restorer: &Restorer<GuestState>,
     config: &FunctionConfig,
     manifest: Manifest,
+    env: InstanceEnv,
 ) -> Result<(Function, LoadPath)> {
     let (prepared, how) = restorer
         .prepare(&manifest)
         .with_context(|| format!("function `{}`: preparing {}", config.name, manifest.id()))?;
-    let proxy = match prepared.as_ref() {
-        Prepared::Component(pre) => Some(
-            ProxyPre::new(pre.clone())
-                .map_err(anyhow::Error::from)
-                .with_context(|| {
-                    format!(
-                        "function `{}`: component does not export wasi:http/incoming-handler",
-                        config.name
-                    )
-                })?,
-        ),
-        Prepared::Module(_) => None,
+    let outbound = OutboundPolicy::new(config.outbound_hosts.clone());
+    let (guest, handler) = match prepared.as_ref() {
+        Prepared::Module(_) => (GuestKind::P1Command, None),
+        Prepared::Component(pre) => {
+            let handler = component_handler(pre, manifest.guest_kind()).with_context(|| {
+                format!(
+                    "function `{}`: {} exports neither wasi:http/handler@0.3.0 nor \
+                     wasi:http/incoming-handler@0.2 in a form this node links",
+                    config.name,
+                    manifest.id()
+                )
+            })?;
+            let guest = match &handler {
+                wasmtime_wasi_http::handler::ProxyPre::P2(_) => GuestKind::HttpP2,
+                wasmtime_wasi_http::handler::ProxyPre::P3(_) => GuestKind::HttpP3,
+            };
+            (guest, Some(handler))
+        }
+    };
+    let (policy, notes) = InstancePolicy::resolve(guest, &config.instances);
+    for note in notes {
+        tracing::warn!(function = %config.name, deployment = %manifest.id(), "{note}");
+    }
+    // A p2 guest served fresh keeps edged's own inline path (no worker task per request);
+    // everything that reuses instances, and every p3 guest, goes through the instance pool.
+    let (proxy, instances) = match handler {
+        Some(wasmtime_wasi_http::handler::ProxyPre::P2(pre)) if !policy.reuses() => {
+            (Some(pre), None)
+        }
+        Some(handler) => {
+            let instances = Instances::new(
+                restorer.engine().clone(),
+                handler,
+                config,
+                outbound.clone(),
+                policy,
+                env,
+            );
+            (None, Some(instances))
+        }
+        None => (None, None),
     };
     if how != LoadPath::Cached {
         tracing::info!(
             function = %config.name,
             deployment = %manifest.id(),
             route = %config.route,
-            kind = %manifest.kind,
+            kind = %guest,
+            requests_per_instance = policy.requests_per_instance,
             load = ?how,
             "function ready"
         );
@@ -375,11 +416,30 @@ pub fn prepare(
         config: config.clone(),
         manifest,
         prepared,
+        guest,
+        policy,
         proxy,
+        instances,
         permits: Arc::new(Semaphore::new(config.limits.max_concurrency)),
-        outbound: OutboundPolicy::new(config.outbound_hosts.clone()),
+        outbound,
     };
     Ok((function, how))
+}
+
+/// The typed handler view of a component: `wasi:http` 0.3 first when the manifest says so, else
+/// 0.2; whichever binds. A manifest cannot make the node call an export the component lacks.
+fn component_handler(
+    pre: &wasmtime::component::InstancePre<GuestState>,
+    recorded: GuestKind,
+) -> Result<wasmtime_wasi_http::handler::ProxyPre<GuestState>> {
+    use wasmtime_wasi_http::handler::ProxyPre as Handler;
+    let p3 = || wasmtime_wasi_http::p3::bindings::ServicePre::new(pre.clone()).map(Handler::P3);
+    let p2 = || ProxyPre::new(pre.clone()).map(Handler::P2);
+    let bound = match recorded {
+        GuestKind::HttpP3 => p3().or_else(|_| p2()),
+        _ => p2().or_else(|_| p3()),
+    };
+    bound.map_err(anyhow::Error::from)
 }
 
 #[cfg(test)]

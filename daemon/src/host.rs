@@ -11,8 +11,9 @@ use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
 
-/// Per-instance store data. Modules get a WASI p1 context, components a WASI 0.2 + `wasi:http`
-/// one; each is linked only against its own kind's imports.
+/// Per-instance store data. Modules get a WASI p1 context, components one WASI context and one
+/// `wasi:http` context that serve both their 0.2 and their 0.3 imports (guests built for
+/// `wasm32-wasip2` import both); each kind is linked only against its own imports.
 pub struct GuestState {
     wasi: GuestWasi,
     pub limits: MemoryCap,
@@ -36,7 +37,7 @@ impl GuestState {
         }
     }
 
-    pub fn p2(ctx: WasiCtx, outbound: OutboundPolicy, memory_bytes: usize) -> GuestState {
+    pub fn component(ctx: WasiCtx, outbound: OutboundPolicy, memory_bytes: usize) -> GuestState {
         GuestState {
             wasi: GuestWasi::P2 {
                 ctx,
@@ -239,12 +240,15 @@ pub fn wasi_builder(function: &FunctionConfig) -> anyhow::Result<WasiCtxBuilder>
     Ok(builder)
 }
 
-/// Linkers for both guest kinds on `engine`.
+/// Linkers for modules (WASI p1) and components (WASI 0.2 and 0.3, `wasi:http` 0.2 and 0.3)
+/// on `engine`.
 pub fn linkers(engine: &Engine) -> anyhow::Result<Linkers<GuestState>> {
     let mut module = wasmtime::Linker::new(engine);
     wasmtime_wasi::p1::add_to_linker_async(&mut module, GuestState::p1_ctx)?;
     let mut component = wasmtime::component::Linker::new(engine);
     wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut component)?;
     wasmtime_wasi::p2::add_to_linker_async(&mut component)?;
+    wasmtime_wasi::p3::add_to_linker(&mut component)?;
+    wasmtime_wasi_http::p3::add_to_linker(&mut component)?;
     Ok(Linkers { module, component })
 }

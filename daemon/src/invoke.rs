@@ -1,5 +1,6 @@
 //! Running one request in a fresh instance: WASI p1 commands CGI-style, `wasi:http/proxy`
-//! components natively. Every instance gets the function's memory cap and an epoch deadline;
+//! 0.2 components natively. (Functions that reuse instances, every `wasi:http` 0.3 guest among
+//! them, are run by [`crate::instances`].) Every instance gets the function's memory cap and an epoch deadline;
 //! whatever the guest does wrong ends as a [`Fault`] for this request only.
 
 use std::time::{Duration, Instant};
@@ -85,7 +86,7 @@ fn proxy_store(
     let ctx = wasi_builder(&function.config)
         .map_err(|e| Fault::Host(format!("{e:#}")))?
         .build();
-    let state = GuestState::p2(ctx, function.outbound.clone(), limits.memory_bytes);
+    let state = GuestState::component(ctx, function.outbound.clone(), limits.memory_bytes);
     Ok((proxy, new_store(engine, state, limits.timeout)))
 }
 
@@ -138,6 +139,9 @@ pub async fn run_cgi(
 /// beyond instantiation: proof that the deployment links against the host and fits the
 /// instance pool and the function's memory cap.
 pub async fn instantiate_once(engine: &Engine, function: &Function) -> Result<(), Fault> {
+    if let Some(instances) = &function.instances {
+        return instances.instantiate_once().await;
+    }
     let limits = function.config.limits;
     let classify = |e: wasmtime::Error| Fault::classify(e, limits.timeout);
     match function.prepared.as_ref() {

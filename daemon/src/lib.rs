@@ -21,7 +21,12 @@
 //! invoke, preflight              one request in one fresh instance (p1 CGI, wasi:http);
 //!                                `edged check-config`'s checks of the files a config names
 //!   ▼
-//! functions, fault               preparing and routing functions; classifying guest faults
+//! functions                      preparing and routing functions
+//!   ▼
+//! instances                      reused instances (every wasi:http 0.3 guest): the worker
+//!   │                            pool, deadlines, never reusing a faulted instance
+//!   ▼
+//! fault                          classifying guest faults
 //!   ▼
 //! host, metrics, events          guest state, linkers, memory cap; the registry; news
 //!   ▼
@@ -42,6 +47,7 @@ pub mod functions;
 pub mod host;
 pub mod housekeeping;
 pub mod ingress;
+pub mod instances;
 pub mod invoke;
 pub mod lifecycle;
 pub mod metrics;

@@ -32,6 +32,7 @@ use crate::functions::{
     Function, FunctionSet, prepare, prepare_declared, pushed_function_config, pushed_route,
 };
 use crate::host::{GuestState, linkers};
+use crate::instances::{Guarded, InstanceEnv, InstanceMetrics, Instances, StreamedBody, coalesce};
 use crate::invoke::{ResponseBody, Timing, instantiate_once, run_cgi, run_proxy, text_response};
 use crate::metrics::{FunctionLabel, latency_histogram};
 
@@ -139,10 +140,12 @@ impl Serving {
         let engine_settings = self.engine_settings.clone();
         let config = config.clone();
         let unservable = self.unservable.clone();
+        let metrics = self.metrics.clone();
         let prepared = tokio::task::spawn_blocking(move || -> Result<Vec<(Function, LoadPath)>> {
             let mut functions = Vec::new();
             for declared in &config.functions {
-                functions.push(prepare_declared(&restorer, &engine_settings, declared)?);
+                let env = metrics.instance_env(&declared.name, config.epoch_tick);
+                functions.push(prepare_declared(&restorer, &engine_settings, declared, env)?);
             }
             let store = restorer.store();
             let mut names: Vec<String> = store.manifests()?.into_iter().map(|m| m.name).collect();
@@ -163,7 +166,8 @@ impl Serving {
                     continue;
                 }
                 let function_config = pushed_function_config(&manifest);
-                match prepare(&restorer, &function_config, manifest) {
+                let env = metrics.instance_env(&function_config.name, config.epoch_tick);
+                match prepare(&restorer, &function_config, manifest, env) {
                     Ok(function) => functions.push(function),
                     // One bad pushed deployment must not take the others (or the node) down.
                     Err(e) => {
@@ -215,9 +219,13 @@ impl Serving {
         let restorer = self.restorer.clone();
         let function_config = pushed_function_config(manifest);
         let candidate = manifest.clone();
-        let prepared =
-            tokio::task::spawn_blocking(move || prepare(&restorer, &function_config, candidate))
-                .await;
+        let env = self
+            .metrics
+            .instance_env(&function_config.name, self.config.load().epoch_tick);
+        let prepared = tokio::task::spawn_blocking(move || {
+            prepare(&restorer, &function_config, candidate, env)
+        })
+        .await;
         let function = match prepared {
             Ok(Ok((function, how))) => {
                 self.metrics.cold_load(&function.config.name, how);
@@ -274,9 +282,17 @@ impl Serving {
             Ok(permit) => permit,
             Err(refusal) => return refusal,
         };
-        let (parts, body) = request.into_parts();
         // A client that trickles (or stops sending) its body must not keep the permit.
         let body_timeout = self.config.load().body_timeout;
+        if let Some(instances) = &function.instances {
+            // The guest reads the body as it arrives (a streaming echo answers before the
+            // client has finished), within the same cap and timeout.
+            let request = request.map(|body| {
+                StreamedBody::new(body, limits.max_body_bytes, body_timeout).boxed_unsync()
+            });
+            return self.run_reused(function, instances, request, permit).await;
+        }
+        let (parts, body) = request.into_parts();
         let collected = tokio::time::timeout(
             body_timeout,
             Limited::new(body, limits.max_body_bytes).collect(),
@@ -333,9 +349,17 @@ impl Serving {
         let response = if request.body().len() > function.config.limits.max_body_bytes {
             self.body_too_large(&function)
         } else {
-            match self.admit(&function) {
-                Ok(permit) => self.run_guest(&function, request, permit).await,
-                Err(refusal) => refusal,
+            match (self.admit(&function), &function.instances) {
+                (Ok(permit), Some(instances)) => {
+                    let request = request.map(|body| {
+                        http_body_util::Full::new(body)
+                            .map_err(|never| match never {})
+                            .boxed_unsync()
+                    });
+                    self.run_reused(&function, instances, request, permit).await
+                }
+                (Ok(permit), None) => self.run_guest(&function, request, permit).await,
+                (Err(refusal), _) => refusal,
             }
         };
         let status = response.status().as_u16();
@@ -387,6 +411,31 @@ impl Serving {
         })
     }
 
+    /// Runs one request on the function's reused instances. The permit and in-flight count
+    /// travel with the response body: the guest may still be writing it.
+    async fn run_reused(
+        &self,
+        function: &Arc<Function>,
+        instances: &Instances,
+        request: Request<wasmtime_wasi_http::WasiBody>,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) -> Response<ResponseBody> {
+        let in_flight = InFlight::enter(self.metrics.in_flight(&function.config.name));
+        let result = match instances.handle(request).await {
+            Ok(response) => coalesce(response).await,
+            Err(fault) => Err(fault),
+        };
+        match result {
+            Ok(response) => {
+                response.map(|body| Guarded::new(body, (in_flight, permit)).boxed_unsync())
+            }
+            Err(fault) => {
+                self.metrics.fault(function, &fault);
+                text_response(fault.status(), &format!("guest fault: {}\n", fault.kind()))
+            }
+        }
+    }
+
     async fn run_guest(
         &self,
         function: &Arc<Function>,
@@ -431,8 +480,11 @@ impl Serving {
             }
         };
         if timing.instantiate > Duration::ZERO {
-            self.metrics
-                .instantiated(&function.config.name, timing.instantiate);
+            let instances = self.metrics.instances(&function.config.name);
+            instances.created.inc();
+            instances
+                .instantiate_seconds
+                .observe(timing.instantiate.as_secs_f64());
         }
         match result {
             Ok(response) => response,
@@ -486,6 +538,8 @@ struct ServingMetrics {
     requests: Family<RequestLabels, Counter>,
     request_seconds: Family<FunctionLabel, Histogram, fn() -> Histogram>,
     instantiate_seconds: Family<FunctionLabel, Histogram, fn() -> Histogram>,
+    instances_created: Family<FunctionLabel, Counter>,
+    instances_discarded: Family<FunctionLabel, Counter>,
     cold_loads: Family<LoadLabels, Counter>,
     faults: Family<FaultLabels, Counter>,
     in_flight: Family<FunctionLabel, Gauge>,
@@ -498,6 +552,8 @@ impl ServingMetrics {
             requests: Family::default(),
             request_seconds: Family::new_with_constructor(latency_histogram),
             instantiate_seconds: Family::new_with_constructor(latency_histogram),
+            instances_created: Family::default(),
+            instances_discarded: Family::default(),
             cold_loads: Family::default(),
             faults: Family::default(),
             in_flight: Family::default(),
@@ -517,6 +573,16 @@ impl ServingMetrics {
             "instantiate_seconds",
             "Time to create a fresh instance from the cached InstancePre",
             metrics.instantiate_seconds.clone(),
+        );
+        registry.register(
+            "instances_created",
+            "Guest instances created, by function: with `requests`, how often instances are reused",
+            metrics.instances_created.clone(),
+        );
+        registry.register(
+            "instances_discarded",
+            "Reused instances dropped because a guest faulted in them or overran its deadline",
+            metrics.instances_discarded.clone(),
         );
         registry.register(
             "cold_loads",
@@ -549,10 +615,22 @@ impl ServingMetrics {
             .observe(took.as_secs_f64());
     }
 
-    fn instantiated(&self, function: &str, took: Duration) {
-        self.instantiate_seconds
-            .get_or_create(&FunctionLabel::new(function))
-            .observe(took.as_secs_f64());
+    /// What a function's reused instances need: their metrics and the epoch tick.
+    fn instance_env(&self, function: &str, epoch_tick: Duration) -> InstanceEnv {
+        InstanceEnv {
+            metrics: self.instances(function),
+            epoch_tick,
+        }
+    }
+
+    /// The handles a function's instances report through.
+    fn instances(&self, function: &str) -> InstanceMetrics {
+        let label = FunctionLabel::new(function);
+        InstanceMetrics {
+            created: self.instances_created.get_or_create(&label).clone(),
+            discarded: self.instances_discarded.get_or_create(&label).clone(),
+            instantiate_seconds: self.instantiate_seconds.get_or_create(&label).clone(),
+        }
     }
 
     fn in_flight(&self, function: &str) -> Gauge {

@@ -75,6 +75,7 @@ async fn aarch64_edged_under_qemu_serves_artifacts_compiled_on_x86_64() {
         ("hello-http.wasm", "hello"),
         ("init-heavy-p1.wasm", "heavy"),
         ("infinite-loop.wat", "loop"),
+        ("p3-probe.wasm", "p3probe"),
     ] {
         let out = ok(edgectl(
             &op,
@@ -93,6 +94,19 @@ async fn aarch64_edged_under_qemu_serves_artifacts_compiled_on_x86_64() {
     assert_eq!(code, 200, "{body}\n{}", edged.log());
     assert!(body.starts_with("table[31337] = "), "{body}");
 
+    // A wasi:http 0.3 component, on one reused instance (its default policy), until it traps.
+    for n in 1..=3 {
+        assert_eq!(
+            get(&edged.url("/p3probe")).await,
+            (200, format!("requests={n}\n"))
+        );
+    }
+    assert_eq!(get(&edged.url("/p3probe?trap")).await.0, 500);
+    assert_eq!(
+        get(&edged.url("/p3probe")).await,
+        (200, "requests=1\n".into())
+    );
+
     // Epoch interruption works in aarch64 code: the loop is cut off, the node keeps serving.
     assert_eq!(
         get(&edged.url("/loop")).await,
@@ -101,7 +115,7 @@ async fn aarch64_edged_under_qemu_serves_artifacts_compiled_on_x86_64() {
     assert_eq!(get(&edged.url("/hello")).await.0, 200);
 
     let (_, metrics) = get(&edged.url("/metrics")).await;
-    for name in ["hello", "heavy", "loop"] {
+    for name in ["hello", "heavy", "loop", "p3probe"] {
         assert!(
             metrics.contains(&format!(
                 r#"edged_cold_loads_total{{function="{name}",path="loaded"}} 1"#

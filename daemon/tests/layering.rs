@@ -20,7 +20,9 @@ const LAYERS: &[&[&str]] = &[
     &["serving"],
     // preflight (`edged check-config`) may use what functions and hosts use, nothing above.
     &["invoke", "preflight"],
-    &["functions", "fault"],
+    &["functions"],
+    &["instances"],
+    &["fault"],
     &["host", "metrics", "events"],
     // Sizing the engine's pool (serving at start, preflight for check-config) uses no module.
     &["pool"],

@@ -66,7 +66,8 @@ impl InstancePolicy {
         let idle_timeout = setting.idle_timeout.unwrap_or(DEFAULT_IDLE_TIMEOUT);
         let policy = match guest {
             GuestKind::P1Command => {
-                if setting.requests.is_some_and(|r| r > 1) || setting.concurrent.is_some_and(|c| c > 1)
+                if setting.requests.is_some_and(|r| r > 1)
+                    || setting.concurrent.is_some_and(|c| c > 1)
                 {
                     notes.push(
                         "instances.requests/concurrent ignored: a WASI p1 command runs `_start` \
@@ -169,7 +170,10 @@ mod tests {
         assert_eq!(p2.idle_timeout, Duration::from_millis(250));
         assert!(notes[0].contains("synchronous"), "{notes:?}");
         let (p3, notes) = InstancePolicy::resolve(GuestKind::HttpP3, &ask);
-        assert_eq!((p3.requests_per_instance, p3.concurrent_per_instance), (50, 4));
+        assert_eq!(
+            (p3.requests_per_instance, p3.concurrent_per_instance),
+            (50, 4)
+        );
         assert!(notes.is_empty());
     }
 

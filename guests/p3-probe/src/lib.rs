@@ -5,7 +5,8 @@
 //! - (none)        `requests=N` — N counts this instance's requests, starting at 1
 //! - `?trap`       counts the request, then traps (a Rust panic aborts)
 //! - `?spin`       busy-loops before answering (cut by the deadline)
-//! - `?hang`       never answers and never uses the CPU (cut by the deadline)
+//! - `?hang`       never answers and never uses the CPU: waits an hour on the host clock (a
+//!                 guest that awaits nothing at all is caught by wasmtime as a deadlock instead)
 //! - `?linger`     answers, then keeps a task busy-looping after the answer
 //! - `?alloc=MIB`  touches MIB MiB of fresh memory, then answers (hits a memory cap)
 //! - `?sleep=MS`   waits MS ms on the host clock, then answers (concurrent requests interleave)
@@ -51,12 +52,13 @@ impl wasip3::exports::http::handler::Guest for Probe {
         match action {
             "trap" => panic!("trap requested (request {n} of this instance)"),
             "spin" => busy_forever(),
-            "hang" => std::future::pending::<()>().await,
+            "hang" => wasip3::clocks::monotonic_clock::wait_for(3_600 * 1_000_000_000).await,
             "linger" => {
                 let response = text_response(format!("requests={n} lingering\n"));
                 wit_bindgen::spawn_local(async {
-                    // Let the answer go out first, then keep the instance busy.
-                    wasip3::clocks::monotonic_clock::wait_for(1_000_000).await;
+                    // Let the answer go out first (the host reads the body in the store's event
+                    // loop, which a spinning task blocks), then keep the instance busy.
+                    wasip3::clocks::monotonic_clock::wait_for(20_000_000).await;
                     busy_forever()
                 });
                 return response;

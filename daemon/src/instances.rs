@@ -1,0 +1,571 @@
+//! Reused instances. A function whose [`InstancePolicy`] lets one instance serve more than one
+//! request — every `wasi:http` 0.3 guest by default, a 0.2 guest whose operator opted in — is
+//! served by wasmtime-wasi-http's `ProxyHandler`, the worker pool `wasmtime serve` itself runs,
+//! with edged's rules plugged into its hooks:
+//!
+//! - **how many**: an instance accepts requests while it has served fewer than
+//!   `requests_per_instance` and runs fewer than `concurrent_per_instance` at once;
+//! - **never after a fault**: a request that traps, hits its deadline or its memory cap marks its
+//!   instance faulted, and a faulted instance accepts nothing more (it finishes what it has and is
+//!   dropped);
+//! - **deadlines**: each request has the function's deadline to answer (504 after); a guest
+//!   still busy one deadline after its last answer, or busy-looping past it, has its instance
+//!   dropped (the epoch tick makes every guest yield, so the check runs even then);
+//! - **idle**: an instance with nothing to do is dropped after `idle_timeout`;
+//! - **no queueing behind a busy guest**: an instance whose guest kept the CPU through a recent
+//!   epoch tick takes no further request until it goes quiet (wasmtime-wasi-http would otherwise
+//!   hand a concurrent request to a guest that only yields because the epoch makes it);
+//! - **memory** is capped per instance (its store's limiter), and the function's permits count
+//!   requests, not instances.
+//!
+//! Request bodies stream into the guest as they arrive (capped, and cut at the node's body
+//! timeout); responses that finish at once go out with a Content-Length.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use edged_node_config::{FunctionConfig, InstancePolicy};
+use http::Response;
+use http_body_util::BodyExt;
+use hyper::body::{Body, Frame};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::Histogram;
+use wasmtime::component::GuestTaskId;
+use wasmtime::{Engine, Store, StoreContextMut, UpdateDeadline};
+use wasmtime_wasi_http::WasiHttpView;
+use wasmtime_wasi_http::handler::{
+    ExpirationError, HandlerState, Instance, InstantiationError, ProxyHandler, ProxyPre,
+    ShouldAccept, WorkerExpiration, WorkerState, WorkerStatus,
+};
+
+use crate::fault::Fault;
+use crate::host::{GuestState, OutboundPolicy, wasi_builder};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// What a function's instances report: how many were created, and how long each took.
+#[derive(Clone)]
+pub struct InstanceMetrics {
+    pub created: Counter,
+    /// Instances dropped because a guest faulted in them or overran a deadline.
+    pub discarded: Counter,
+    pub instantiate_seconds: Histogram,
+}
+
+/// What a function's instances need from the node besides the function itself.
+#[derive(Clone)]
+pub struct InstanceEnv {
+    pub metrics: InstanceMetrics,
+    /// The engine's epoch tick: a guest interrupted at two ticks in a row held the CPU between.
+    pub epoch_tick: Duration,
+}
+
+/// A function's live instances.
+pub struct Instances {
+    handler: ProxyHandler<Workers>,
+}
+
+impl Instances {
+    pub fn new(
+        engine: Engine,
+        pre: ProxyPre<GuestState>,
+        config: &FunctionConfig,
+        outbound: OutboundPolicy,
+        policy: InstancePolicy,
+        env: InstanceEnv,
+    ) -> Instances {
+        Instances {
+            handler: ProxyHandler::new(Workers {
+                engine,
+                pre,
+                config: config.clone(),
+                outbound,
+                policy,
+                metrics: env.metrics,
+                epoch_tick: env.epoch_tick,
+            }),
+        }
+    }
+
+    pub fn policy(&self) -> InstancePolicy {
+        self.handler.state().policy
+    }
+
+    /// Creates one instance and drops it, running no guest code beyond instantiation: proof
+    /// that the deployment links and fits the pool and its memory cap.
+    pub async fn instantiate_once(&self) -> Result<(), Fault> {
+        let workers = self.handler.state();
+        let mut store = workers
+            .new_store(BusyMark::new(workers.epoch_tick))
+            .map_err(|e| Fault::Host(format!("{e:#}")))?;
+        workers
+            .pre
+            .instantiate_async(&mut store)
+            .await
+            .map(drop)
+            .map_err(|e| Fault::classify(e, workers.config.limits.timeout))
+    }
+
+    /// Runs `request` on an instance with room for it (a new one if none has).
+    pub async fn handle(
+        &self,
+        request: http::Request<wasmtime_wasi_http::WasiBody>,
+    ) -> Result<Response<wasmtime_wasi_http::WasiBody>, Fault> {
+        let timeout = self.handler.state().config.limits.timeout;
+        let outcome = Arc::new(RequestOutcome::default());
+        let error = match self.handler.handle(outcome.clone(), request).await {
+            Ok(response) => return Ok(response),
+            Err(error) => error,
+        };
+        let fault = if error.is::<ExpirationError>() {
+            // The instance stops accepting by itself: an expired request retires it.
+            Fault::Deadline(timeout)
+        } else if let Some(failed) = error.downcast_ref::<InstantiationError<Arc<RequestOutcome>>>()
+        {
+            let message = format!("{:#}", failed.error);
+            match failed
+                .error
+                .downcast_ref::<wasmtime::PoolConcurrencyLimitError>()
+            {
+                Some(full) => Fault::Capacity(full.to_string()),
+                None => Fault::Trap(format!("instantiation failed: {message}")),
+            }
+        } else if let Some(code) =
+            error.downcast_ref::<wasmtime_wasi_http::p3::bindings::http::types::ErrorCode>()
+        {
+            // The guest answered with an error: a fault for this request, not of the instance.
+            return Err(Fault::NoResponse(format!(
+                "guest answered with error {code:?}"
+            )));
+        } else if error.is::<wasmtime_wasi_http::handler::TrapOrPanicError>() {
+            // The instance died under several requests; its own error reaches the worker's
+            // drop hook just after the request's channel closes.
+            outcome
+                .settled(Duration::from_millis(100))
+                .await
+                .unwrap_or_else(|| {
+                    Fault::Trap("the instance failed while serving this request".into())
+                })
+        } else {
+            Fault::classify(error, timeout)
+        };
+        outcome.mark_instance_faulted();
+        Err(fault)
+    }
+}
+
+/// One request's link to the instance that took it: lets the caller mark that instance
+/// faulted, and lets the instance hand a request the fault that killed it.
+#[derive(Default)]
+pub struct RequestOutcome {
+    instance_faulted: Mutex<Option<Arc<AtomicBool>>>,
+    fault: Mutex<Option<Fault>>,
+    fault_set: tokio::sync::Notify,
+}
+
+impl RequestOutcome {
+    fn mark_instance_faulted(&self) {
+        if let Some(flag) = lock(&self.instance_faulted).as_ref() {
+            flag.store(true, Ordering::SeqCst);
+        }
+    }
+
+    fn settle(&self, fault: Fault) {
+        lock(&self.fault).get_or_insert(fault);
+        self.fault_set.notify_one();
+    }
+
+    async fn settled(&self, within: Duration) -> Option<Fault> {
+        let wait = async {
+            loop {
+                let notified = self.fault_set.notified();
+                if let Some(fault) = lock(&self.fault).clone() {
+                    return fault;
+                }
+                notified.await;
+            }
+        };
+        tokio::time::timeout(within, wait).await.ok()
+    }
+}
+
+/// The handler's state: how to make an instance of this function.
+struct Workers {
+    engine: Engine,
+    pre: ProxyPre<GuestState>,
+    config: FunctionConfig,
+    outbound: OutboundPolicy,
+    policy: InstancePolicy,
+    metrics: InstanceMetrics,
+    epoch_tick: Duration,
+}
+
+impl Workers {
+    /// A store with the function's capabilities and memory cap. Every epoch tick the guest
+    /// yields, so a busy-looping guest cannot hold its worker thread, and the worker gets to
+    /// check its deadline (wasmtime-wasi-http checks expiry between polls of the store); each
+    /// such yield is noted in `busy`.
+    fn new_store(&self, busy: BusyMark) -> anyhow::Result<Store<GuestState>> {
+        let limits = self.config.limits;
+        let ctx = wasi_builder(&self.config)?.build();
+        let state = GuestState::component(ctx, self.outbound.clone(), limits.memory_bytes);
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| &mut s.limits);
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(move |_| {
+            busy.interrupted();
+            Ok(UpdateDeadline::YieldCustom(
+                1,
+                Box::pin(tokio::task::yield_now()),
+            ))
+        });
+        Ok(store)
+    }
+}
+
+impl HandlerState for Workers {
+    type StoreData = GuestState;
+    type WorkerExpiration = Expiry;
+    type WorkerState = Worker;
+
+    async fn instantiate(&self) -> wasmtime::Result<Instance<GuestState, Expiry, Worker>> {
+        let started = Instant::now();
+        let busy = BusyMark::new(self.epoch_tick);
+        let mut store = self
+            .new_store(busy.clone())
+            .map_err(wasmtime::Error::from_anyhow)?;
+        let proxy = self.pre.instantiate_async(&mut store).await?;
+        self.metrics.created.inc();
+        self.metrics
+            .instantiate_seconds
+            .observe(started.elapsed().as_secs_f64());
+        let timed_out = Arc::new(AtomicBool::new(false));
+        Ok(Instance {
+            store,
+            proxy,
+            view: <GuestState as WasiHttpView>::http,
+            expiration: Expiry {
+                request_timeout: self.config.limits.timeout,
+                idle_timeout: self.policy.idle_timeout,
+                sleep: Box::pin(tokio::time::sleep(Duration::MAX / 4)),
+                timed_out: timed_out.clone(),
+            },
+            state: Worker {
+                policy: self.policy,
+                request_timeout: self.config.limits.timeout,
+                faulted: Arc::new(AtomicBool::new(false)),
+                timed_out,
+                busy,
+                discarded: self.metrics.discarded.clone(),
+                requests: Mutex::new(Vec::new()),
+            },
+        })
+    }
+}
+
+/// One instance's bookkeeping.
+struct Worker {
+    policy: InstancePolicy,
+    request_timeout: Duration,
+    /// Set by a request that faulted on this instance: it takes nothing more.
+    faulted: Arc<AtomicBool>,
+    /// Set by [`Expiry`] when it ends the instance for a guest still running past a deadline.
+    timed_out: Arc<AtomicBool>,
+    /// Requests it took, to hand them the fault that ends it.
+    requests: Mutex<Vec<Weak<RequestOutcome>>>,
+    /// When its guest last held the CPU through an epoch tick.
+    busy: BusyMark,
+    discarded: Counter,
+}
+
+/// How recently a guest held the CPU through an epoch tick. A guest that keeps computing (or
+/// spinning) is interrupted at every tick, so two interrupts about one tick apart mean it held
+/// the CPU between them. (One interrupt alone means little: the first time a guest runs after
+/// sitting idle, its stale deadline interrupts it at once.) A guest serving quick requests or
+/// waiting on I/O is never interrupted twice in a row.
+#[derive(Clone)]
+struct BusyMark {
+    origin: Instant,
+    tick_ms: u64,
+    /// Milliseconds after `origin` of the last interrupt, and of the last one that came a tick
+    /// after another; 0 for never.
+    last_interrupt_ms: Arc<AtomicU64>,
+    busy_at_ms: Arc<AtomicU64>,
+}
+
+/// How long an instance counts as busy after it last held the CPU through a tick: a few ticks,
+/// so one that did a burst of work takes requests again soon after.
+const BUSY_TICKS: u64 = 5;
+
+impl BusyMark {
+    fn new(epoch_tick: Duration) -> BusyMark {
+        BusyMark {
+            origin: Instant::now(),
+            tick_ms: (epoch_tick.as_millis() as u64).max(1),
+            last_interrupt_ms: Arc::new(AtomicU64::new(0)),
+            busy_at_ms: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        (self.origin.elapsed().as_millis() as u64).max(1)
+    }
+
+    /// Called at each epoch interrupt of the guest.
+    fn interrupted(&self) {
+        let now = self.now_ms();
+        let previous = self.last_interrupt_ms.swap(now, Ordering::Relaxed);
+        // Within one and a half ticks of the previous interrupt: it ran through the tick.
+        if previous != 0 && now.saturating_sub(previous) * 2 <= self.tick_ms * 3 {
+            self.busy_at_ms.store(now, Ordering::Relaxed);
+        }
+    }
+
+    fn is_busy(&self) -> bool {
+        let busy_at = self.busy_at_ms.load(Ordering::Relaxed);
+        busy_at != 0 && self.now_ms().saturating_sub(busy_at) < BUSY_TICKS * self.tick_ms
+    }
+}
+
+impl WorkerState for Worker {
+    type StoreData = GuestState;
+    type RequestData = Arc<RequestOutcome>;
+
+    fn should_accept_request(&self, concurrent: usize, total: usize) -> ShouldAccept {
+        if self.faulted.load(Ordering::SeqCst)
+            || total >= self.policy.requests_per_instance as usize
+        {
+            ShouldAccept::Never
+        } else if concurrent >= self.policy.concurrent_per_instance as usize || self.busy.is_busy()
+        {
+            ShouldAccept::No
+        } else {
+            ShouldAccept::Yes
+        }
+    }
+
+    fn on_request_start(
+        &self,
+        _store: StoreContextMut<'_, GuestState>,
+        outcome: Arc<RequestOutcome>,
+        _task: GuestTaskId,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send + Sync>> {
+        *lock(&outcome.instance_faulted) = Some(self.faulted.clone());
+        let mut requests = lock(&self.requests);
+        requests.retain(|r| r.strong_count() > 0);
+        requests.push(Arc::downgrade(&outcome));
+        Box::pin(tokio::time::sleep(self.request_timeout))
+    }
+
+    fn drop(&self, store: Store<GuestState>, result: wasmtime::Result<()>) {
+        drop(store);
+        if result.is_err() || self.faulted.load(Ordering::SeqCst) {
+            self.discarded.inc();
+        }
+        let Err(error) = result else { return };
+        let fault = if self.timed_out.load(Ordering::SeqCst) {
+            Fault::Deadline(self.request_timeout)
+        } else {
+            Fault::classify(error, self.request_timeout)
+        };
+        tracing::debug!(%fault, "instance dropped after a fault");
+        for request in lock(&self.requests).drain(..) {
+            if let Some(request) = request.upgrade() {
+                request.settle(fault.clone());
+            }
+        }
+    }
+}
+
+/// When an instance ends: idle past its idle timeout (a normal retirement), or still running
+/// one request deadline after its last request started or its last answer (the guest is cut).
+struct Expiry {
+    request_timeout: Duration,
+    idle_timeout: Duration,
+    sleep: Pin<Box<tokio::time::Sleep>>,
+    timed_out: Arc<AtomicBool>,
+}
+
+impl WorkerExpiration for Expiry {
+    fn poll(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        status: WorkerStatus,
+        start: Instant,
+    ) -> Poll<()> {
+        let timeout = match status {
+            WorkerStatus::Idle => self.idle_timeout,
+            WorkerStatus::Requests | WorkerStatus::PostReturn => self.request_timeout,
+        };
+        let Some(deadline) = start.checked_add(timeout) else {
+            return Poll::Pending;
+        };
+        let deadline = tokio::time::Instant::from_std(deadline);
+        if self.sleep.deadline() != deadline {
+            self.sleep.as_mut().reset(deadline);
+        }
+        let expired = self.sleep.as_mut().poll(cx);
+        if expired.is_ready() && status != WorkerStatus::Idle {
+            self.timed_out.store(true, Ordering::SeqCst);
+        }
+        expired
+    }
+}
+
+/// A request body read as the guest asks for it: capped at the function's limit, and cut when
+/// the whole body has not arrived within the node's body timeout (a trickling client must not
+/// hold an instance).
+pub struct StreamedBody<B> {
+    inner: http_body_util::Limited<B>,
+    limit: usize,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl<B> StreamedBody<B> {
+    pub fn new(inner: B, limit: usize, timeout: Duration) -> StreamedBody<B> {
+        StreamedBody {
+            inner: http_body_util::Limited::new(inner, limit),
+            limit,
+            deadline: Box::pin(tokio::time::sleep(timeout)),
+        }
+    }
+}
+
+impl<B> Body for StreamedBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = wasmtime_wasi_http::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        if self.deadline.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Some(Err(wasmtime_wasi_http::Error::ConnectionReadTimeout)));
+        }
+        let limit = self.limit as u64;
+        Pin::new(&mut self.inner).poll_frame(cx).map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                wasmtime_wasi_http::Error::HttpRequestBodySize(Some(limit))
+            } else {
+                tracing::debug!(error = %e, "request body failed");
+                wasmtime_wasi_http::Error::ConnectionTerminated
+            }
+        })
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+}
+
+/// A response body carrying `guard` until the body is done or dropped: the request's permit
+/// and in-flight count last as long as the guest may still be writing.
+pub struct Guarded<B, G> {
+    body: B,
+    _guard: G,
+}
+
+impl<B, G> Guarded<B, G> {
+    pub fn new(body: B, guard: G) -> Guarded<B, G> {
+        Guarded {
+            body,
+            _guard: guard,
+        }
+    }
+}
+
+impl<B: Body + Unpin, G: Unpin> Body for Guarded<B, G> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// Response bodies a guest finishes within [`COALESCE_WAIT`] and [`COALESCE_LIMIT`] go out in
+/// one piece with a Content-Length (one write, one wake-up of the client); larger or slower
+/// ones stream as the guest writes them.
+pub const COALESCE_LIMIT: usize = 64 << 10;
+pub const COALESCE_WAIT: Duration = Duration::from_millis(1);
+
+/// `response` with its body in one piece if it completes within the coalescing limits, else
+/// with what was read so far followed by the rest. A body that fails before anything was sent
+/// is a fault, so the client still gets a clean 5xx.
+pub async fn coalesce(
+    response: Response<wasmtime_wasi_http::WasiBody>,
+) -> Result<Response<http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>>, Fault> {
+    let (parts, mut body) = response.into_parts();
+    let mut prefix: Vec<Frame<Bytes>> = Vec::new();
+    let mut buffered = 0usize;
+    let wait = tokio::time::sleep(COALESCE_WAIT);
+    tokio::pin!(wait);
+    let complete = loop {
+        if buffered > COALESCE_LIMIT {
+            break false;
+        }
+        let frame = tokio::select! {
+            biased;
+            frame = body.frame() => frame,
+            () = &mut wait => break false,
+        };
+        match frame {
+            None => break true,
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    buffered += data.len();
+                }
+                let trailers = frame.is_trailers();
+                prefix.push(frame);
+                if trailers {
+                    break false;
+                }
+            }
+            Some(Err(e)) => {
+                return Err(Fault::NoResponse(format!("response body failed: {e}")));
+            }
+        }
+    };
+    if complete {
+        let mut bytes = bytes::BytesMut::with_capacity(buffered);
+        for frame in prefix {
+            if let Ok(data) = frame.into_data() {
+                bytes.extend_from_slice(&data);
+            }
+        }
+        let body = http_body_util::Full::new(bytes.freeze())
+            .map_err(|never| match never {})
+            .boxed_unsync();
+        return Ok(Response::from_parts(parts, body));
+    }
+    let frames = futures_util::stream::iter(prefix.into_iter().map(Ok::<_, BoxError>));
+    let rest = http_body_util::BodyStream::new(body.map_err(|e| Box::new(e) as BoxError));
+    let stream = futures_util::StreamExt::chain(frames, rest);
+    Ok(Response::from_parts(
+        parts,
+        http_body_util::StreamBody::new(stream).boxed_unsync(),
+    ))
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}

@@ -1,0 +1,317 @@
+//! End-to-end: `wasi:http@0.3.0` components (guests/p3-*) served by a real `edged` on loopback,
+//! and the instance policy: reuse exactly when configured, never after a fault, deadlines and
+//! limits per request, memory per instance, a misbehaving guest cut without slowing the node.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use common::{Edged, get, guest, metric};
+
+/// The count the probe guest answers with: how many requests its instance has accepted.
+async fn probe_count(edged: &Edged, path: &str) -> u64 {
+    let (status, body) = get(&edged.url(path)).await;
+    assert_eq!(status, 200, "{path}: {body}\n{}", edged.log());
+    body.trim()
+        .strip_prefix("requests=")
+        .and_then(|n| n.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{path}: unexpected body {body:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn p3_components_serve_stream_and_reuse_instances_exactly_as_configured() {
+    let edged = Edged::start(&format!(
+        r#"
+[[function]]
+name = "hello"
+wasm = {hello}
+route = "/hello"
+
+[[function]]
+name = "echo"
+wasm = {echo}
+route = "/echo"
+
+[[function]]
+name = "heavy"
+wasm = {heavy}
+route = "/heavy"
+
+[[function]]
+name = "reused"
+wasm = {probe}
+route = "/reused"
+
+[[function]]
+name = "fresh"
+wasm = {probe}
+route = "/fresh"
+instances = {{ requests = 1 }}
+
+[[function]]
+name = "three"
+wasm = {probe}
+route = "/three"
+instances = {{ requests = 3 }}
+"#,
+        hello = guest("p3-hello.wasm"),
+        echo = guest("p3-echo.wasm"),
+        heavy = guest("p3-init-heavy.wasm"),
+        probe = guest("p3-probe.wasm"),
+    ));
+    assert!(
+        edged.log().contains("kind=wasi:http 0.3"),
+        "{}",
+        edged.log()
+    );
+
+    let response = reqwest::get(edged.url("/hello")).await.unwrap();
+    assert_eq!(response.status(), 200);
+    // A body the guest finishes at once goes out whole, with a Content-Length.
+    assert_eq!(response.headers()["content-length"], "39");
+    assert_eq!(
+        response.text().await.unwrap(),
+        "hello from a wasi:http@0.3.0 component\n"
+    );
+
+    // Pre-initialized by Wizer at build time: the table is in the snapshot.
+    let (status, body) = get(&edged.url("/heavy?key=31337")).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.starts_with("table[31337] = "), "{body}");
+
+    // The echo streams: its answer to the first chunk arrives while the request is still open.
+    echo_streams_while_the_request_is_open(&edged);
+
+    // p3's default policy reuses one instance; `requests = 1` never does; `requests = 3`
+    // retires an instance after its third request.
+    let reused: Vec<u64> = collect(&edged, "/reused", 5).await;
+    assert_eq!(reused, [1, 2, 3, 4, 5]);
+    let fresh = collect(&edged, "/fresh", 3).await;
+    assert_eq!(fresh, [1, 1, 1]);
+    let three = collect(&edged, "/three", 7).await;
+    assert_eq!(three, [1, 2, 3, 1, 2, 3, 1]);
+
+    let created = |f: &'static str| {
+        let edged = &edged;
+        async move {
+            metric(
+                edged,
+                &format!("edged_instances_created_total{{function=\"{f}\"}}"),
+            )
+            .await
+            .unwrap_or(0.0)
+        }
+    };
+    assert_eq!(created("reused").await, 1.0);
+    assert_eq!(created("fresh").await, 3.0);
+    assert_eq!(created("three").await, 3.0);
+}
+
+async fn collect(edged: &Edged, path: &str, n: usize) -> Vec<u64> {
+    let mut counts = Vec::new();
+    for _ in 0..n {
+        counts.push(probe_count(edged, path).await);
+    }
+    counts
+}
+
+/// Sends a chunked POST in two parts over a raw socket and reads the echo of the first part
+/// before sending the second.
+fn echo_streams_while_the_request_is_open(edged: &Edged) {
+    let mut socket = TcpStream::connect(edged.addr).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    socket
+        .write_all(
+            b"POST /echo HTTP/1.1\r\nhost: localhost\r\ncontent-type: text/x-test\r\n\
+              transfer-encoding: chunked\r\n\r\n6\r\nfirst \r\n",
+        )
+        .unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains("first ") {
+        let n = socket.read(&mut buf).unwrap();
+        assert!(
+            n > 0,
+            "connection closed: {}",
+            String::from_utf8_lossy(&seen)
+        );
+        seen.extend_from_slice(&buf[..n]);
+    }
+    let head = String::from_utf8_lossy(&seen).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains("x-edged-echo: streaming"), "{head}");
+    assert!(head.contains("content-type: text/x-test"), "{head}");
+    socket.write_all(b"6\r\nsecond\r\n0\r\n\r\n").unwrap();
+    while !String::from_utf8_lossy(&seen).ends_with("0\r\n\r\n") {
+        let n = socket.read(&mut buf).unwrap();
+        assert!(
+            n > 0,
+            "connection closed: {}",
+            String::from_utf8_lossy(&seen)
+        );
+        seen.extend_from_slice(&buf[..n]);
+    }
+    assert!(String::from_utf8_lossy(&seen).contains("second"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_instance_that_faulted_is_never_reused() {
+    let edged = Edged::start(&format!(
+        r#"
+[[function]]
+name = "probe"
+wasm = {probe}
+route = "/probe"
+limits = {{ timeout_ms = 500, memory_mib = 32 }}
+"#,
+        probe = guest("p3-probe.wasm"),
+    ));
+    assert_eq!(collect(&edged, "/probe", 2).await, [1, 2]);
+    for (path, status, kind) in [
+        ("/probe?trap", 500, "trap"),
+        ("/probe?spin", 504, "deadline"),
+        ("/probe?hang", 504, "deadline"),
+        ("/probe?alloc=64", 500, "oom"),
+    ] {
+        let (code, body) = get(&edged.url(path)).await;
+        assert_eq!(
+            (code, body.as_str()),
+            (status, format!("guest fault: {kind}\n").as_str()),
+            "{path}\n{}",
+            edged.log()
+        );
+        // The next request sees fresh state: a new instance.
+        assert_eq!(probe_count(&edged, "/probe").await, 1, "after {path}");
+        assert_eq!(probe_count(&edged, "/probe").await, 2, "after {path}");
+    }
+    // Memory is capped per instance, not per request: 8 MiB twice in one instance is fine.
+    assert_eq!(get(&edged.url("/probe?alloc=8")).await.0, 200);
+    assert_eq!(get(&edged.url("/probe?alloc=8")).await.0, 200);
+    let discarded = metric(
+        &edged,
+        "edged_instances_discarded_total{function=\"probe\"}",
+    )
+    .await;
+    assert_eq!(discarded, Some(4.0), "{}", edged.log());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrency_and_a_guest_that_hogs_its_instance() {
+    let edged = Edged::start(&format!(
+        r#"
+[[function]]
+name = "together"
+wasm = {probe}
+route = "/together"
+limits = {{ max_concurrency = 3, timeout_ms = 5000 }}
+instances = {{ concurrent = 8 }}
+
+[[function]]
+name = "hog"
+wasm = {probe}
+route = "/hog"
+limits = {{ timeout_ms = 3000 }}
+
+[[function]]
+name = "stuck"
+wasm = {probe}
+route = "/stuck"
+limits = {{ timeout_ms = 3000 }}
+
+[[function]]
+name = "hello"
+wasm = {hello}
+route = "/hello"
+"#,
+        probe = guest("p3-probe.wasm"),
+        hello = guest("p3-hello.wasm"),
+    ));
+
+    // Three overlapping requests, each arriving while the others wait on the host clock, share
+    // one instance; a fourth is past the function's limit. (Requests that arrive in the same
+    // instant may each start an instance: an instance takes another only once its guest waits.)
+    let url = edged.url("/together?sleep=900");
+    let mut waits = Vec::new();
+    for _ in 0..3 {
+        let url = url.clone();
+        waits.push(tokio::spawn(async move { get(&url).await }));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(get(&url).await.0, 503);
+    let mut counts = Vec::new();
+    for wait in waits {
+        let (status, body) = wait.await.unwrap();
+        assert_eq!(status, 200, "{body}");
+        counts.push(body.trim().to_string());
+    }
+    counts.sort();
+    assert_eq!(counts, ["requests=1", "requests=2", "requests=3"]);
+    let created = metric(
+        &edged,
+        "edged_instances_created_total{function=\"together\"}",
+    )
+    .await;
+    assert_eq!(created, Some(1.0));
+
+    // A guest that answers and then keeps its instance busy, and one that never answers: both
+    // are cut at their deadline and their instances dropped. Meanwhile the node, and the same
+    // function on another instance, answer as usual.
+    let (status, body) = get(&edged.url("/hog?linger")).await;
+    let hogged = Instant::now();
+    assert_eq!((status, body.as_str()), (200, "requests=1 lingering\n"));
+    let hang = tokio::spawn({
+        let hang = edged.url("/stuck?hang");
+        async move { get(&hang).await }
+    });
+    let mut slowest = Duration::ZERO;
+    while hogged.elapsed() < Duration::from_millis(2000) {
+        for path in ["/hello", "/hog", "/stuck"] {
+            let asked = Instant::now();
+            let (status, _) = get(&edged.url(path)).await;
+            assert_eq!(status, 200, "{path}");
+            slowest = slowest.max(asked.elapsed());
+        }
+    }
+    // Far below the 3 s deadline the hogs are cut at: nothing waited behind them (on a shared
+    // 2-core machine a spinning guest does slow everything else down somewhat).
+    assert!(
+        slowest < Duration::from_millis(1500),
+        "slowest {slowest:?}\n{}",
+        edged.log()
+    );
+    assert_eq!(
+        hang.await.unwrap(),
+        (504, "guest fault: deadline\n".into()),
+        "{}",
+        edged.log()
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let discarded = |f: &'static str| {
+            let edged = &edged;
+            async move {
+                metric(
+                    edged,
+                    &format!("edged_instances_discarded_total{{function=\"{f}\"}}"),
+                )
+                .await
+                .unwrap_or(0.0)
+            }
+        };
+        let discarded = (discarded("hog").await, discarded("stuck").await);
+        if discarded == (1.0, 1.0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the hogging instances were not dropped ({discarded:?}):\n{}",
+            edged.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
