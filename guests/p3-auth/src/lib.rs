@@ -13,7 +13,7 @@ struct Auth;
 
 impl Guest for Auth {
     async fn handle(request: Request) -> Result<Response, ErrorCode> {
-        if !p3_mw::authorized(&request, &p3_mw::expected_token()) {
+        if !p3_mw::authorized(&request, p3_mw::expected_token()) {
             return p3_mw::unauthorized();
         }
         handler::handle(request).await

@@ -65,7 +65,7 @@ impl wasip3::exports::http::handler::Guest for Forward {
         let next = env("FORWARD_TO").ok_or_else(|| internal("FORWARD_TO is not set"))?;
         match role.as_str() {
             "auth" => {
-                if !p3_mw::authorized(&request, &p3_mw::expected_token()) {
+                if !p3_mw::authorized(&request, p3_mw::expected_token()) {
                     return p3_mw::unauthorized();
                 }
                 wasip3::http::client::send(readdress(request, &next)?).await
@@ -75,8 +75,7 @@ impl wasip3::exports::http::handler::Guest for Forward {
                 p3_mw::log_line(format!(
                     "header forwarder: {:?} {path}\n",
                     request.get_method()
-                ))
-                .await;
+                ));
                 let response = wasip3::http::client::send(readdress(request, &next)?).await?;
                 p3_mw::with_added_header(response)
             }

@@ -16,8 +16,7 @@ impl Guest for Header {
         p3_mw::log_line(format!(
             "header middleware: {:?} {path}\n",
             request.get_method()
-        ))
-        .await;
+        ));
         let response = handler::handle(request).await?;
         p3_mw::with_added_header(response)
     }

@@ -50,13 +50,17 @@ pub const DEFAULT_TOKEN: &str = match option_env!("EDGED_SAMPLE_AUTH_TOKEN") {
 /// The header the header middleware adds to every response, and its value.
 pub const ADDED_HEADER: (&str, &str) = ("x-edged-middleware", "header");
 
-/// The bearer token this instance accepts.
-pub fn expected_token() -> String {
-    wasip3::cli::environment::get_environment()
-        .into_iter()
-        .find(|(k, _)| k == TOKEN_ENV)
-        .map(|(_, v)| v)
-        .unwrap_or_else(|| DEFAULT_TOKEN.to_string())
+/// The bearer token this instance accepts. Read once per instance: the environment is fixed
+/// for an instance's life, and a node reuses p3 instances across requests.
+pub fn expected_token() -> &'static str {
+    static TOKEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    TOKEN.get_or_init(|| {
+        wasip3::cli::environment::get_environment()
+            .into_iter()
+            .find(|(k, _)| k == TOKEN_ENV)
+            .map(|(_, v)| v)
+            .unwrap_or_else(|| DEFAULT_TOKEN.to_string())
+    })
 }
 
 /// Whether `request` carries `authorization: Bearer <token>`.
@@ -129,12 +133,14 @@ pub fn with_added_header(response: Response) -> Result<Response, ErrorCode> {
 }
 
 /// Writes one line to the guest's stderr (WASI 0.3 `wasi:cli/stderr`, so the part imports
-/// nothing from WASI 0.2). Best effort: a log line that cannot be written is dropped.
-pub async fn log_line(line: String) {
+/// nothing from WASI 0.2), in a task of its own: the request does not wait for the log. Best
+/// effort: a log line that cannot be written is dropped.
+pub fn log_line(line: String) {
     let (mut tx, rx) = wit_stream::new();
     let done = wasip3::cli::stderr::write_via_stream(rx);
     wit_bindgen::spawn_local(async move {
         tx.write_all(line.into_bytes()).await;
+        drop(tx);
+        let _ = done.await;
     });
-    let _ = done.await;
 }
