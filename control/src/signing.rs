@@ -227,6 +227,7 @@ mod tests {
             limits: None,
             guest: None,
             instances: None,
+            parts: None,
         }
     }
 

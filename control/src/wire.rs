@@ -33,7 +33,8 @@ pub enum Request {
     /// Step 1 of a push: the node checks the signed manifest (signature, trusted key, newer
     /// version, completeness) and answers which of its blobs it still needs.
     Offer {
-        manifest: SignedManifest,
+        /// Boxed: a manifest is by far the largest request (and grows with a chain's parts).
+        manifest: Box<SignedManifest>,
     },
     /// Step 2: one blob named by an accepted offer, sent from `offset` on (resume).
     PutBlob {

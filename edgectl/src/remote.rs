@@ -239,7 +239,12 @@ pub async fn push(target: &Target, cache: &CacheArgs, args: PushArgs) -> Result<
     let id = manifest.id();
     let signed = SignedManifest::sign(manifest, &key);
 
-    let needed = match client.call(&Request::Offer { manifest: signed }).await? {
+    let needed = match client
+        .call(&Request::Offer {
+            manifest: Box::new(signed),
+        })
+        .await?
+    {
         Response::Needed { blobs } => blobs,
         other => bail!("unexpected answer to an offer: {other:?}"),
     };
