@@ -37,10 +37,11 @@ echo "== edgectl push (compile for both targets, sign, upload what the node lack
 "$edgectl" push guests/out/hello-http.wasm --name hello
 "$edgectl" push guests/out/init-heavy-http.wasm --name heavy
 "$edgectl" push guests/out/init-heavy-p1.wasm --name cgi
+"$edgectl" push guests/out/p3-hello.wasm --name p3
 "$edgectl" ls
 
 echo
-for path in "/hello/demo" "/heavy?key=42" "/cgi?key=42"; do
+for path in "/hello/demo" "/heavy?key=42" "/cgi?key=42" "/p3"; do
   echo "-- GET $addr$path"
   curl -sS -w '   (HTTP %{http_code} in %{time_total}s)\n' "$addr$path"
 done
@@ -52,4 +53,8 @@ trap - EXIT
 
 echo
 echo "== cold-start and HTTP figures"
-"$target/release/bench" --out bench/out
+# Baselines the HTTP phase compares against in the same run: the real `wasmtime serve` 48.0.8
+# (built once into ~/.cache/edged/tools) and a componentize-py hello.
+wasmtime_cli=$(scripts/install-wasmtime-cli.sh)
+if [ -x scripts/build-large-guests.sh ]; then scripts/build-large-guests.sh; fi
+"$target/release/bench" --wasmtime "$wasmtime_cli" --out bench/out

@@ -10,6 +10,12 @@
 //!
 //! Between them the two floors split the gap of `edged hello` to bare hyper: floor 2 / floor 1
 //! is the price of wasmtime + `wasi:http`, edged / floor 2 is edged's own.
+//!
+//! And against the real `wasmtime serve` 48.0.8 (a separate process, installed by
+//! `scripts/install-wasmtime-cli.sh`; skipped, saying so, when absent) on the same components,
+//! both on their defaults and both with instance reuse: the p2 hello (`wasi:http@0.2`), the p3
+//! hello (`wasi:http@0.3.0`), and a componentize-py hello (`scripts/build-large-guests.sh`).
+//! Every target is loaded at 1 connection and at `connections`.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -37,6 +43,8 @@ use crate::stats::{Summary, summarize};
 
 pub struct Params {
     pub edged: PathBuf,
+    /// The real `wasmtime` CLI for the `wasmtime serve` rows, if installed.
+    pub wasmtime: Option<PathBuf>,
     pub connections: usize,
     pub requests: usize,
     /// Command prefix that runs `edged` (an emulator), or empty.
@@ -45,10 +53,21 @@ pub struct Params {
     pub pool_slots: Option<u32>,
 }
 
-fn start_edged(
+/// A function of the edged under test: name, route, `.wasm`, and extra TOML for its table.
+pub(crate) struct BenchFunction {
+    pub name: &'static str,
+    pub route: &'static str,
+    pub wasm: PathBuf,
+    pub extra: &'static str,
+}
+
+/// Requests per instance when reuse is on, for edged and `wasmtime serve` alike.
+const REUSE: u32 = 1000;
+
+pub(crate) fn start_edged(
     params: &Params,
     work: &Path,
-    guests: &[(&str, &str, PathBuf)],
+    guests: &[BenchFunction],
 ) -> Result<EdgedProcess> {
     use std::fmt::Write as _;
     let binary = &params.edged;
@@ -62,11 +81,14 @@ fn start_edged(
             "\n[engine]\ntotal_instances = {slots}\ntotal_memories = {slots}\n"
         );
     }
-    for (name, route, wasm) in guests {
+    for f in guests {
         let _ = write!(
             config,
-            "\n[[function]]\nname = \"{name}\"\nroute = \"{route}\"\nwasm = {:?}\n[function.limits]\nmax_concurrency = 256\n",
-            wasm.display().to_string()
+            "\n[[function]]\nname = \"{}\"\nroute = \"{}\"\nwasm = {:?}\n{}[function.limits]\nmax_concurrency = 256\n",
+            f.name,
+            f.route,
+            f.wasm.display().to_string(),
+            f.extra,
         );
     }
     let config_path = work.join("edged.toml");
@@ -320,9 +342,59 @@ async fn handle_component_request(
     }
 }
 
+/// The real `wasmtime serve` as its own process on a loopback port, killed on drop.
+struct RealWasmtimeServe {
+    child: std::process::Child,
+    addr: SocketAddr,
+}
+
+impl Drop for RealWasmtimeServe {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `wasmtime serve [flags] wasm` and waits until it accepts connections (it compiles the
+/// component first, which takes a while for a large one).
+async fn start_real_wasmtime_serve(
+    wasmtime: &Path,
+    wasm: &Path,
+    flags: &[&str],
+) -> Result<RealWasmtimeServe> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let child = std::process::Command::new(wasmtime)
+        .arg("serve")
+        .arg("--addr")
+        .arg(addr.to_string())
+        // What edged grants a component too: WASI's cli interfaces (environment, stdio).
+        .arg("-Scli")
+        .args(flags)
+        .arg(wasm)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let mut serve = RealWasmtimeServe { child, addr };
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        if let Some(status) = serve.child.try_wait()? {
+            bail!("wasmtime serve {} exited with {status}", wasm.display());
+        }
+        if Instant::now() > deadline {
+            bail!("wasmtime serve {} did not start listening", wasm.display());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(serve)
+}
+
 /// Latencies of `requests` GETs of `path`, spread over `connections` keep-alive connections,
 /// and the achieved requests per second.
-async fn load(
+pub(crate) async fn load(
     addr: SocketAddr,
     path: &str,
     connections: usize,
@@ -386,95 +458,325 @@ pub(crate) async fn load_with(
     Ok((samples, rps))
 }
 
+/// One load target: a row of the report at each connection count.
+struct Target {
+    name: String,
+    addr: SocketAddr,
+    path: &'static str,
+    /// Requests per measurement, scaled down for slow guests.
+    requests: usize,
+}
+
 pub async fn run(params: &Params, work: &Path) -> Result<(Vec<Summary>, Vec<Ratio>, Vec<Figure>)> {
-    let guests = [
-        ("hello", "/hello", edged_testkit::guest("hello-http.wasm")),
-        (
-            "heavy",
-            "/heavy",
-            edged_testkit::guest("init-heavy-http.wasm"),
-        ),
-        ("cgi", "/cgi", edged_testkit::guest("init-heavy-p1.wasm")),
+    let p2_hello = edged_testkit::guest("hello-http.wasm");
+    let p3_hello = edged_testkit::guest("p3-hello.wasm");
+    let python = edged_testkit::workspace_root().join("guests/out/large/python-hello.wasm");
+    let python = python.exists().then_some(python);
+    if python.is_none() {
+        println!(
+            "note: no componentize-py hello (run scripts/build-large-guests.sh): its rows are skipped"
+        );
+    }
+    let reuse_toml: &'static str = "instances = { requests = 1000 }\n";
+    let mut guests = vec![
+        BenchFunction {
+            name: "hello",
+            route: "/hello",
+            wasm: p2_hello.clone(),
+            extra: "",
+        },
+        BenchFunction {
+            name: "hello-reuse",
+            route: "/hello-reuse",
+            wasm: p2_hello.clone(),
+            extra: reuse_toml,
+        },
+        BenchFunction {
+            name: "p3",
+            route: "/p3",
+            wasm: p3_hello.clone(),
+            extra: "",
+        },
+        BenchFunction {
+            name: "heavy",
+            route: "/heavy",
+            wasm: edged_testkit::guest("init-heavy-http.wasm"),
+            extra: "",
+        },
+        BenchFunction {
+            name: "cgi",
+            route: "/cgi",
+            wasm: edged_testkit::guest("init-heavy-p1.wasm"),
+            extra: "",
+        },
     ];
+    if let Some(python) = &python {
+        guests.push(BenchFunction {
+            name: "py",
+            route: "/py",
+            wasm: python.clone(),
+            extra: "",
+        });
+        guests.push(BenchFunction {
+            name: "py-reuse",
+            route: "/py-reuse",
+            wasm: python.clone(),
+            extra: reuse_toml,
+        });
+    }
     let edged = start_edged(params, work, &guests)?;
     let floor = start_floor_server()?;
-    let serve = start_wasmtime_serve(&guests[0].2, params.pool_slots)?;
+    let serve = start_wasmtime_serve(&p2_hello, params.pool_slots)?;
     // Let the node settle, then read its idle footprint with every sample function prepared.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let idle_rss = rss_kib(edged.pid());
 
-    let targets = [
-        ("http: bare hyper floor", floor, "/"),
-        ("http: wasmtime-serve hello (floor 2)", serve.addr, "/"),
-        ("http: hello component", edged.http, "/hello"),
-        (
-            "http: init-heavy component (Wizer)",
+    let n = params.requests;
+    let target = |name: &str, addr: SocketAddr, path: &'static str, requests: usize| Target {
+        name: name.to_string(),
+        addr,
+        path,
+        requests,
+    };
+    let mut targets = vec![
+        target("http: bare hyper floor", floor, "/", n),
+        target(
+            "http: in-process wasmtime p2 hello (floor 2)",
+            serve.addr,
+            "/",
+            n,
+        ),
+        target("http: edged p2 hello (fresh)", edged.http, "/hello", n),
+        target(
+            "http: edged p2 hello (reuse)",
+            edged.http,
+            "/hello-reuse",
+            n,
+        ),
+        target("http: edged p3 hello (defaults)", edged.http, "/p3", n),
+        target(
+            "http: edged init-heavy p2 (Wizer)",
             edged.http,
             "/heavy?key=4242",
+            n,
         ),
-        (
-            "http: init-heavy p1 CGI (Wizer)",
+        target(
+            "http: edged init-heavy p1 CGI (Wizer)",
             edged.http,
             "/cgi?key=4242",
+            n,
         ),
     ];
+    if python.is_some() {
+        targets.push(target(
+            "http: edged python hello (fresh)",
+            edged.http,
+            "/py",
+            n / 8,
+        ));
+        targets.push(target(
+            "http: edged python hello (reuse)",
+            edged.http,
+            "/py-reuse",
+            n,
+        ));
+    }
+    // The real `wasmtime serve`, one process per configuration, each started when its turn
+    // comes so that only one of them holds memory and threads at a time.
+    let reuse_flag = format!("--max-instance-reuse-count={REUSE}");
+    let mut real: Vec<(String, PathBuf, Vec<String>, usize)> = Vec::new();
+    match &params.wasmtime {
+        Some(_) => {
+            real.push((
+                "http: wasmtime serve p2 hello (defaults)".into(),
+                p2_hello.clone(),
+                vec![],
+                n,
+            ));
+            real.push((
+                "http: wasmtime serve p2 hello (reuse)".into(),
+                p2_hello.clone(),
+                vec![reuse_flag.clone()],
+                n,
+            ));
+            real.push((
+                "http: wasmtime serve p3 hello (defaults)".into(),
+                p3_hello.clone(),
+                vec![],
+                n,
+            ));
+            if let Some(python) = &python {
+                real.push((
+                    "http: wasmtime serve python hello (defaults)".into(),
+                    python.clone(),
+                    vec![],
+                    n / 8,
+                ));
+                real.push((
+                    "http: wasmtime serve python hello (reuse)".into(),
+                    python.clone(),
+                    vec![reuse_flag.clone()],
+                    n,
+                ));
+            }
+        }
+        None => println!(
+            "note: the real wasmtime serve 48.0.8 is not installed (scripts/install-wasmtime-cli.sh): its rows are skipped"
+        ),
+    }
+
     let mut phases = Vec::new();
     let mut figures = Vec::new();
-    for (name, addr, path) in targets {
-        // Warm-up: connections, page cache, CPU frequency.
-        load(addr, path, params.connections, params.connections * 20).await?;
-        let (samples, rps) = load(addr, path, params.connections, params.requests).await?;
-        phases.push(summarize(name, &samples));
-        figures.push(Figure {
-            name: format!("{name}: requests/s ({} connections)", params.connections),
-            value: rps,
-            unit: "req/s".into(),
-        });
+    // Requests/s by (row name, connections).
+    let mut rps_of = std::collections::HashMap::new();
+    let mut p50_of = std::collections::HashMap::new();
+    let connection_counts = if params.connections > 1 {
+        vec![1, params.connections]
+    } else {
+        vec![1]
+    };
+    let mut measure =
+        async |name: &str, addr: SocketAddr, path: &str, requests: usize| -> Result<()> {
+            for &connections in &connection_counts {
+                // Warm-up: connections, page cache, CPU frequency, instances.
+                load(addr, path, connections, (connections * 20).max(40)).await?;
+                let (samples, rps) =
+                    load(addr, path, connections, requests.max(connections * 20)).await?;
+                let row = format!("{name} ×{connections}");
+                phases.push(summarize(&row, &samples));
+                p50_of.insert(
+                    row.clone(),
+                    phases.last().map(|p: &Summary| p.p50_us).unwrap_or(0.0),
+                );
+                rps_of.insert(row.clone(), rps);
+                figures.push(Figure {
+                    name: format!("{row}: requests/s"),
+                    value: rps,
+                    unit: "req/s".into(),
+                });
+            }
+            Ok(())
+        };
+    for t in &targets {
+        measure(&t.name, t.addr, t.path, t.requests).await?;
     }
-    // Floor 2 has done its part: its threads and pool go before the numbers are reported.
+    // Floor 2 has done its part: its threads and pool go before the next server starts.
     drop(serve);
+    if let Some(wasmtime) = &params.wasmtime {
+        for (name, wasm, flags, requests) in &real {
+            let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+            let server = start_real_wasmtime_serve(wasmtime, wasm, &flags).await?;
+            measure(name, server.addr, "/", *requests).await?;
+        }
+    }
     if let Some(kib) = idle_rss {
         figures.push(Figure {
-            name: "edged idle RSS with the 3 sample functions prepared".into(),
+            name: format!(
+                "edged idle RSS with the {} bench functions prepared",
+                guests.len()
+            ),
             value: kib as f64 / 1024.0,
             unit: "MiB".into(),
         });
     }
-    // Indices into `targets`.
-    let (floor, serve, hello, heavy, cgi) = (0, 1, 2, 3, 4);
-    let p50 = |i: usize| phases[i].p50_us;
-    let ratios = vec![
-        Ratio::new(
-            "http p50: hello / bare-hyper floor",
-            p50(hello) / p50(floor),
-            "<= 1.5",
-            |v| v <= 1.5,
+
+    let wide = params.connections;
+    let p50 = |row: &str| p50_of.get(&format!("{row} ×1")).copied();
+    let rps = |row: &str, c: usize| rps_of.get(&format!("{row} ×{c}")).copied();
+    let mut ratios = Vec::new();
+    let mut ratio = |name: String, value: Option<f64>, goal: &str, met: fn(f64) -> bool| {
+        if let Some(value) = value.filter(|v| v.is_finite()) {
+            ratios.push(Ratio::new(&name, value, goal, met));
+        }
+    };
+    let div = |a: Option<f64>, b: Option<f64>| Some(a? / b?);
+    let floor = "http: bare hyper floor";
+    ratio(
+        "http p50 ×1: edged p3 hello / bare-hyper floor".into(),
+        div(p50("http: edged p3 hello (defaults)"), p50(floor)),
+        "<= 1.5",
+        |v| v <= 1.5,
+    );
+    ratio(
+        "http p50 ×1: edged p2 hello / bare-hyper floor".into(),
+        div(p50("http: edged p2 hello (fresh)"), p50(floor)),
+        "<= 1.5",
+        |v| v <= 1.5,
+    );
+    ratio(
+        "http p50 ×1: edged p2 hello / in-process wasmtime (floor 2)".into(),
+        div(
+            p50("http: edged p2 hello (fresh)"),
+            p50("http: in-process wasmtime p2 hello (floor 2)"),
         ),
-        // The two halves of the ratio above: edged's own code, and wasmtime + `wasi:http`.
-        Ratio::new(
-            "http p50: edged hello / wasmtime-serve hello",
-            p50(hello) / p50(serve),
-            "<= 1.2",
-            |v| v <= 1.2,
+        "<= 1.2",
+        |v| v <= 1.2,
+    );
+    ratio(
+        "http p50 ×1: init-heavy p2 / p2 hello".into(),
+        div(
+            p50("http: edged init-heavy p2 (Wizer)"),
+            p50("http: edged p2 hello (fresh)"),
         ),
-        Ratio::new(
-            "http p50: wasmtime-serve hello / bare-hyper floor",
-            p50(serve) / p50(floor),
+        "<= 2.0",
+        |v| v <= 2.0,
+    );
+    for c in [1, wide] {
+        let vs = |edged_row: &str, serve_row: &str| div(rps(edged_row, c), rps(serve_row, c));
+        ratio(
+            format!("req/s ×{c}: edged / wasmtime serve, p2 hello, both defaults"),
+            vs(
+                "http: edged p2 hello (fresh)",
+                "http: wasmtime serve p2 hello (defaults)",
+            ),
+            ">= 3",
+            |v| v >= 3.0,
+        );
+        ratio(
+            format!("req/s ×{c}: edged / wasmtime serve, p2 hello, both reuse"),
+            vs(
+                "http: edged p2 hello (reuse)",
+                "http: wasmtime serve p2 hello (reuse)",
+            ),
+            ">= 1.5",
+            |v| v >= 1.5,
+        );
+        ratio(
+            format!("req/s ×{c}: edged / wasmtime serve, p3 hello, both defaults"),
+            vs(
+                "http: edged p3 hello (defaults)",
+                "http: wasmtime serve p3 hello (defaults)",
+            ),
+            ">= 1.5",
+            |v| v >= 1.5,
+        );
+        ratio(
+            format!("req/s ×{c}: edged python hello, reuse / fresh"),
+            vs(
+                "http: edged python hello (reuse)",
+                "http: edged python hello (fresh)",
+            ),
+            ">= 10",
+            |v| v >= 10.0,
+        );
+        ratio(
+            format!("req/s ×{c}: edged / wasmtime serve, python hello, both reuse"),
+            vs(
+                "http: edged python hello (reuse)",
+                "http: wasmtime serve python hello (reuse)",
+            ),
+            ">= 1.2",
+            |v| v >= 1.2,
+        );
+        ratio(
+            format!("req/s ×{c}: edged / wasmtime serve, python hello, both fresh"),
+            vs(
+                "http: edged python hello (fresh)",
+                "http: wasmtime serve python hello (defaults)",
+            ),
             "info",
             |_| true,
-        ),
-        Ratio::new(
-            "http p50: init-heavy component / hello",
-            p50(heavy) / p50(hello),
-            "<= 2.0",
-            |v| v <= 2.0,
-        ),
-        Ratio::new(
-            "http p50: init-heavy p1 CGI / hello",
-            p50(cgi) / p50(hello),
-            "info",
-            |_| true,
-        ),
-    ];
+        );
+    }
     Ok((phases, ratios, figures))
 }

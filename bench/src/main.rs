@@ -11,6 +11,10 @@
 //! The soak phase (`--phases soak [--soak-secs 600 --soak-connections 32]`) holds a real edged
 //! under load with hello beside the fault guests for minutes: zero hello errors, flat RSS.
 //!
+//! The large phase (`--phases large`, also a default) measures the interpreter guests that
+//! `scripts/build-large-guests.sh` builds (componentize-py and componentize-js hellos) on a fresh
+//! instance against raw wasmtime's defaults; it says so and skips when they are not built.
+//!
 //! The chain phase (`--phases chain`) measures a middleware chain against the app alone and
 //! against the same parts as separate functions over loopback HTTP.
 //!
@@ -22,6 +26,7 @@ mod chain;
 mod coldstart;
 mod fleet;
 mod http;
+mod large;
 mod process;
 mod report;
 mod soak;
@@ -35,9 +40,9 @@ use clap::Parser;
 #[derive(Parser)]
 #[command(about = "edged benchmark: cold start, HTTP and fleet sync")]
 struct Args {
-    /// Which phases to run: coldstart, http, chain, sync, soak (chain, sync and soak are not
-    /// defaults).
-    #[arg(long, value_delimiter = ',', default_values_t = ["coldstart".to_string(), "http".to_string()])]
+    /// Which phases to run: coldstart, http, large, chain, sync, soak (chain, sync and soak are
+    /// not defaults).
+    #[arg(long, value_delimiter = ',', default_values_t = ["coldstart".to_string(), "http".to_string(), "large".to_string()])]
     phases: Vec<String>,
     /// WASI p1 command guest for the cold-start phases (default: the init-heavy sample).
     #[arg(long)]
@@ -54,7 +59,12 @@ struct Args {
     /// The edged binary for the HTTP phase (default: next to this binary).
     #[arg(long)]
     edged: Option<PathBuf>,
-    /// Concurrent keep-alive connections of the HTTP load generator.
+    /// The real `wasmtime` 48.0.8 CLI for the HTTP phase's `wasmtime serve` rows (default: where
+    /// scripts/install-wasmtime-cli.sh puts it; the rows are skipped when it is absent).
+    #[arg(long)]
+    wasmtime: Option<PathBuf>,
+    /// Concurrent keep-alive connections of the HTTP load generator (each target is also
+    /// measured at 1).
     #[arg(long, default_value_t = 8)]
     connections: usize,
     /// Requests per HTTP target.
@@ -69,6 +79,9 @@ struct Args {
     /// starts (default: edged's default). qemu-user needs a small pool: see README, aarch64.
     #[arg(long)]
     pool_slots: Option<u32>,
+    /// In-process fresh-instance requests per large guest and engine (large phase).
+    #[arg(long, default_value_t = 300)]
+    large_iterations: usize,
     /// The edgectl binary for the sync phase (default: next to this binary).
     #[arg(long)]
     edgectl: Option<PathBuf>,
@@ -98,7 +111,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
-    let known = ["coldstart", "http", "chain", "sync", "soak"];
+    let known = ["coldstart", "http", "large", "chain", "sync", "soak"];
     if let Some(unknown) = args.phases.iter().find(|p| !known.contains(&p.as_str())) {
         bail!("unknown phase {unknown:?} (known: {})", known.join(", "));
     }
@@ -130,12 +143,28 @@ async fn main() -> Result<()> {
     if args.phases.iter().any(|p| p == "http") {
         let params = http::Params {
             edged: sibling_binary(args.edged.as_ref(), "edged")?,
+            wasmtime: args.wasmtime.clone().or_else(installed_wasmtime),
             connections: args.connections,
             requests: args.requests,
             emulator: emulator.clone(),
             pool_slots: args.pool_slots,
         };
         let (p, r, f) = http::run(&params, work.path()).await?;
+        phases.extend(p);
+        ratios.extend(r);
+        figures.extend(f);
+    }
+    if args.phases.iter().any(|p| p == "large") {
+        let params = large::Params {
+            edged: sibling_binary(args.edged.as_ref(), "edged")?,
+            iterations: args.large_iterations,
+            load_iterations: args.load_iterations.clamp(1, 10),
+            connections: args.connections,
+            requests: args.requests,
+            emulator: emulator.clone(),
+            pool_slots: args.pool_slots,
+        };
+        let (p, r, f) = large::run(&params, work.path()).await?;
         phases.extend(p);
         ratios.extend(r);
         figures.extend(f);
@@ -215,6 +244,15 @@ async fn main() -> Result<()> {
     report::write_svg(&report, &svg)?;
     println!("\nwrote {} and {}", json.display(), svg.display());
     Ok(())
+}
+
+/// The `wasmtime` CLI scripts/install-wasmtime-cli.sh installs, if it has.
+fn installed_wasmtime() -> Option<PathBuf> {
+    let tools = std::env::var_os("EDGED_TOOLS_DIR")
+        .map(PathBuf::from)
+        .or_else(|| dirs::home_dir().map(|home| home.join(".cache/edged/tools")))?;
+    let path = tools.join("wasmtime-48.0.8/bin/wasmtime");
+    path.exists().then_some(path)
 }
 
 /// `explicit`, or the binary `name` next to this one (where cargo builds the workspace's

@@ -104,55 +104,142 @@ pub fn write_json(report: &Report, path: &Path) -> Result<()> {
     std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))
 }
 
-/// Horizontal bars of p50 (solid) and p99 (outline) per phase, on a log scale so microsecond
-/// restores and second-long baselines fit one chart.
+/// One panel per kind of phase (cold start; HTTP; anything else), each with horizontal bars of
+/// p50 (solid) and p99 (outline) per phase, one bar per label and the label at its bar's centre,
+/// on a log scale so microsecond restores and second-long baselines fit; then the ratios, each
+/// with its goal and whether it was met.
 pub fn write_svg(report: &Report, path: &Path) -> Result<()> {
-    let rows = report.phases.len();
-    let height = 120 + 40 * rows as u32;
-    let root = SVGBackend::new(path, (1000, height)).into_drawing_area();
+    let mut panels: Vec<(&str, Vec<&Summary>)> = Vec::new();
+    for phase in &report.phases {
+        let title = panel_of(&phase.phase);
+        match panels.iter_mut().find(|(t, _)| *t == title) {
+            Some((_, phases)) => phases.push(phase),
+            None => panels.push((title, vec![phase])),
+        }
+    }
+    const ROW: u32 = 34;
+    const PANEL_CHROME: u32 = 90;
+    const RATIO_LINE: u32 = 20;
+    let panel_heights: Vec<u32> = panels
+        .iter()
+        .map(|(_, phases)| PANEL_CHROME + ROW * phases.len() as u32)
+        .collect();
+    let ratios_height = 50 + RATIO_LINE * report.ratios.len() as u32;
+    let height = 50 + panel_heights.iter().sum::<u32>() + ratios_height;
+    let root = SVGBackend::new(path, (1200, height)).into_drawing_area();
     root.fill(&WHITE)?;
-    let max = report
-        .phases
+    let root = root.titled(
+        &format!("edged bench — {} on {}", report.guest, report.host),
+        ("sans-serif", 22),
+    )?;
+    let mut rest = root;
+    for ((title, phases), panel_height) in panels.iter().zip(&panel_heights) {
+        let (area, below) = rest.split_vertically(*panel_height);
+        draw_panel(&area, title, phases)?;
+        rest = below;
+    }
+    draw_ratios(&rest, report)?;
+    rest.present()?;
+    Ok(())
+}
+
+/// Which panel a phase is drawn in, from its name's prefix.
+fn panel_of(phase: &str) -> &'static str {
+    if phase.starts_with("http") {
+        "HTTP request latency (load generator on loopback)"
+    } else if phase.starts_with("sync") || phase.starts_with("fleet") {
+        "fleet sync"
+    } else if phase.starts_with("soak") {
+        "soak"
+    } else {
+        "cold start (in process)"
+    }
+}
+
+fn draw_panel<DB: DrawingBackend>(
+    area: &DrawingArea<DB, plotters::coord::Shift>,
+    title: &str,
+    phases: &[&Summary],
+) -> Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    let rows = phases.len();
+    let max = phases
         .iter()
         .map(|p| p.p99_us.max(p.p50_us))
         .fold(1.0, f64::max);
-    let min = report
-        .phases
+    let min = phases
         .iter()
         .map(|p| p.p50_us)
         .fold(f64::MAX, f64::min)
         .max(0.1);
-    let mut chart = ChartBuilder::on(&root)
+    let base = min / 2.0;
+    let mut chart = ChartBuilder::on(area)
         .caption(
-            format!(
-                "edged — {} (p50 bar, p99 outline; µs, log scale)",
-                report.guest
-            ),
-            ("sans-serif", 20),
+            format!("{title} — p50 bar, p99 outline (µs, log scale)"),
+            ("sans-serif", 16),
         )
-        .margin(15)
-        .x_label_area_size(35)
-        .y_label_area_size(260)
-        .build_cartesian_2d((min / 2.0..max * 2.0).log_scale(), 0..rows)?;
-    let names: Vec<String> = report.phases.iter().map(|p| p.phase.clone()).collect();
+        .margin(10)
+        .x_label_area_size(30)
+        .y_label_area_size(360)
+        .build_cartesian_2d((base..max * 2.0).log_scale(), (0..rows).into_segmented())?;
+    let names: Vec<String> = phases.iter().map(|p| p.phase.clone()).collect();
     chart
         .configure_mesh()
         .disable_y_mesh()
         .y_labels(rows)
-        .y_label_formatter(&|i| names.get(*i).cloned().unwrap_or_default())
+        .y_label_formatter(&|value| match value {
+            SegmentValue::CenterOf(i) => names.get(*i).cloned().unwrap_or_default(),
+            _ => String::new(),
+        })
         .x_desc("microseconds")
         .draw()?;
-    let base = min / 2.0;
-    for (i, p) in report.phases.iter().enumerate() {
+    for (i, p) in phases.iter().enumerate() {
+        let (top, bottom) = (SegmentValue::Exact(i), SegmentValue::Exact(i + 1));
         chart.draw_series(std::iter::once(Rectangle::new(
-            [(base, i), (p.p50_us, i + 1)],
+            [(base, top.clone()), (p.p50_us, bottom.clone())],
             BLUE.mix(0.6).filled(),
         )))?;
         chart.draw_series(std::iter::once(Rectangle::new(
-            [(base, i), (p.p99_us, i + 1)],
+            [(base, top), (p.p99_us, bottom)],
             BLACK.stroke_width(1),
         )))?;
+        chart.draw_series(std::iter::once(Text::new(
+            format!("{} / {}", format_us(p.p50_us), format_us(p.p99_us)),
+            (p.p99_us.max(p.p50_us) * 1.05, SegmentValue::CenterOf(i)),
+            ("sans-serif", 12),
+        )))?;
     }
-    root.present()?;
+    Ok(())
+}
+
+fn draw_ratios<DB: DrawingBackend>(
+    area: &DrawingArea<DB, plotters::coord::Shift>,
+    report: &Report,
+) -> Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    area.draw(&Text::new(
+        "Ratios (measured in this run; quote these, not absolute times)",
+        (20, 15),
+        ("sans-serif", 16),
+    ))?;
+    for (i, r) in report.ratios.iter().enumerate() {
+        let color = if r.met { BLACK } else { RED };
+        let line = format!(
+            "{:>8.2}×   {}   (goal {}: {})",
+            r.value,
+            r.name,
+            r.goal,
+            if r.met { "met" } else { "NOT met" }
+        );
+        area.draw(&Text::new(
+            line,
+            (20, 40 + 20 * i as i32),
+            ("monospace", 13).into_font().color(&color),
+        ))?;
+    }
     Ok(())
 }

@@ -16,6 +16,7 @@
 mod compose;
 mod fingerprint;
 mod guest_kind;
+pub mod memory_image;
 mod preinit;
 pub mod target;
 
@@ -31,6 +32,7 @@ pub use compose::{
 };
 pub use fingerprint::engine_fingerprint;
 pub use guest_kind::{GuestKind, component_exports, component_imports, guest_kind};
+pub use memory_image::MemoryImageReport;
 pub use preinit::exports_function;
 pub use target::{EngineSettings, Target, base_config};
 

@@ -225,6 +225,7 @@ mod tests {
             }],
             route: None,
             limits: None,
+            memory_image: None,
             guest: None,
             instances: None,
             parts: None,

@@ -187,6 +187,9 @@ pub struct DeploymentInfo {
     pub init_func: Option<String>,
     pub signer: Option<String>,
     pub created_at: u64,
+    /// The manifest's copy-on-write image report, when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_image: Option<edged_compiler::MemoryImageReport>,
     /// A middleware chain's parts, outermost first and the app last (empty for one component).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub parts: Vec<ChainPartInfo>,

@@ -454,6 +454,7 @@ impl Deployments {
                         blake3: p.blake3.clone(),
                     })
                     .collect(),
+                memory_image: m.memory_image.as_deref().cloned(),
                 name: m.name,
                 version: m.version,
             });

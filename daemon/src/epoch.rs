@@ -4,6 +4,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use crate::instances::EpochClock;
+
 /// Advances the engine's epoch from a dedicated OS thread. A tokio task could be starved by
 /// the very guest whose deadline it is supposed to enforce.
 pub struct EpochTicker {
@@ -12,7 +14,8 @@ pub struct EpochTicker {
 }
 
 impl EpochTicker {
-    pub fn start(engine: wasmtime::Engine, tick: Duration) -> EpochTicker {
+    /// Ticks `engine` every `tick`, and `clock` with it.
+    pub fn start(engine: wasmtime::Engine, tick: Duration, clock: EpochClock) -> EpochTicker {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let thread = std::thread::Builder::new()
@@ -21,6 +24,7 @@ impl EpochTicker {
                 while !flag.load(Ordering::Relaxed) {
                     std::thread::sleep(tick);
                     engine.increment_epoch();
+                    clock.tick();
                 }
             })
             .expect("spawning the epoch ticker thread");

@@ -60,8 +60,25 @@ pub struct InstanceMetrics {
 #[derive(Clone)]
 pub struct InstanceEnv {
     pub metrics: InstanceMetrics,
-    /// The engine's epoch tick: a guest interrupted at two ticks in a row held the CPU between.
-    pub epoch_tick: Duration,
+    /// The engine's epoch, counted: a guest interrupted at two ticks in a row held the CPU
+    /// between them.
+    pub epochs: EpochClock,
+}
+
+/// The engine's epoch as a number the node can read (wasmtime does not expose its own): the
+/// epoch ticker advances both together.
+#[derive(Clone, Default)]
+pub struct EpochClock(Arc<AtomicU64>);
+
+impl EpochClock {
+    /// Called by the ticker right after each `Engine::increment_epoch`.
+    pub fn tick(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn now(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
 }
 
 /// A function's live instances.
@@ -86,7 +103,7 @@ impl Instances {
                 outbound,
                 policy,
                 metrics: env.metrics,
-                epoch_tick: env.epoch_tick,
+                epochs: env.epochs,
             }),
         }
     }
@@ -100,7 +117,7 @@ impl Instances {
     pub async fn instantiate_once(&self) -> Result<(), Fault> {
         let workers = self.handler.state();
         let mut store = workers
-            .new_store(BusyMark::new(workers.epoch_tick))
+            .new_store(BusyMark::new(workers.epochs.clone()))
             .map_err(|e| Fault::Host(format!("{e:#}")))?;
         workers
             .pre
@@ -201,7 +218,7 @@ struct Workers {
     outbound: OutboundPolicy,
     policy: InstancePolicy,
     metrics: InstanceMetrics,
-    epoch_tick: Duration,
+    epochs: EpochClock,
 }
 
 impl Workers {
@@ -234,7 +251,7 @@ impl HandlerState for Workers {
 
     async fn instantiate(&self) -> wasmtime::Result<Instance<GuestState, Expiry, Worker>> {
         let started = Instant::now();
-        let busy = BusyMark::new(self.epoch_tick);
+        let busy = BusyMark::new(self.epochs.clone());
         let mut store = self
             .new_store(busy.clone())
             .map_err(wasmtime::Error::from_anyhow)?;
@@ -282,52 +299,43 @@ struct Worker {
     discarded: Counter,
 }
 
-/// How recently a guest held the CPU through an epoch tick. A guest that keeps computing (or
-/// spinning) is interrupted at every tick, so two interrupts about one tick apart mean it held
-/// the CPU between them. (One interrupt alone means little: the first time a guest runs after
+/// Whether a guest is holding the CPU. A guest that keeps computing (or spinning) is
+/// interrupted at every epoch tick, so interrupts at two consecutive ticks mean it ran through
+/// the tick between them. (One interrupt alone means little: the first time a guest runs after
 /// sitting idle, its stale deadline interrupts it at once.) A guest serving quick requests or
-/// waiting on I/O is never interrupted twice in a row.
+/// waiting on I/O is never interrupted twice in a row. Counted in ticks, not time, so a ticker
+/// delayed by a loaded machine does not hide a spinning guest.
 #[derive(Clone)]
 struct BusyMark {
-    origin: Instant,
-    tick_ms: u64,
-    /// Milliseconds after `origin` of the last interrupt, and of the last one that came a tick
-    /// after another; 0 for never.
-    last_interrupt_ms: Arc<AtomicU64>,
-    busy_at_ms: Arc<AtomicU64>,
+    epochs: EpochClock,
+    /// Epoch of the last interrupt, and of the last one that came one tick after another;
+    /// `u64::MAX` for never.
+    last_interrupt: Arc<AtomicU64>,
+    busy_at: Arc<AtomicU64>,
 }
 
-/// How long an instance counts as busy after it last held the CPU through a tick: a few ticks,
-/// so one that did a burst of work takes requests again soon after.
-const BUSY_TICKS: u64 = 5;
-
 impl BusyMark {
-    fn new(epoch_tick: Duration) -> BusyMark {
+    fn new(epochs: EpochClock) -> BusyMark {
         BusyMark {
-            origin: Instant::now(),
-            tick_ms: (epoch_tick.as_millis() as u64).max(1),
-            last_interrupt_ms: Arc::new(AtomicU64::new(0)),
-            busy_at_ms: Arc::new(AtomicU64::new(0)),
+            epochs,
+            last_interrupt: Arc::new(AtomicU64::new(u64::MAX)),
+            busy_at: Arc::new(AtomicU64::new(u64::MAX)),
         }
-    }
-
-    fn now_ms(&self) -> u64 {
-        (self.origin.elapsed().as_millis() as u64).max(1)
     }
 
     /// Called at each epoch interrupt of the guest.
     fn interrupted(&self) {
-        let now = self.now_ms();
-        let previous = self.last_interrupt_ms.swap(now, Ordering::Relaxed);
-        // Within one and a half ticks of the previous interrupt: it ran through the tick.
-        if previous != 0 && now.saturating_sub(previous) * 2 <= self.tick_ms * 3 {
-            self.busy_at_ms.store(now, Ordering::Relaxed);
+        let now = self.epochs.now();
+        let previous = self.last_interrupt.swap(now, Ordering::Relaxed);
+        if previous != u64::MAX && now.saturating_sub(previous) <= 1 {
+            self.busy_at.store(now, Ordering::Relaxed);
         }
     }
 
+    /// Busy until a full tick has passed without the guest running through it.
     fn is_busy(&self) -> bool {
-        let busy_at = self.busy_at_ms.load(Ordering::Relaxed);
-        busy_at != 0 && self.now_ms().saturating_sub(busy_at) < BUSY_TICKS * self.tick_ms
+        let busy_at = self.busy_at.load(Ordering::Relaxed);
+        busy_at != u64::MAX && self.epochs.now().saturating_sub(busy_at) <= 1
     }
 }
 

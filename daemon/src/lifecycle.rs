@@ -57,7 +57,11 @@ pub async fn run(
     };
     let control_addr = control.as_ref().map(|e| e.local_addr()).transpose()?;
     tokio::spawn(housekeeping::maintain(serving.store().clone()));
-    let ticker = EpochTicker::start(serving.engine().clone(), config.epoch_tick);
+    let ticker = EpochTicker::start(
+        serving.engine().clone(),
+        config.epoch_tick,
+        serving.epoch_clock(),
+    );
     let listener = TcpListener::bind(config.http_listen)
         .await
         .with_context(|| format!("binding HTTP on {}", config.http_listen))?;

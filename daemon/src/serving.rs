@@ -32,7 +32,9 @@ use crate::functions::{
     Function, FunctionSet, prepare, prepare_declared, pushed_function_config, pushed_route,
 };
 use crate::host::{GuestState, linkers};
-use crate::instances::{Guarded, InstanceEnv, InstanceMetrics, Instances, StreamedBody, coalesce};
+use crate::instances::{
+    EpochClock, Guarded, InstanceEnv, InstanceMetrics, Instances, StreamedBody, coalesce,
+};
 use crate::invoke::{ResponseBody, Timing, instantiate_once, run_cgi, run_proxy, text_response};
 use crate::metrics::{FunctionLabel, latency_histogram};
 
@@ -49,6 +51,8 @@ pub struct Serving {
     /// Pushed deployments that could not be prepared, by id, with the reason: not retried on
     /// every rebuild (a deployment's content never changes under its id).
     unservable: Arc<Mutex<HashMap<String, String>>>,
+    /// The engine's epoch, counted by whoever ticks it (see [`Serving::epoch_clock`]).
+    epochs: EpochClock,
 }
 
 /// Why a deployment cannot be served on this node.
@@ -81,6 +85,7 @@ impl Serving {
             guest_tasks: TaskTracker::new(),
             rebuild_lock: tokio::sync::Mutex::new(()),
             unservable: Arc::default(),
+            epochs: EpochClock::default(),
         }))
     }
 
@@ -106,6 +111,12 @@ impl Serving {
 
     pub fn fingerprint(&self) -> &str {
         self.restorer.fingerprint()
+    }
+
+    /// The count the epoch ticker must advance with each `increment_epoch`: reused instances
+    /// read it to tell a guest holding the CPU from one that is not.
+    pub fn epoch_clock(&self) -> EpochClock {
+        self.epochs.clone()
     }
 
     /// Guests still running after their response head; a drain waits for them.
@@ -141,10 +152,11 @@ impl Serving {
         let config = config.clone();
         let unservable = self.unservable.clone();
         let metrics = self.metrics.clone();
+        let epochs = self.epochs.clone();
         let prepared = tokio::task::spawn_blocking(move || -> Result<Vec<(Function, LoadPath)>> {
             let mut functions = Vec::new();
             for declared in &config.functions {
-                let env = metrics.instance_env(&declared.name, config.epoch_tick);
+                let env = metrics.instance_env(&declared.name, &epochs);
                 functions.push(prepare_declared(&restorer, &engine_settings, declared, env)?);
             }
             let store = restorer.store();
@@ -166,7 +178,7 @@ impl Serving {
                     continue;
                 }
                 let function_config = pushed_function_config(&manifest);
-                let env = metrics.instance_env(&function_config.name, config.epoch_tick);
+                let env = metrics.instance_env(&function_config.name, &epochs);
                 match prepare(&restorer, &function_config, manifest, env) {
                     Ok(function) => functions.push(function),
                     // One bad pushed deployment must not take the others (or the node) down.
@@ -221,7 +233,7 @@ impl Serving {
         let candidate = manifest.clone();
         let env = self
             .metrics
-            .instance_env(&function_config.name, self.config.load().epoch_tick);
+            .instance_env(&function_config.name, &self.epochs);
         let prepared = tokio::task::spawn_blocking(move || {
             prepare(&restorer, &function_config, candidate, env)
         })
@@ -615,11 +627,11 @@ impl ServingMetrics {
             .observe(took.as_secs_f64());
     }
 
-    /// What a function's reused instances need: their metrics and the epoch tick.
-    fn instance_env(&self, function: &str, epoch_tick: Duration) -> InstanceEnv {
+    /// What a function's reused instances need: their metrics and the epoch count.
+    fn instance_env(&self, function: &str, epochs: &EpochClock) -> InstanceEnv {
         InstanceEnv {
             metrics: self.instances(function),
-            epoch_tick,
+            epochs: epochs.clone(),
         }
     }
 

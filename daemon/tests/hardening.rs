@@ -51,7 +51,17 @@ async fn a_push_that_cannot_be_served_never_replaces_one_that_can() {
             r#"(module (import "env" "launch_missiles" (func)) (memory (export "memory") 1) (func (export "_start")))"#,
             "launch_missiles",
         ),
-        ("empty.wat", "(component)", "wasi:http/incoming-handler"),
+        // Exports the 0.2 handler's name, but not its type: the build cannot tell, the node can.
+        (
+            "impostor.wat",
+            r#"(component
+                 (core module $m (func (export "handle")))
+                 (core instance $i (instantiate $m))
+                 (func $handle (canon lift (core func $i "handle")))
+                 (instance $handler (export "handle" (func $handle)))
+                 (export "wasi:http/incoming-handler@0.2.0" (instance $handler)))"#,
+            "failed to convert function to given type",
+        ),
         (
             "greedy.wat",
             r#"(module (memory (export "memory") 4096) (func (export "_start")))"#,
@@ -78,6 +88,18 @@ async fn a_push_that_cannot_be_served_never_replaces_one_that_can() {
             "{file}"
         );
     }
+    // A component that serves no wasi:http version at all is refused before anything is sent.
+    let empty = dir.path().join("empty.wat");
+    std::fs::write(&empty, "(component)").unwrap();
+    let err = refused(edgectl(
+        &op,
+        &node,
+        &push_args(empty.to_str().unwrap(), "upg", &[]),
+    ));
+    assert!(
+        err.contains("a component must export `wasi:http/handler@0.3.x`"),
+        "{err}"
+    );
     let listing: serde_json::Value =
         serde_json::from_str(&ok(edgectl(&op, &node, &["--json", "ls"]))).unwrap();
     let active: Vec<u64> = listing["items"]

@@ -335,8 +335,8 @@ pub async fn simple(target: &Target, request: Request) -> Result<()> {
     match response {
         Response::Deployments { items } => {
             println!(
-                "{:<24} {:>8} {:<7} {:<15} {:<24} {:<18} SIGNER",
-                "NAME", "VERSION", "ACTIVE", "KIND", "ROUTE", "FLEET RECORD"
+                "{:<24} {:>8} {:<7} {:<15} {:<24} {:<18} {:<22} SIGNER",
+                "NAME", "VERSION", "ACTIVE", "KIND", "ROUTE", "FLEET RECORD", "COW IMAGE"
             );
             for d in items {
                 // The fleet activation record the name follows: `#sequence -> version`.
@@ -345,13 +345,14 @@ pub async fn simple(target: &Target, request: Request) -> Result<()> {
                     .map(|r| format!("#{} -> v{}", r.sequence, r.version))
                     .unwrap_or_default();
                 println!(
-                    "{:<24} {:>8} {:<7} {:<15} {:<24} {:<18} {}",
+                    "{:<24} {:>8} {:<7} {:<15} {:<24} {:<18} {:<22} {}",
                     d.name,
                     d.version,
                     if d.active { "*" } else { "" },
                     d.kind,
                     d.route,
                     fleet,
+                    crate::build::cow_column(d.memory_image.as_ref()),
                     d.signer.unwrap_or_else(|| "(local config)".into())
                 );
                 if !d.parts.is_empty() {

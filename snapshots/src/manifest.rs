@@ -3,7 +3,7 @@
 //! It names every blob a deployment needs by BLAKE3 hash, so the store can check a manifest is
 //! complete before indexing it, and a node can check any bytes it is handed against it.
 
-use edged_compiler::{GuestKind, PartRole, Target, WasmKind};
+use edged_compiler::{GuestKind, MemoryImageReport, PartRole, Target, WasmKind};
 use serde::{Deserialize, Serialize};
 
 /// A blob by content address.
@@ -42,6 +42,12 @@ pub struct Manifest {
     /// Per-request limits (default: the node's defaults).
     #[serde(default)]
     pub limits: Option<DeploymentLimits>,
+    /// Whether every linear memory starts from a copy-on-write image, and its size: what
+    /// `edgectl build` and `ls` show about a guest's start-up cost. Absent from manifests built
+    /// before it existed (and then not serialized, so their signatures still verify). Boxed:
+    /// manifests travel inside wire messages that should stay small.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_image: Option<Box<MemoryImageReport>>,
     /// How a node runs it, as the compiler read it from the exports. Fields added after the
     /// first release are left out of the encoding when unset, so manifests signed before them
     /// keep their canonical bytes (and signatures).
@@ -170,6 +176,10 @@ impl Manifest {
                 .collect(),
             route: None,
             limits: None,
+            // Judged on what the artifacts were compiled from (the Wizer snapshot, if any).
+            memory_image: edged_compiler::memory_image::analyze(&compiled.preinitialized)
+                .ok()
+                .map(Box::new),
             guest: Some(compiled.guest),
             instances: None,
             parts: None,

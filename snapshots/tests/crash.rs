@@ -70,6 +70,7 @@ fn churn(dir: &str) -> ! {
             }],
             route: None,
             limits: None,
+            memory_image: None,
             guest: None,
             instances: None,
             parts: None,

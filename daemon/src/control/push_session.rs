@@ -185,6 +185,7 @@ mod tests {
             artifacts: Vec::new(),
             route: None,
             limits: None,
+            memory_image: None,
             guest: None,
             instances: None,
             parts: None,
