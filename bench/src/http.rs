@@ -400,11 +400,27 @@ pub(crate) async fn load(
     connections: usize,
     requests: usize,
 ) -> Result<(Vec<Duration>, f64)> {
+    load_with(addr, path, &[], connections, requests).await
+}
+
+/// [`load`] with extra request headers (the chain phase's bearer token).
+pub(crate) async fn load_with(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+    connections: usize,
+    requests: usize,
+) -> Result<(Vec<Duration>, f64)> {
+    let headers: Vec<(String, String)> = headers
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
     let per_connection = requests.div_ceil(connections);
     let started = Instant::now();
     let mut workers = Vec::new();
     for _ in 0..connections {
         let path = path.to_string();
+        let headers = headers.clone();
         workers.push(tokio::spawn(async move {
             let stream = tokio::net::TcpStream::connect(addr).await?;
             stream.set_nodelay(true)?;
@@ -413,9 +429,12 @@ pub(crate) async fn load(
             tokio::spawn(conn);
             let mut samples = Vec::with_capacity(per_connection);
             for _ in 0..per_connection {
-                let request = http::Request::get(path.as_str())
-                    .header(http::header::HOST, "localhost")
-                    .body(Empty::<Bytes>::new())?;
+                let mut request =
+                    http::Request::get(path.as_str()).header(http::header::HOST, "localhost");
+                for (name, value) in &headers {
+                    request = request.header(name.as_str(), value.as_str());
+                }
+                let request = request.body(Empty::<Bytes>::new())?;
                 let start = Instant::now();
                 let response = sender.send_request(request).await?;
                 let status = response.status();

@@ -15,10 +15,14 @@
 //! `scripts/build-large-guests.sh` builds (componentize-py and componentize-js hellos) on a fresh
 //! instance against raw wasmtime's defaults; it says so and skips when they are not built.
 //!
+//! The chain phase (`--phases chain`) measures a middleware chain against the app alone and
+//! against the same parts as separate functions over loopback HTTP.
+//!
 //! The fleet phase (peer sync convergence against pushing to every node directly, and the
 //! origin's egress) takes longer and runs only when asked: `cargo build --release -p edged -p edgectl -p bench && target/release/bench
 //! --phases sync [--nodes 4 --artifact-mb 20 --sync-rounds 3]`
 
+mod chain;
 mod coldstart;
 mod fleet;
 mod http;
@@ -37,8 +41,8 @@ use clap::Parser;
 #[derive(Parser)]
 #[command(about = "edged benchmark: cold start, HTTP and fleet sync")]
 struct Args {
-    /// Which phases to run: coldstart, http, large, sync, soak (sync and soak are slow, so not
-    /// defaults).
+    /// Which phases to run: coldstart, http, large, chain, sync, soak (chain, sync and soak are
+    /// not defaults).
     #[arg(long, value_delimiter = ',', default_values_t = ["coldstart".to_string(), "http".to_string(), "large".to_string()])]
     phases: Vec<String>,
     /// WASI p1 command guest for the cold-start phases (default: the init-heavy sample).
@@ -108,7 +112,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
-    let known = ["coldstart", "http", "large", "sync", "soak"];
+    let known = ["coldstart", "http", "large", "chain", "sync", "soak"];
     if let Some(unknown) = args.phases.iter().find(|p| !known.contains(&p.as_str())) {
         bail!("unknown phase {unknown:?} (known: {})", known.join(", "));
     }
@@ -162,6 +166,19 @@ async fn main() -> Result<()> {
             pool_slots: args.pool_slots,
         };
         let (p, r, f) = large::run(&params, work.path()).await?;
+        phases.extend(p);
+        ratios.extend(r);
+        figures.extend(f);
+    }
+    if args.phases.iter().any(|p| p == "chain") {
+        let params = chain::Params {
+            edged: sibling_binary(args.edged.as_ref(), "edged")?,
+            connections: args.connections,
+            requests: args.requests,
+            emulator: emulator.clone(),
+            pool_slots: args.pool_slots,
+        };
+        let (p, r, f) = chain::run(&params, work.path()).await?;
         phases.extend(p);
         ratios.extend(r);
         figures.extend(f);

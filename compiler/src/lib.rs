@@ -13,6 +13,7 @@
 //! Output is deterministic: the same input and [`CompileOptions`] give byte-identical artifacts.
 //! The node runs the same pipeline when it has to recompile a deployment from its source.
 
+mod compose;
 mod fingerprint;
 mod guest_kind;
 pub mod memory_image;
@@ -25,6 +26,10 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use wasmtime::Engine;
 
+pub use compose::{
+    ComposeError, Composed, ComposedPart, NODE_IMPORTS_RULE, PartInput, PartRole, Refusal,
+    compose_chain, node_provides,
+};
 pub use fingerprint::engine_fingerprint;
 pub use guest_kind::{GuestKind, component_exports, component_imports, guest_kind};
 pub use memory_image::MemoryImageReport;
@@ -373,4 +378,32 @@ pub fn compile(input: &[u8], options: &CompileOptions) -> Result<Compiled, Compi
         timings,
         warnings,
     })
+}
+
+/// A middleware chain through the whole pipeline: [`compose_chain`] (which pre-initializes each
+/// part), then AOT-compiles the composite for each target. The [`Compiled::source`] is the
+/// composite, which a node recompiles as it is; the parts are in the returned [`Composed`].
+pub fn compile_chain(
+    middleware: &[PartInput<'_>],
+    app: PartInput<'_>,
+    options: &CompileOptions,
+) -> Result<(Compiled, Composed), ComposeError> {
+    let started = Instant::now();
+    let composed = compose_chain(middleware, app, options)?;
+    let composed_in = started.elapsed();
+    let mut compiled = compile(
+        &composed.bytes,
+        &CompileOptions {
+            init: InitPolicy::Skip,
+            ..options.clone()
+        },
+    )?;
+    compiled
+        .timings
+        .0
+        .insert(0, ("compose".into(), composed_in));
+    compiled
+        .warnings
+        .splice(0..0, composed.warnings.iter().cloned());
+    Ok((compiled, composed))
 }

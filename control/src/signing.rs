@@ -228,6 +228,7 @@ mod tests {
             memory_image: None,
             guest: None,
             instances: None,
+            parts: None,
         }
     }
 

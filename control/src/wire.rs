@@ -33,7 +33,8 @@ pub enum Request {
     /// Step 1 of a push: the node checks the signed manifest (signature, trusted key, newer
     /// version, completeness) and answers which of its blobs it still needs.
     Offer {
-        manifest: SignedManifest,
+        /// Boxed: a manifest is by far the largest request (and grows with a chain's parts).
+        manifest: Box<SignedManifest>,
     },
     /// Step 2: one blob named by an accepted offer, sent from `offset` on (resume).
     PutBlob {
@@ -77,7 +78,7 @@ pub enum Request {
     /// pinned by digest (`oci://REGISTRY/REPO@sha256:…`) on the registry in the node's
     /// `[registry]` table.
     Deploy {
-        manifest: SignedManifest,
+        manifest: Box<SignedManifest>,
         reference: String,
         activate: bool,
     },
@@ -203,6 +204,18 @@ pub struct DeploymentInfo {
     /// The manifest's copy-on-write image report, when it has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_image: Option<edged_compiler::MemoryImageReport>,
+    /// A middleware chain's parts, outermost first and the app last (empty for one component).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub parts: Vec<ChainPartInfo>,
+}
+
+/// One part of a middleware chain, as `ls` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChainPartInfo {
+    pub name: String,
+    /// `middleware` or `app`.
+    pub role: String,
+    pub blake3: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

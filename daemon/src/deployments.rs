@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::{Context, Result, anyhow};
 use edged_control::TrustedKeys;
 use edged_control::signing::{SignError, SignedActivation, SignedManifest};
-use edged_control::wire::{DeploymentInfo, FleetRecordInfo, Holding};
+use edged_control::wire::{ChainPartInfo, DeploymentInfo, FleetRecordInfo, Holding};
 use edged_snapshots::manifest::BlobRef;
 use edged_snapshots::{BlobKind, Manifest, Store, StoreError};
 use tokio::sync::broadcast;
@@ -211,7 +211,7 @@ impl Deployments {
     }
 
     /// The blobs of `manifest` this node stores and does not have yet (or holds damaged): its
-    /// source, the artifact for this node's target and engine fingerprint, and the artifacts of
+    /// source (and a chain's parts), the artifact for this node's target and engine fingerprint, and the artifacts of
     /// the other targets the node keeps (`keep_targets`), which it relays to peers. A blob
     /// held here is re-hashed: a damaged copy is quarantined and asked for again, so a re-push
     /// (or a peer) repairs it.
@@ -224,6 +224,15 @@ impl Deployments {
             manifest.source.blake3.clone(),
             (manifest.source.clone(), BlobKind::Source),
         );
+        // A chain's parts are sources too: stored (once, whatever the apps they front) so the
+        // deployment is complete here and a peer can fetch it whole.
+        for part in manifest.part_refs() {
+            let blob = BlobRef {
+                blake3: part.blake3.clone(),
+                size: part.size,
+            };
+            needed.insert(part.blake3.clone(), (blob, BlobKind::Source));
+        }
         let keep = self.serving.config().keep_targets.clone();
         // This node's own target only in the engine configuration it runs (another fingerprint
         // is useless here and recompiled from the source); other kept targets whatever their
@@ -436,6 +445,15 @@ impl Deployments {
                 init_func: m.init_func.clone(),
                 signer,
                 created_at: m.created_at,
+                parts: m
+                    .part_refs()
+                    .iter()
+                    .map(|p| ChainPartInfo {
+                        name: p.name.clone(),
+                        role: p.role.to_string(),
+                        blake3: p.blake3.clone(),
+                    })
+                    .collect(),
                 memory_image: m.memory_image.as_deref().cloned(),
                 name: m.name,
                 version: m.version,

@@ -108,6 +108,9 @@ pub fn ensure_deployed(
     engine: &EngineSettings,
     function: &FunctionConfig,
 ) -> Result<Manifest> {
+    if !function.middleware.is_empty() {
+        return ensure_chain_deployed(store, engine, function);
+    }
     let input = std::fs::read(&function.wasm)
         .with_context(|| format!("reading {}", function.wasm.display()))?;
     let (_, binary) = edged_compiler::to_binary(&input)
@@ -149,6 +152,104 @@ pub fn ensure_deployed(
             let manifest = Manifest::from_compiled(&function.name, version, created_at, &compiled);
             store.put_compiled(&compiled, &manifest)?;
             tracing::info!(function = %function.name, version, "compiled and stored");
+            manifest
+        }
+    };
+    if store.active_version(&manifest.name)? != Some(manifest.version) {
+        store.activate(&manifest.name, manifest.version)?;
+    }
+    Ok(manifest)
+}
+
+/// [`ensure_deployed`] for a function with `middleware`: reuses a stored version composed from
+/// the same parts (by content, in the same order) with the same init setting whose composite is
+/// intact, else composes, compiles and stores a new version (the parts as source blobs).
+fn ensure_chain_deployed(
+    store: &Store,
+    engine: &EngineSettings,
+    function: &FunctionConfig,
+) -> Result<Manifest> {
+    let paths: Vec<&std::path::Path> = function
+        .middleware
+        .iter()
+        .map(|p| p.as_path())
+        .chain(std::iter::once(function.wasm.as_path()))
+        .collect();
+    let mut parts = Vec::with_capacity(paths.len());
+    for path in &paths {
+        let input = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        let (_, binary) = edged_compiler::to_binary(&input)
+            .with_context(|| format!("{} is not usable", path.display()))?;
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| path.display().to_string());
+        parts.push((name, binary.into_owned()));
+    }
+    let hashes: Vec<String> = parts.iter().map(|(_, b)| content_hash(b)).collect();
+    let versions: Vec<Manifest> = store
+        .manifests()?
+        .into_iter()
+        .filter(|m| m.name == function.name)
+        .collect();
+    let reusable = versions.iter().rev().find(|m| {
+        m.part_refs().iter().map(|p| &p.blake3).eq(hashes.iter())
+            && match &function.init {
+                InitSetting::Auto => true,
+                InitSetting::Func(f) => m.init_func.as_deref() == Some(f),
+                InitSetting::Off => m.init_func.is_none(),
+            }
+            // The composite has no file of its own to repair from: a damaged one is composed
+            // again, as a new version.
+            && store.check_blob(&m.source.blake3).is_ok()
+    });
+    let manifest = match reusable {
+        Some(m) => {
+            for ((_, binary), (path, hash)) in parts.iter().zip(paths.iter().zip(&hashes)) {
+                let part = FunctionConfig {
+                    wasm: path.to_path_buf(),
+                    ..function.clone()
+                };
+                repair_source(store, &part, binary, hash)?;
+            }
+            m.clone()
+        }
+        None => {
+            let host = Target::host().context("this host has no edged target")?;
+            let options = CompileOptions {
+                init: init_policy(&function.init),
+                targets: vec![host],
+                engine: engine.clone(),
+                ..CompileOptions::default()
+            };
+            let (app, middleware) = parts.split_last().expect("a chain has an app");
+            let middleware: Vec<_> = middleware
+                .iter()
+                .map(|(name, bytes)| edged_compiler::PartInput { name, bytes })
+                .collect();
+            let app = edged_compiler::PartInput {
+                name: &app.0,
+                bytes: &app.1,
+            };
+            let (compiled, composed) = edged_compiler::compile_chain(&middleware, app, &options)
+                .with_context(|| format!("composing the chain of function `{}`", function.name))?;
+            for warning in &compiled.warnings {
+                tracing::warn!(function = %function.name, "{warning}");
+            }
+            let version = versions.iter().map(|m| m.version).max().unwrap_or(0) + 1;
+            let created_at = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            let manifest = Manifest::from_chain(
+                &function.name,
+                version,
+                created_at,
+                &compiled,
+                &composed.parts,
+            );
+            store.put_chain(&compiled, &composed.parts, &manifest)?;
+            tracing::info!(function = %function.name, version, parts = paths.len(), "composed, compiled and stored");
             manifest
         }
     };
@@ -223,6 +324,7 @@ pub fn pushed_function_config(manifest: &Manifest) -> FunctionConfig {
         env: Default::default(),
         dirs: Vec::new(),
         outbound_hosts: Vec::new(),
+        middleware: Vec::new(),
     }
 }
 

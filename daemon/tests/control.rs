@@ -193,7 +193,9 @@ async fn bad_identities_and_bad_manifests_are_refused_and_store_nothing() {
         signature: String::new(),
     };
     let answer = raw
-        .call(&edged_control::wire::Request::Offer { manifest: unsigned })
+        .call(&edged_control::wire::Request::Offer {
+            manifest: Box::new(unsigned),
+        })
         .await;
     assert!(
         format!("{answer:?}").contains("is not signed"),
@@ -202,7 +204,9 @@ async fn bad_identities_and_bad_manifests_are_refused_and_store_nothing() {
     let mut tampered = edged_control::SignedManifest::sign(manifest.clone(), &key);
     tampered.manifest.version = 2;
     let answer = raw
-        .call(&edged_control::wire::Request::Offer { manifest: tampered })
+        .call(&edged_control::wire::Request::Offer {
+            manifest: Box::new(tampered),
+        })
         .await;
     assert!(
         format!("{answer:?}").contains("bad signature"),
@@ -212,7 +216,9 @@ async fn bad_identities_and_bad_manifests_are_refused_and_store_nothing() {
     // A blob whose bytes do not match its hash.
     let signed = edged_control::SignedManifest::sign(manifest.clone(), &key);
     let answer = raw
-        .call(&edged_control::wire::Request::Offer { manifest: signed })
+        .call(&edged_control::wire::Request::Offer {
+            manifest: Box::new(signed),
+        })
         .await;
     assert!(
         matches!(answer, edged_control::wire::Response::Needed { .. }),

@@ -27,6 +27,10 @@ pub struct BuildArgs {
     /// Deployment version (monotonic per name).
     #[arg(long, default_value_t = 1)]
     pub version: u64,
+    /// A wasi:http 0.3 middleware to put in front of the input (repeat; outermost first): the
+    /// parts are composed into one component, the input last.
+    #[arg(long, value_name = "WASM")]
+    pub middleware: Vec<PathBuf>,
     #[command(flatten)]
     pub compile: CompileArgs,
     /// Print the manifest as JSON instead of a table.
@@ -175,6 +179,92 @@ pub fn compile_file(
         eprintln!("note: {}: {warning}", input.display());
     }
     Ok(built)
+}
+
+/// A middleware chain's build: the composite's, and the parts it was composed from.
+pub struct BuiltChain {
+    pub built: Built,
+    pub parts: Vec<edged_compiler::ComposedPart>,
+}
+
+/// Builds `app` alone, or with `middleware` (outermost first) composed in front of it.
+pub fn compile_input(
+    app: &Path,
+    middleware: &[PathBuf],
+    args: &CompileArgs,
+    cache: Option<&CompileCache>,
+) -> Result<BuiltChain> {
+    if middleware.is_empty() {
+        return Ok(BuiltChain {
+            built: compile_file(app, args, cache)?,
+            parts: Vec::new(),
+        });
+    }
+    compile_chain_files(app, middleware, args, cache)
+}
+
+/// The name a part goes by in refusals, the manifest and `ls`: its file name.
+fn part_name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| path.display().to_string())
+}
+
+/// [`edged_compiler::compose_chain`], then the composite through [`compile_cached`] (validate
+/// and AOT, cached like any input; the parts were pre-initialized one by one before composing,
+/// so the composite itself is not).
+fn compile_chain_files(
+    app: &Path,
+    middleware: &[PathBuf],
+    args: &CompileArgs,
+    cache: Option<&CompileCache>,
+) -> Result<BuiltChain> {
+    let read = |path: &Path| {
+        std::fs::read(path)
+            .with_context(|| format!("reading {}", path.display()))
+            .map(|bytes| (part_name(path), bytes))
+    };
+    let mw = middleware
+        .iter()
+        .map(|p| read(p))
+        .collect::<Result<Vec<_>>>()?;
+    let app_part = read(app)?;
+    let inputs: Vec<_> = mw
+        .iter()
+        .map(|(name, bytes)| edged_compiler::PartInput { name, bytes })
+        .collect();
+    let options = args.options()?;
+    let started = Instant::now();
+    let composed = edged_compiler::compose_chain(
+        &inputs,
+        edged_compiler::PartInput {
+            name: &app_part.0,
+            bytes: &app_part.1,
+        },
+        &options,
+    )?;
+    let compose_step = Step {
+        step: format!("compose ({} parts)", composed.parts.len()),
+        ms: started.elapsed().as_secs_f64() * 1e3,
+        cache: CacheUse::Off,
+    };
+    let whole = CompileOptions {
+        init: InitPolicy::Skip,
+        ..options
+    };
+    let mut built = compile_cached(&composed.bytes, &whole, cache)?;
+    built.steps.insert(0, compose_step);
+    built
+        .compiled
+        .warnings
+        .splice(0..0, composed.warnings.iter().cloned());
+    for warning in &built.compiled.warnings {
+        eprintln!("note: {warning}");
+    }
+    Ok(BuiltChain {
+        built,
+        parts: composed.parts,
+    })
 }
 
 /// [`edged_compiler::compile`] step by step, each step's output looked up in `cache` first and
@@ -425,13 +515,28 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
 
 pub fn build(args: BuildArgs, cache: &CacheArgs) -> Result<()> {
     let name = deployment_name(&args.input, args.name.as_deref())?;
-    let Built { compiled, steps } =
-        compile_file(&args.input, &args.compile, cache.open().as_ref())?;
-    let manifest = Manifest::from_compiled(&name, args.version, now_secs(), &compiled);
+    let BuiltChain {
+        built: Built { compiled, steps },
+        parts,
+    } = compile_input(
+        &args.input,
+        &args.middleware,
+        &args.compile,
+        cache.open().as_ref(),
+    )?;
+    let manifest = if parts.is_empty() {
+        Manifest::from_compiled(&name, args.version, now_secs(), &compiled)
+    } else {
+        Manifest::from_chain(&name, args.version, now_secs(), &compiled, &parts)
+    };
 
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     write_atomically(&args.out.join("source.wasm"), &compiled.source)?;
+    for part in &parts {
+        let file = args.out.join(format!("part-{}.wasm", part.blake3));
+        write_atomically(&file, &part.source)?;
+    }
     for artifact in &compiled.artifacts {
         let file = args.out.join(format!("{}.cwasm", artifact.target));
         write_atomically(&file, &artifact.bytes)?;
@@ -458,6 +563,10 @@ pub fn build(args: BuildArgs, cache: &CacheArgs) -> Result<()> {
         "  {:<27} {:<66} {:>10}",
         "source", manifest.source.blake3, manifest.source.size
     );
+    for p in manifest.part_refs() {
+        let label = format!("{} {}", p.role, p.name);
+        println!("  {label:<27} {:<66} {:>10}", p.blake3, p.size);
+    }
     for a in &manifest.artifacts {
         println!(
             "  {:<27} {:<66} {:>10}",

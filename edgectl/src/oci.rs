@@ -201,7 +201,7 @@ pub async fn deploy(target: &Target, registry: &RegistryArgs, args: DeployArgs) 
     let node = Client::connect(target).await?;
     let answer = node
         .call(&Request::Deploy {
-            manifest: published.signed,
+            manifest: Box::new(published.signed),
             reference: pinned.clone(),
             activate: !args.no_activate,
         })

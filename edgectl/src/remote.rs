@@ -16,7 +16,10 @@ use edged_control::wire::{Request, Response};
 use edged_snapshots::{InstanceReuse, Manifest};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::build::{Built, CacheArgs, CompileArgs, deployment_name, now_secs, print_steps};
+use crate::build::{
+    Built, BuiltChain, CacheArgs, CompileArgs, compile_input, deployment_name, now_secs,
+    print_steps,
+};
 
 /// Where to reach a node and who we are.
 #[derive(clap::Args, Clone)]
@@ -163,6 +166,10 @@ pub struct PushArgs {
     /// Requests one wasi:http 0.3 instance may serve at once (default 16).
     #[arg(long, value_name = "N")]
     pub reuse_concurrent: Option<u64>,
+    /// A wasi:http 0.3 middleware to put in front of the input (repeat; outermost first): the
+    /// parts are composed into one component, the input last, and pushed as one deployment.
+    #[arg(long, value_name = "WASM")]
+    pub middleware: Vec<PathBuf>,
     /// Milliseconds an idle reused instance is kept (default 1000).
     #[arg(long, value_name = "MS")]
     pub reuse_idle_ms: Option<u64>,
@@ -194,8 +201,22 @@ pub async fn push(
             .with_context(|| format!("reading {}", key_path.display()))?,
     )
     .map_err(|e| anyhow!("{}: {e}", key_path.display()))?;
-    let Built { compiled, steps } =
-        crate::oci::push_input(&args.input, &args.compile, cache, registry).await?;
+    let BuiltChain {
+        built: Built { compiled, steps },
+        parts,
+    } = if args.middleware.is_empty() {
+        BuiltChain {
+            built: crate::oci::push_input(&args.input, &args.compile, cache, registry).await?,
+            parts: Vec::new(),
+        }
+    } else {
+        compile_input(
+            &args.input,
+            &args.middleware,
+            &args.compile,
+            cache.open().as_ref(),
+        )?
+    };
     if !target.json {
         println!(
             "built {name} ({}, {} targets)",
@@ -220,7 +241,11 @@ pub async fn push(
             other => bail!("unexpected answer to list: {other:?}"),
         },
     };
-    let mut manifest = Manifest::from_compiled(&name, version, now_secs(), &compiled);
+    let mut manifest = if parts.is_empty() {
+        Manifest::from_compiled(&name, version, now_secs(), &compiled)
+    } else {
+        Manifest::from_chain(&name, version, now_secs(), &compiled, &parts)
+    };
     manifest.route = args.route.clone();
     let reuse = InstanceReuse {
         requests: args.reuse,
@@ -231,7 +256,12 @@ pub async fn push(
     let id = manifest.id();
     let signed = SignedManifest::sign(manifest, &key);
 
-    let needed = match client.call(&Request::Offer { manifest: signed }).await? {
+    let needed = match client
+        .call(&Request::Offer {
+            manifest: Box::new(signed),
+        })
+        .await?
+    {
         Response::Needed { blobs } => blobs,
         other => bail!("unexpected answer to an offer: {other:?}"),
     };
@@ -242,6 +272,9 @@ pub async fn push(
     );
     for a in &compiled.artifacts {
         by_hash.insert(a.blake3.clone(), &a.bytes);
+    }
+    for p in &parts {
+        by_hash.insert(p.blake3.clone(), &p.source);
     }
     let total: u64 = needed.iter().map(|n| n.blob.size - n.have).sum();
     let resumed: u64 = needed.iter().map(|n| n.have).sum();
@@ -339,6 +372,21 @@ pub async fn simple(target: &Target, request: Request) -> Result<()> {
                     crate::build::cow_column(d.memory_image.as_ref()),
                     d.signer.unwrap_or_else(|| "(local config)".into())
                 );
+                if !d.parts.is_empty() {
+                    let chain: Vec<String> = d
+                        .parts
+                        .iter()
+                        .map(|p| {
+                            format!(
+                                "{} ({}, {})",
+                                p.name,
+                                p.role,
+                                &p.blake3[..12.min(p.blake3.len())]
+                            )
+                        })
+                        .collect();
+                    println!("  chain: {}", chain.join(" -> "));
+                }
             }
         }
         Response::Status { status } => {

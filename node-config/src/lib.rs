@@ -180,6 +180,9 @@ pub struct FunctionConfig {
     pub dirs: Vec<DirGrant>,
     /// Hosts a `wasi:http` guest may send requests to; everything else is denied.
     pub outbound_hosts: Vec<String>,
+    /// `wasi:http` 0.3 middlewares composed in front of `wasm`, outermost first (a middleware
+    /// chain; empty for a single component).
+    pub middleware: Vec<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -430,6 +433,9 @@ struct RawFunction {
     dirs: Vec<RawDir>,
     #[serde(default)]
     outbound_hosts: Vec<String>,
+    /// Middleware `.wasm` files in front of `wasm`, outermost first.
+    #[serde(default)]
+    middleware: Vec<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -944,6 +950,17 @@ fn validate_function(
             format!("wasm `{}` is not a readable file", wasm.display()),
         ));
     }
+    let mut middleware = Vec::with_capacity(f.middleware.len());
+    for m in &f.middleware {
+        let path = resolve(m.get_ref());
+        if !path.is_file() {
+            return Err(err_at(
+                m.span(),
+                format!("middleware `{}` is not a readable file", path.display()),
+            ));
+        }
+        middleware.push(path);
+    }
     let l = &f.limits;
     let memory_mib = in_range(
         &l.memory_mib,
@@ -1032,6 +1049,7 @@ fn validate_function(
             .iter()
             .map(|h| h.to_ascii_lowercase())
             .collect(),
+        middleware,
     })
 }
 
@@ -1184,6 +1202,38 @@ mod tests {
         ))
         .unwrap_err();
         assert!(err.reason.contains("password"), "{err}");
+    }
+
+    #[test]
+    fn middleware_files_are_resolved_in_order_and_each_must_exist() {
+        let ok = parse(
+            "[[function]]\nname = \"a\"\nwasm = \"Cargo.toml\"\nroute = \"/a\"\n\
+             middleware = [\"src/lib.rs\", \"Cargo.toml\"]\n",
+        )
+        .unwrap();
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+        assert_eq!(
+            ok.functions[0].middleware,
+            [dir.join("src/lib.rs"), dir.join("Cargo.toml")]
+        );
+        let none =
+            parse("[[function]]\nname = \"a\"\nwasm = \"Cargo.toml\"\nroute = \"/a\"\n").unwrap();
+        assert!(none.functions[0].middleware.is_empty());
+
+        let err = parse(
+            "[[function]]\nname = \"a\"\nwasm = \"Cargo.toml\"\nroute = \"/a\"\n\
+             middleware = [\n  \"Cargo.toml\",\n  \"auth.wasm\",\n]\n",
+        )
+        .unwrap_err();
+        assert_eq!(err.line, Some(7), "{err}");
+        assert!(
+            err.to_string().starts_with("edged.toml:7: middleware `"),
+            "{err}"
+        );
+        assert!(
+            err.reason.ends_with("auth.wasm` is not a readable file"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -19,7 +19,7 @@ pub mod restore;
 pub mod store;
 
 pub use artifact_check::check_artifact;
-pub use manifest::{ArtifactRef, BlobRef, DeploymentLimits, InstanceReuse, Manifest};
+pub use manifest::{ArtifactRef, BlobRef, DeploymentLimits, InstanceReuse, Manifest, PartRef};
 pub use pool::{PoolPlan, PoolRequest, PoolTooLarge, Slots, plan_pool, probe_reservable};
 pub use restore::{
     Linkers, LoadPath, PoolSettings, Prepared, RestoreError, Restorer, RuntimeSettings,

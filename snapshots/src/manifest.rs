@@ -3,7 +3,7 @@
 //! It names every blob a deployment needs by BLAKE3 hash, so the store can check a manifest is
 //! complete before indexing it, and a node can check any bytes it is handed against it.
 
-use edged_compiler::{GuestKind, MemoryImageReport, Target, WasmKind};
+use edged_compiler::{GuestKind, MemoryImageReport, PartRole, Target, WasmKind};
 use serde::{Deserialize, Serialize};
 
 /// A blob by content address.
@@ -56,6 +56,21 @@ pub struct Manifest {
     /// Instance reuse the deployment asks for (default: its guest kind's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instances: Option<InstanceReuse>,
+    /// For a middleware chain, its inputs, outermost first and the app last; `source` is then
+    /// their composite. Each input is a source blob of the deployment, so a middleware in
+    /// front of many apps is one blob in a store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parts: Option<Vec<PartRef>>,
+}
+
+/// One input of a middleware chain: a source blob named by content address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartRef {
+    /// What the operator called it (the file name).
+    pub name: String,
+    pub role: PartRole,
+    pub blake3: String,
+    pub size: u64,
 }
 
 /// Instance reuse a deployment asks for; each unset value takes the guest kind's default.
@@ -90,7 +105,13 @@ impl Manifest {
     /// Every blob hash this manifest depends on.
     pub fn blob_hashes(&self) -> impl Iterator<Item = &str> {
         std::iter::once(self.source.blake3.as_str())
+            .chain(self.part_refs().iter().map(|p| p.blake3.as_str()))
             .chain(self.artifacts.iter().map(|a| a.blake3.as_str()))
+    }
+
+    /// The chain's parts (empty for a single component).
+    pub fn part_refs(&self) -> &[PartRef] {
+        self.parts.as_deref().unwrap_or_default()
     }
 
     /// How a node runs it: the compiler's record, or for manifests from before that record,
@@ -161,6 +182,31 @@ impl Manifest {
                 .map(Box::new),
             guest: Some(compiled.guest),
             instances: None,
+            parts: None,
+        }
+    }
+
+    /// The manifest describing a compiled middleware chain (see [`edged_compiler::compile_chain`]).
+    pub fn from_chain(
+        name: &str,
+        version: u64,
+        created_at: u64,
+        compiled: &edged_compiler::Compiled,
+        parts: &[edged_compiler::ComposedPart],
+    ) -> Manifest {
+        Manifest {
+            parts: Some(
+                parts
+                    .iter()
+                    .map(|p| PartRef {
+                        name: p.name.clone(),
+                        role: p.role,
+                        blake3: p.blake3.clone(),
+                        size: p.source.len() as u64,
+                    })
+                    .collect(),
+            ),
+            ..Manifest::from_compiled(name, version, created_at, compiled)
         }
     }
 }

@@ -662,6 +662,20 @@ impl Store {
         self.put_manifest(manifest)
     }
 
+    /// [`Store::put_compiled`] for a middleware chain: stores each part's source first (a part
+    /// already here, in front of another app, is the same blob).
+    pub fn put_chain(
+        &self,
+        compiled: &edged_compiler::Compiled,
+        parts: &[edged_compiler::ComposedPart],
+        manifest: &Manifest,
+    ) -> Result<(), StoreError> {
+        for part in parts {
+            self.put_blob(&part.source, BlobKind::Source, Some(&part.blake3))?;
+        }
+        self.put_compiled(compiled, manifest)
+    }
+
     pub fn blob_meta(&self, hash: &str) -> Result<Option<BlobMeta>, StoreError> {
         match self.blobs.get(hash.as_bytes())? {
             Some(v) => decode(hash.as_bytes(), &v).map(Some),
@@ -732,6 +746,21 @@ impl Store {
                 "source blob {} is stored as {:?} of {} bytes, manifest says source of {} bytes",
                 manifest.source.blake3, source.kind, source.size, manifest.source.size
             )));
+        }
+        // A chain's parts are source blobs of the deployment, held like its source.
+        for part in manifest.part_refs() {
+            let meta = self.blob_meta(&part.blake3)?.ok_or_else(|| {
+                refuse(format!(
+                    "blob {} of {} `{}` is not stored",
+                    part.blake3, part.role, part.name
+                ))
+            })?;
+            if meta.kind != BlobKind::Source || meta.size != part.size {
+                return Err(refuse(format!(
+                    "blob {} of {} `{}` is stored as {:?} of {} bytes, manifest says source of {} bytes",
+                    part.blake3, part.role, part.name, meta.kind, meta.size, part.size
+                )));
+            }
         }
         // A node holds the source and the artifacts for its own target; the other targets'
         // artifacts are named (so peers can fetch them) but need not be here. Those that are

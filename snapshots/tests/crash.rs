@@ -73,6 +73,7 @@ fn churn(dir: &str) -> ! {
             memory_image: None,
             guest: None,
             instances: None,
+            parts: None,
         };
         store.put_manifest(&manifest).unwrap();
         store.activate(&name, version).unwrap();

@@ -9,10 +9,18 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 /// The workspace root (where `Cargo.toml`, `guests/` and `scripts/` live).
+///
+/// Read from the running test's `CARGO_MANIFEST_DIR` (every workspace member sits one level
+/// below the root) before the one compiled in: cargo reuses a built testkit for a clone of the
+/// workspace elsewhere that shares the target directory, and the compiled-in path then names
+/// the other clone.
 pub fn workspace_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    let member = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    member
         .parent()
-        .expect("testkit sits one level below the workspace root")
+        .expect("workspace members sit one level below the workspace root")
         .to_path_buf()
 }
 

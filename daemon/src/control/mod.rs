@@ -226,7 +226,7 @@ impl ControlServer {
         let deployments = &self.deployments;
         Ok(match request {
             Request::Offer { manifest } => Response::Needed {
-                blobs: self.pushes.offer(manifest)?,
+                blobs: self.pushes.offer(*manifest)?,
             },
             Request::PutBlob {
                 manifest_id,

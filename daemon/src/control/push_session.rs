@@ -188,6 +188,7 @@ mod tests {
             memory_image: None,
             guest: None,
             instances: None,
+            parts: None,
         };
         SignedManifest {
             manifest,
