@@ -14,6 +14,7 @@ use edged_snapshots::{BlobKind, LoadPath, Manifest, Prepared, Restorer, Store};
 use tokio::sync::Semaphore;
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 
+use crate::guest_output::GuestOutput;
 use crate::host::{GuestState, OutboundPolicy};
 use crate::instances::{InstanceEnv, Instances};
 
@@ -34,6 +35,9 @@ pub struct Function {
     /// One permit per concurrent instance allowed.
     pub permits: Arc<Semaphore>,
     pub outbound: OutboundPolicy,
+    /// Where its component guests' stdout and stderr go: the node's log, one budget for all
+    /// of its instances.
+    pub output: GuestOutput,
 }
 
 #[derive(Default)]
@@ -360,6 +364,7 @@ pub fn prepare(
         .prepare(&manifest)
         .with_context(|| format!("function `{}`: preparing {}", config.name, manifest.id()))?;
     let outbound = OutboundPolicy::new(config.outbound_hosts.clone());
+    let output = GuestOutput::new(&config.name);
     let (guest, handler) = match prepared.as_ref() {
         Prepared::Module(_) => (GuestKind::P1Command, None),
         Prepared::Component(pre) => {
@@ -394,6 +399,7 @@ pub fn prepare(
                 handler,
                 config,
                 outbound.clone(),
+                output.clone(),
                 policy,
                 env,
             );
@@ -422,6 +428,7 @@ pub fn prepare(
         instances,
         permits: Arc::new(Semaphore::new(config.limits.max_concurrency)),
         outbound,
+        output,
     };
     Ok((function, how))
 }

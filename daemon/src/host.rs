@@ -11,6 +11,8 @@ use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
 
+use crate::guest_output::GuestOutput;
+
 /// Per-instance store data. Modules get a WASI p1 context, components one WASI context and one
 /// `wasi:http` context that serve both their 0.2 and their 0.3 imports (guests built for
 /// `wasm32-wasip2` import both); each kind is linked only against its own imports.
@@ -245,6 +247,14 @@ pub fn wasi_builder(function: &FunctionConfig) -> anyhow::Result<WasiCtxBuilder>
         builder.preopened_dir(&dir.host, &dir.guest, perms)?;
     }
     Ok(builder)
+}
+
+/// A component's WASI context: [`wasi_builder`]'s grants, with stdout and stderr going to the
+/// node's log as the function's lines.
+pub fn component_wasi(function: &FunctionConfig, output: &GuestOutput) -> anyhow::Result<WasiCtx> {
+    let mut builder = wasi_builder(function)?;
+    builder.stdout(output.stdout()).stderr(output.stderr());
+    Ok(builder.build())
 }
 
 /// Linkers for modules (WASI p1) and components (WASI 0.2 and 0.3, `wasi:http` 0.2 and 0.3)

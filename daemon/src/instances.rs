@@ -43,7 +43,8 @@ use wasmtime_wasi_http::handler::{
 };
 
 use crate::fault::Fault;
-use crate::host::{GuestState, OutboundPolicy, wasi_builder};
+use crate::guest_output::GuestOutput;
+use crate::host::{GuestState, OutboundPolicy, component_wasi};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -92,6 +93,7 @@ impl Instances {
         pre: ProxyPre<GuestState>,
         config: &FunctionConfig,
         outbound: OutboundPolicy,
+        output: GuestOutput,
         policy: InstancePolicy,
         env: InstanceEnv,
     ) -> Instances {
@@ -101,6 +103,7 @@ impl Instances {
                 pre,
                 config: config.clone(),
                 outbound,
+                output,
                 policy,
                 metrics: env.metrics,
                 epochs: env.epochs,
@@ -216,6 +219,7 @@ struct Workers {
     pre: ProxyPre<GuestState>,
     config: FunctionConfig,
     outbound: OutboundPolicy,
+    output: GuestOutput,
     policy: InstancePolicy,
     metrics: InstanceMetrics,
     epochs: EpochClock,
@@ -228,7 +232,7 @@ impl Workers {
     /// such yield is noted in `busy`.
     fn new_store(&self, busy: BusyMark) -> anyhow::Result<Store<GuestState>> {
         let limits = self.config.limits;
-        let ctx = wasi_builder(&self.config)?.build();
+        let ctx = component_wasi(&self.config, &self.output)?;
         let state = GuestState::component(ctx, self.outbound.clone(), limits.memory_bytes);
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limits);

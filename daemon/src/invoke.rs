@@ -19,7 +19,7 @@ use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 
 use crate::fault::Fault;
 use crate::functions::Function;
-use crate::host::{GuestState, wasi_builder};
+use crate::host::{GuestState, component_wasi, wasi_builder};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type ResponseBody = UnsyncBoxBody<Bytes, BoxError>;
@@ -83,9 +83,8 @@ fn proxy_store(
         .proxy
         .clone()
         .ok_or_else(|| Fault::Host("component has no wasi:http/proxy view".into()))?;
-    let ctx = wasi_builder(&function.config)
-        .map_err(|e| Fault::Host(format!("{e:#}")))?
-        .build();
+    let ctx = component_wasi(&function.config, &function.output)
+        .map_err(|e| Fault::Host(format!("{e:#}")))?;
     let state = GuestState::component(ctx, function.outbound.clone(), limits.memory_bytes);
     Ok((proxy, new_store(engine, state, limits.timeout)))
 }

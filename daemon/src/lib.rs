@@ -33,7 +33,8 @@
 //!   ▼
 //! host, metrics, events          guest state, linkers, memory cap; the registry; news
 //!   ▼
-//! pool                           the engine's pool fitted to this box's address space
+//! pool, guest_output             the engine's pool fitted to this box's address space;
+//!                                guests' stdout/stderr as log lines, cut and rate-limited
 //! ```
 //!
 //! A module imports only modules below it in this picture (parts on one line import none of
@@ -47,6 +48,7 @@ pub mod epoch;
 pub mod events;
 pub mod fault;
 pub mod functions;
+pub mod guest_output;
 pub mod host;
 pub mod housekeeping;
 pub mod ingress;

@@ -203,6 +203,28 @@ env = {{ AUTH_TOKEN = "s3cret" }}
     assert_eq!((header.as_deref(), body.as_str()), (Some("header"), HELLO));
     // The environment's token replaces the baked-in one.
     assert_eq!(call(&edged, "/app", Some(TOKEN)).await.0, 401);
+
+    // The header middleware's log line reaches the node's log, tagged with the function.
+    assert_eq!(call(&edged, "/app/logged?n=1", Some("s3cret")).await.0, 200);
+    let logged = |log: &str| {
+        log.lines()
+            .filter(|l| l.contains("header middleware: Method::Get /app/logged?n=1"))
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while logged(&edged.log()).is_empty() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let lines = logged(&edged.log());
+    assert_eq!(lines.len(), 1, "{}", edged.log());
+    assert!(
+        lines[0].contains("edged::guest")
+            && lines[0].contains("function=\"app\"")
+            && lines[0].contains("stream=\"stderr\""),
+        "{}",
+        lines[0]
+    );
 }
 
 /// A component that exports a handler but imports what no node links.

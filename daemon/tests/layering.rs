@@ -26,8 +26,9 @@ const LAYERS: &[&[&str]] = &[
     &["instances"],
     &["fault"],
     &["host", "metrics", "events"],
-    // Sizing the engine's pool (serving at start, preflight for check-config) uses no module.
-    &["pool"],
+    // Sizing the engine's pool (serving at start, preflight for check-config) and the log
+    // guests write to (host hands it to their WASI contexts) use no module.
+    &["guest_output", "pool"],
 ];
 
 fn layer_of(module: &str) -> Option<usize> {
