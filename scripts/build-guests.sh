@@ -16,7 +16,7 @@ wasip3_manifest=$(cargo metadata --format-version 1 --quiet |
 ln -sfn "$(dirname "$wasip3_manifest")/wit" "$root/guests/.wasip3-wit"
 cargo build --quiet --release --target wasm32-wasip1 -p init-heavy-p1 -p probe-p1
 cargo build --quiet --release --target wasm32-wasip2 -p hello-http -p init-heavy-http -p outbound-http \
-  -p p3-hello -p p3-echo -p p3-probe -p p3-init-heavy -p p3-auth -p p3-header -p p3-forward
+  -p p3-hello -p p3-echo -p p3-probe -p p3-init-heavy -p p3-auth -p p3-header -p p3-forward -p p3-pass
 out="$root/guests/out"
 mkdir -p "$out"
 place() { # place SRC NAME: atomic copy into $out
@@ -32,7 +32,7 @@ place "$target/wasm32-wasip1/release/probe-p1.wasm" probe-p1.wasm
 place "$target/wasm32-wasip2/release/hello_http.wasm" hello-http.wasm
 place "$target/wasm32-wasip2/release/init_heavy_http.wasm" init-heavy-http.wasm
 place "$target/wasm32-wasip2/release/outbound_http.wasm" outbound-http.wasm
-for p3 in p3_hello p3_echo p3_probe p3_init_heavy p3_auth p3_header p3_forward; do
+for p3 in p3_hello p3_echo p3_probe p3_init_heavy p3_auth p3_header p3_forward p3_pass; do
   place "$target/wasm32-wasip2/release/$p3.wasm" "${p3//_/-}.wasm"
 done
 for wat in wat/*.wat; do

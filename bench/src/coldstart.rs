@@ -219,41 +219,31 @@ pub async fn run(
     ];
     let p50 = |i: usize| phases[i].p50_us;
     let ratios = vec![
-        ratio(
+        Ratio::new(
             "instantiate p50: ours / raw-wasmtime floor",
             p50(1) / p50(2),
             "<= 2.0",
             |v| v <= 2.0,
         ),
-        ratio(
+        Ratio::new(
             "first call p50: ours / raw-wasmtime floor",
             p50(3) / p50(4),
             "<= 2.0",
             |v| v <= 2.0,
         ),
-        ratio(
+        Ratio::new(
             "speed-up of first call: baseline p50 / ours p50",
             p50(5) / p50(3),
             ">= 100",
             |v| v >= 100.0,
         ),
-        ratio(
+        Ratio::context(
             "load after push/restart p50 / first call p50",
             p50(0) / p50(3),
-            "info",
-            |_| true,
+            "what a node's first request after a restart pays",
         ),
     ];
     Ok((phases, ratios))
-}
-
-fn ratio(name: &str, value: f64, goal: &str, met: impl Fn(f64) -> bool) -> Ratio {
-    Ratio {
-        name: name.to_string(),
-        value,
-        goal: goal.to_string(),
-        met: met(value),
-    }
 }
 
 /// Keeps the epoch moving like a serving node does, so deadline checks are live in every loop.

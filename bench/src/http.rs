@@ -684,26 +684,27 @@ pub async fn run(params: &Params, work: &Path) -> Result<(Vec<Summary>, Vec<Rati
     let p50 = |row: &str| p50_of.get(&format!("{row} ×1")).copied();
     let rps = |row: &str, c: usize| rps_of.get(&format!("{row} ×{c}")).copied();
     let mut ratios = Vec::new();
-    let mut ratio = |name: String, value: Option<f64>, goal: &str, met: fn(f64) -> bool| {
-        if let Some(value) = value.filter(|v| v.is_finite()) {
-            ratios.push(Ratio::new(&name, value, goal, met));
-        }
-    };
+    // A ratio both of whose rows were measured (the wasmtime serve rows may be skipped).
+    fn goal(name: String, value: Option<f64>, goal: &str, met: fn(f64) -> bool) -> Option<Ratio> {
+        value
+            .filter(|v| v.is_finite())
+            .map(|value| Ratio::new(&name, value, goal, met))
+    }
     let div = |a: Option<f64>, b: Option<f64>| Some(a? / b?);
     let floor = "http: bare hyper floor";
-    ratio(
+    ratios.extend(goal(
         "http p50 ×1: edged p3 hello / bare-hyper floor".into(),
         div(p50("http: edged p3 hello (defaults)"), p50(floor)),
         "<= 1.5",
         |v| v <= 1.5,
-    );
-    ratio(
+    ));
+    ratios.extend(goal(
         "http p50 ×1: edged p2 hello / bare-hyper floor".into(),
         div(p50("http: edged p2 hello (fresh)"), p50(floor)),
         "<= 1.5",
         |v| v <= 1.5,
-    );
-    ratio(
+    ));
+    ratios.extend(goal(
         "http p50 ×1: edged p2 hello / in-process wasmtime (floor 2)".into(),
         div(
             p50("http: edged p2 hello (fresh)"),
@@ -711,8 +712,8 @@ pub async fn run(params: &Params, work: &Path) -> Result<(Vec<Summary>, Vec<Rati
         ),
         "<= 1.2",
         |v| v <= 1.2,
-    );
-    ratio(
+    ));
+    ratios.extend(goal(
         "http p50 ×1: init-heavy p2 / p2 hello".into(),
         div(
             p50("http: edged init-heavy p2 (Wizer)"),
@@ -720,10 +721,10 @@ pub async fn run(params: &Params, work: &Path) -> Result<(Vec<Summary>, Vec<Rati
         ),
         "<= 2.0",
         |v| v <= 2.0,
-    );
+    ));
     for c in [1, wide] {
         let vs = |edged_row: &str, serve_row: &str| div(rps(edged_row, c), rps(serve_row, c));
-        ratio(
+        ratios.extend(goal(
             format!("req/s ×{c}: edged / wasmtime serve, p2 hello, both defaults"),
             vs(
                 "http: edged p2 hello (fresh)",
@@ -731,8 +732,8 @@ pub async fn run(params: &Params, work: &Path) -> Result<(Vec<Summary>, Vec<Rati
             ),
             ">= 3",
             |v| v >= 3.0,
-        );
-        ratio(
+        ));
+        ratios.extend(goal(
             format!("req/s ×{c}: edged / wasmtime serve, p2 hello, both reuse"),
             vs(
                 "http: edged p2 hello (reuse)",
@@ -740,8 +741,8 @@ pub async fn run(params: &Params, work: &Path) -> Result<(Vec<Summary>, Vec<Rati
             ),
             ">= 1.5",
             |v| v >= 1.5,
-        );
-        ratio(
+        ));
+        ratios.extend(goal(
             format!("req/s ×{c}: edged / wasmtime serve, p3 hello, both defaults"),
             vs(
                 "http: edged p3 hello (defaults)",
@@ -749,8 +750,8 @@ pub async fn run(params: &Params, work: &Path) -> Result<(Vec<Summary>, Vec<Rati
             ),
             ">= 1.5",
             |v| v >= 1.5,
-        );
-        ratio(
+        ));
+        ratios.extend(goal(
             format!("req/s ×{c}: edged python hello, reuse / fresh"),
             vs(
                 "http: edged python hello (reuse)",
@@ -758,8 +759,8 @@ pub async fn run(params: &Params, work: &Path) -> Result<(Vec<Summary>, Vec<Rati
             ),
             ">= 10",
             |v| v >= 10.0,
-        );
-        ratio(
+        ));
+        ratios.extend(goal(
             format!("req/s ×{c}: edged / wasmtime serve, python hello, both reuse"),
             vs(
                 "http: edged python hello (reuse)",
@@ -767,15 +768,21 @@ pub async fn run(params: &Params, work: &Path) -> Result<(Vec<Summary>, Vec<Rati
             ),
             ">= 1.2",
             |v| v >= 1.2,
-        );
-        ratio(
-            format!("req/s ×{c}: edged / wasmtime serve, python hello, both fresh"),
+        ));
+        let name = format!("req/s ×{c}: edged / wasmtime serve, python hello, both fresh");
+        ratios.extend(
             vs(
                 "http: edged python hello (fresh)",
                 "http: wasmtime serve python hello (defaults)",
-            ),
-            "info",
-            |_| true,
+            )
+            .filter(|v| v.is_finite())
+            .map(|v| {
+                Ratio::context(
+                    &name,
+                    v,
+                    "what a fresh interpreter instance costs either host",
+                )
+            }),
         );
     }
     Ok((phases, ratios, figures))

@@ -12,9 +12,11 @@ use crate::stats::{Summary, format_us};
 pub struct Ratio {
     pub name: String,
     pub value: f64,
-    /// The goal this ratio is held to, as text (e.g. "<= 2.0").
+    /// The goal this ratio is held to, as text (e.g. "<= 2.0"), or for a ratio printed as
+    /// context for others, what it shows.
     pub goal: String,
-    pub met: bool,
+    /// Whether the goal was met; `None` for a context ratio, which has no goal.
+    pub met: Option<bool>,
 }
 
 impl Ratio {
@@ -23,7 +25,27 @@ impl Ratio {
             name: name.to_string(),
             value,
             goal: goal.to_string(),
-            met: met(value),
+            met: Some(met(value)),
+        }
+    }
+
+    /// A ratio with no goal of its own that bounds or explains others (e.g. what the baseline
+    /// costs over the floor): printed with `shows` instead of a verdict.
+    pub fn context(name: &str, value: f64, shows: &str) -> Ratio {
+        Ratio {
+            name: name.to_string(),
+            value,
+            goal: shows.to_string(),
+            met: None,
+        }
+    }
+
+    /// "goal <= 1.2: met", or what a context ratio shows.
+    fn verdict(&self) -> String {
+        match self.met {
+            Some(true) => format!("goal {}: met", self.goal),
+            Some(false) => format!("goal {}: NOT met", self.goal),
+            None => format!("({})", self.goal),
         }
     }
 }
@@ -83,13 +105,7 @@ pub fn print(report: &Report) {
     }
     println!();
     for r in &report.ratios {
-        println!(
-            "{:<name$} {:>10.2}×  goal {:<8} {}",
-            r.name,
-            r.value,
-            r.goal,
-            if r.met { "met" } else { "NOT met" }
-        );
+        println!("{:<name$} {:>10.2}×  {}", r.name, r.value, r.verdict());
     }
 }
 
@@ -227,14 +243,8 @@ where
         ("sans-serif", 16),
     ))?;
     for (i, r) in report.ratios.iter().enumerate() {
-        let color = if r.met { BLACK } else { RED };
-        let line = format!(
-            "{:>8.2}×   {}   (goal {}: {})",
-            r.value,
-            r.name,
-            r.goal,
-            if r.met { "met" } else { "NOT met" }
-        );
+        let color = if r.met == Some(false) { RED } else { BLACK };
+        let line = format!("{:>8.2}×   {}   {}", r.value, r.name, r.verdict());
         area.draw(&Text::new(
             line,
             (20, 40 + 20 * i as i32),
