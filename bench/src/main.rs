@@ -104,14 +104,42 @@ struct Args {
     /// Keep-alive connections of the soak phase (one in eight asks the fault guests).
     #[arg(long, default_value_t = 32)]
     soak_connections: usize,
+    /// Only load this URL (`http://HOST:PORT/PATH`) with `--connections` and `--requests` and
+    /// print p50/p99 and requests/s, e.g. to profile a server started by hand.
+    #[arg(long, value_name = "URL")]
+    load: Option<String>,
     /// Where to write results.json and bench.svg.
     #[arg(long, default_value = "bench/out")]
     out: PathBuf,
 }
 
+/// `--load URL`: one load run against a server the bench did not start.
+async fn load_only(url: &str, connections: usize, requests: usize) -> Result<()> {
+    let uri: ::http::Uri = url.parse().with_context(|| format!("--load {url}"))?;
+    let authority = uri
+        .authority()
+        .with_context(|| format!("--load {url}: no host:port"))?;
+    let addr = tokio::net::lookup_host(authority.as_str())
+        .await?
+        .next()
+        .with_context(|| format!("--load {url}: {authority} does not resolve"))?;
+    let path = uri.path_and_query().map_or("/", |p| p.as_str());
+    let (samples, rps) = http::load(addr, path, connections, requests).await?;
+    let summary = stats::summarize(url, &samples);
+    println!(
+        "{url} ×{connections}: p50 {} p99 {} {rps:.0} req/s",
+        stats::format_us(summary.p50_us),
+        stats::format_us(summary.p99_us)
+    );
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
+    if let Some(url) = &args.load {
+        return load_only(url, args.connections, args.requests).await;
+    }
     let known = ["coldstart", "http", "large", "chain", "sync", "soak"];
     if let Some(unknown) = args.phases.iter().find(|p| !known.contains(&p.as_str())) {
         bail!("unknown phase {unknown:?} (known: {})", known.join(", "));
