@@ -24,7 +24,7 @@ use std::process::Stdio;
 
 use anyhow::{Context, Result};
 
-use crate::http::load_with;
+use crate::http::{ROUNDS, load_with};
 use crate::process::EdgedProcess;
 use crate::report::{Figure, Ratio};
 use crate::stats::{Summary, summarize};
@@ -125,10 +125,8 @@ pub async fn run(params: &Params, work: &Path) -> Result<(Vec<Summary>, Vec<Rati
     let mut figures = Vec::new();
     let mut ratios = Vec::new();
     for &connections in &counts {
-        let mut p50 = Vec::new();
-        for (name, path) in targets {
-            let row = format!("{name} ×{connections}");
-            // Warm-up: connections, instances, the forwarders' first outbound requests.
+        // Warm-up: connections, instances, the forwarders' first outbound requests.
+        for (_, path) in targets {
             load_with(
                 edged.http,
                 path,
@@ -137,20 +135,28 @@ pub async fn run(params: &Params, work: &Path) -> Result<(Vec<Summary>, Vec<Rati
                 (connections * 20).max(40),
             )
             .await?;
-            let (samples, rps) = load_with(
-                edged.http,
-                path,
-                &headers,
-                connections,
-                params.requests.max(connections * 20),
-            )
-            .await?;
-            let summary = summarize(&row, &samples);
+        }
+        // The rows take turns, a slice of each row's requests at a time (see `http::ROUNDS`).
+        let mut pooled: Vec<(Vec<std::time::Duration>, f64)> =
+            vec![Default::default(); targets.len()];
+        for _ in 0..ROUNDS {
+            for (i, (_, path)) in targets.iter().enumerate() {
+                let requests = (params.requests / ROUNDS).max(connections * 20);
+                let (samples, rps) =
+                    load_with(edged.http, path, &headers, connections, requests).await?;
+                pooled[i].1 += samples.len() as f64 / rps;
+                pooled[i].0.extend(samples);
+            }
+        }
+        let mut p50 = Vec::new();
+        for ((name, _), (samples, seconds)) in targets.iter().zip(&pooled) {
+            let row = format!("{name} ×{connections}");
+            let summary = summarize(&row, samples);
             p50.push(summary.p50_us);
             phases.push(summary);
             figures.push(Figure {
                 name: format!("{row}: requests/s"),
-                value: rps,
+                value: samples.len() as f64 / seconds,
                 unit: "req/s".into(),
             });
         }

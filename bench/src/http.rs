@@ -15,7 +15,10 @@
 //! `scripts/install-wasmtime-cli.sh`; skipped, saying so, when absent) on the same components,
 //! both on their defaults and both with instance reuse: the p2 hello (`wasi:http@0.2`), the p3
 //! hello (`wasi:http@0.3.0`), and a componentize-py hello (`scripts/build-large-guests.sh`).
-//! Every target is loaded at 1 connection and at `connections`.
+//! Every target is loaded at 1 connection and at `connections`, each row's requests in
+//! [`ROUNDS`] slices with the rows taking turns, so that load from elsewhere on a shared machine
+//! falls on edged's rows and wasmtime serve's alike (two runs ten minutes apart, measured one
+//! row after another, put edged's p3 hello at 0.68× and at 1.31× wasmtime serve's).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -63,6 +66,9 @@ pub(crate) struct BenchFunction {
 
 /// Requests per instance when reuse is on, for edged and `wasmtime serve` alike.
 const REUSE: u32 = 1000;
+
+/// Slices each row's requests are measured in, the rows taking turns.
+pub(crate) const ROUNDS: usize = 4;
 
 pub(crate) fn start_edged(
     params: &Params,
@@ -581,39 +587,39 @@ pub async fn run(params: &Params, work: &Path) -> Result<(Vec<Summary>, Vec<Rati
             n,
         ));
     }
-    // The real `wasmtime serve`, one process per configuration, each started when its turn
-    // comes so that only one of them holds memory and threads at a time.
+    // The real `wasmtime serve`, one process per configuration, all started before measuring so
+    // that their rows interleave with edged's (below).
     let reuse_flag = format!("--max-instance-reuse-count={REUSE}");
-    let mut real: Vec<(String, PathBuf, Vec<String>, usize)> = Vec::new();
+    let mut real: Vec<(&str, PathBuf, Vec<String>, usize)> = Vec::new();
     match &params.wasmtime {
         Some(_) => {
             real.push((
-                "http: wasmtime serve p2 hello (defaults)".into(),
+                "http: wasmtime serve p2 hello (defaults)",
                 p2_hello.clone(),
                 vec![],
                 n,
             ));
             real.push((
-                "http: wasmtime serve p2 hello (reuse)".into(),
+                "http: wasmtime serve p2 hello (reuse)",
                 p2_hello.clone(),
                 vec![reuse_flag.clone()],
                 n,
             ));
             real.push((
-                "http: wasmtime serve p3 hello (defaults)".into(),
+                "http: wasmtime serve p3 hello (defaults)",
                 p3_hello.clone(),
                 vec![],
                 n,
             ));
             if let Some(python) = &python {
                 real.push((
-                    "http: wasmtime serve python hello (defaults)".into(),
+                    "http: wasmtime serve python hello (defaults)",
                     python.clone(),
                     vec![],
                     n / 8,
                 ));
                 real.push((
-                    "http: wasmtime serve python hello (reuse)".into(),
+                    "http: wasmtime serve python hello (reuse)",
                     python.clone(),
                     vec![reuse_flag.clone()],
                     n,
@@ -623,6 +629,15 @@ pub async fn run(params: &Params, work: &Path) -> Result<(Vec<Summary>, Vec<Rati
         None => println!(
             "note: the real wasmtime serve 48.0.8 is not installed (scripts/install-wasmtime-cli.sh): its rows are skipped"
         ),
+    }
+    let mut real_servers = Vec::new();
+    if let Some(wasmtime) = &params.wasmtime {
+        for (name, wasm, flags, requests) in &real {
+            let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+            let server = start_real_wasmtime_serve(wasmtime, wasm, &flags).await?;
+            targets.push(target(name, server.addr, "/", *requests));
+            real_servers.push(server);
+        }
     }
 
     let mut phases = Vec::new();
@@ -635,38 +650,44 @@ pub async fn run(params: &Params, work: &Path) -> Result<(Vec<Summary>, Vec<Rati
     } else {
         vec![1]
     };
-    let mut measure =
-        async |name: &str, addr: SocketAddr, path: &str, requests: usize| -> Result<()> {
-            for &connections in &connection_counts {
-                // Warm-up: connections, page cache, CPU frequency, instances.
-                load(addr, path, connections, (connections * 20).max(40)).await?;
-                let (samples, rps) =
-                    load(addr, path, connections, requests.max(connections * 20)).await?;
-                let row = format!("{name} ×{connections}");
-                phases.push(summarize(&row, &samples));
-                p50_of.insert(
-                    row.clone(),
-                    phases.last().map(|p: &Summary| p.p50_us).unwrap_or(0.0),
-                );
-                rps_of.insert(row.clone(), rps);
-                figures.push(Figure {
-                    name: format!("{row}: requests/s"),
-                    value: rps,
-                    unit: "req/s".into(),
-                });
-            }
-            Ok(())
-        };
-    for t in &targets {
-        measure(&t.name, t.addr, t.path, t.requests).await?;
+    // Warm-up: connections, page cache, CPU frequency, instances.
+    for &connections in &connection_counts {
+        for t in &targets {
+            load(t.addr, t.path, connections, (connections * 20).max(40)).await?;
+        }
     }
-    // Floor 2 has done its part: its threads and pool go before the next server starts.
+    // Every row's requests in ROUNDS slices, the rows taking turns: on a shared machine the
+    // load from elsewhere drifts over minutes, and rows measured one after another would each
+    // get a different share of it. A row's figures pool its slices.
+    let mut pooled: Vec<Vec<(Vec<Duration>, Duration)>> =
+        vec![vec![Default::default(); targets.len()]; connection_counts.len()];
+    for _ in 0..ROUNDS {
+        for (c, &connections) in connection_counts.iter().enumerate() {
+            for (i, t) in targets.iter().enumerate() {
+                let requests = (t.requests / ROUNDS).max(connections * 20);
+                let (samples, rps) = load(t.addr, t.path, connections, requests).await?;
+                let (all, busy) = &mut pooled[c][i];
+                *busy += Duration::from_secs_f64(samples.len() as f64 / rps);
+                all.extend(samples);
+            }
+        }
+    }
+    drop(real_servers);
     drop(serve);
-    if let Some(wasmtime) = &params.wasmtime {
-        for (name, wasm, flags, requests) in &real {
-            let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-            let server = start_real_wasmtime_serve(wasmtime, wasm, &flags).await?;
-            measure(name, server.addr, "/", *requests).await?;
+    for (t_index, t) in targets.iter().enumerate() {
+        for (c, &connections) in connection_counts.iter().enumerate() {
+            let (samples, busy) = &pooled[c][t_index];
+            let rps = samples.len() as f64 / busy.as_secs_f64();
+            let row = format!("{} ×{connections}", t.name);
+            let summary = summarize(&row, samples);
+            p50_of.insert(row.clone(), summary.p50_us);
+            phases.push(summary);
+            rps_of.insert(row.clone(), rps);
+            figures.push(Figure {
+                name: format!("{row}: requests/s"),
+                value: rps,
+                unit: "req/s".into(),
+            });
         }
     }
     if let Some(kib) = idle_rss {
@@ -698,6 +719,17 @@ pub async fn run(params: &Params, work: &Path) -> Result<(Vec<Summary>, Vec<Rati
         "<= 1.5",
         |v| v <= 1.5,
     ));
+    ratios.extend(
+        div(p50("http: wasmtime serve p3 hello (defaults)"), p50(floor))
+            .filter(|v| v.is_finite())
+            .map(|v| {
+                Ratio::context(
+                    "http p50 ×1: wasmtime serve p3 hello / bare-hyper floor",
+                    v,
+                    "the same component on wasmtime's own server: the p3 floor",
+                )
+            }),
+    );
     ratios.extend(goal(
         "http p50 ×1: edged p2 hello / bare-hyper floor".into(),
         div(p50("http: edged p2 hello (fresh)"), p50(floor)),
