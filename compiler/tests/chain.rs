@@ -3,8 +3,8 @@
 //! the chain's behaviour; every refusal names the part and the reason.
 
 use edged_compiler::{
-    CompileOptions, ComposeError, PartInput, PartRole, Refusal, Target, base_config, compile_chain,
-    component_exports, component_imports, compose_chain, node_provides,
+    CompileOptions, ComposeError, Composed, PartInput, PartRole, Refusal, Target, base_config,
+    compile_chain, component_exports, component_imports, compose_chain, node_provides,
 };
 use edged_testkit::guest_bytes;
 use http_body_util::{BodyExt, Empty};
@@ -32,6 +32,21 @@ struct Guests {
     hello: Vec<u8>,
 }
 
+impl Guests {
+    /// [auth, header, hello] composed for this host.
+    fn sample_chain(&self) -> Composed {
+        compose_chain(
+            &[
+                part("auth.wasm", &self.auth),
+                part("header.wasm", &self.header),
+            ],
+            part("hello.wasm", &self.hello),
+            &host_only(),
+        )
+        .unwrap()
+    }
+}
+
 fn guests() -> Guests {
     Guests {
         auth: guest_bytes("p3-auth.wasm"),
@@ -43,12 +58,7 @@ fn guests() -> Guests {
 #[test]
 fn the_composite_exports_one_handler_and_imports_only_what_a_node_provides() {
     let g = guests();
-    let composed = compose_chain(
-        &[part("auth.wasm", &g.auth), part("header.wasm", &g.header)],
-        part("hello.wasm", &g.hello),
-        &host_only(),
-    )
-    .unwrap();
+    let composed = g.sample_chain();
     assert_eq!(
         component_exports(&composed.bytes),
         ["wasi:http/handler@0.3.0"]
@@ -202,12 +212,7 @@ async fn serve_one(
 #[tokio::test(flavor = "multi_thread")]
 async fn wasmtime_serves_the_composite_as_the_chain() {
     let g = guests();
-    let composed = compose_chain(
-        &[part("auth.wasm", &g.auth), part("header.wasm", &g.header)],
-        part("hello.wasm", &g.hello),
-        &host_only(),
-    )
-    .unwrap();
+    let composed = g.sample_chain();
     let target = Target::host().unwrap();
     let engine = Engine::new(&base_config(target, &Default::default()).unwrap()).unwrap();
     let component = Component::new(&engine, &composed.bytes).unwrap();

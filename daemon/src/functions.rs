@@ -92,6 +92,20 @@ fn route_matches(route: &str, path: &str) -> bool {
     }
 }
 
+/// How the node compiles a declared function for itself: its init setting, this host's target
+/// only, the node's engine settings.
+fn host_compile_options(
+    function: &FunctionConfig,
+    engine: &EngineSettings,
+) -> Result<CompileOptions> {
+    Ok(CompileOptions {
+        init: init_policy(&function.init),
+        targets: vec![Target::host().context("this host has no edged target")?],
+        engine: engine.clone(),
+        ..CompileOptions::default()
+    })
+}
+
 fn init_policy(setting: &InitSetting) -> InitPolicy {
     match setting {
         InitSetting::Auto => InitPolicy::IfExported,
@@ -139,13 +153,7 @@ pub fn ensure_deployed(
             m.clone()
         }
         None => {
-            let host = Target::host().context("this host has no edged target")?;
-            let options = CompileOptions {
-                init: init_policy(&function.init),
-                targets: vec![host],
-                engine: engine.clone(),
-                ..CompileOptions::default()
-            };
+            let options = host_compile_options(function, engine)?;
             let compiled = edged_compiler::compile(&binary, &options)
                 .with_context(|| format!("compiling {}", function.wasm.display()))?;
             let version = versions.iter().map(|m| m.version).max().unwrap_or(0) + 1;
@@ -219,13 +227,7 @@ fn ensure_chain_deployed(
             m.clone()
         }
         None => {
-            let host = Target::host().context("this host has no edged target")?;
-            let options = CompileOptions {
-                init: init_policy(&function.init),
-                targets: vec![host],
-                engine: engine.clone(),
-                ..CompileOptions::default()
-            };
+            let options = host_compile_options(function, engine)?;
             let (app, middleware) = parts.split_last().expect("a chain has an app");
             let middleware: Vec<_> = middleware
                 .iter()

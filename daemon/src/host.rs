@@ -19,8 +19,10 @@ use crate::guest_output::GuestOutput;
 pub struct GuestState {
     wasi: GuestWasi,
     pub limits: MemoryCap,
-    /// Calls into WASI or `wasi:http` so far: a guest that made none between two epoch
-    /// interrupts spent that tick computing, not serving (see `instances::BusyMark`).
+    /// Calls from the guest into the host so far (imports and wasmtime's libcalls, the epoch
+    /// check included), counted by a call hook on the stores of reused instances: a guest that
+    /// made none but its epoch check between two interrupts spent that tick computing, not
+    /// serving (see `instances::BusyMark`).
     pub host_calls: u64,
 }
 
@@ -152,7 +154,6 @@ impl ResourceLimiter for MemoryCap {
 
 impl WasiView for GuestState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
-        self.host_calls = self.host_calls.wrapping_add(1);
         match &mut self.wasi {
             GuestWasi::P2 { ctx, table, .. } => WasiCtxView { ctx, table },
             GuestWasi::P1(_) => unreachable!("WASI 0.2 imports are linked only into components"),
@@ -162,7 +163,6 @@ impl WasiView for GuestState {
 
 impl WasiHttpView for GuestState {
     fn http(&mut self) -> WasiHttpCtxView<'_> {
-        self.host_calls = self.host_calls.wrapping_add(1);
         match &mut self.wasi {
             GuestWasi::P2 {
                 table,

@@ -22,7 +22,7 @@
 //! timeout); responses that finish at once go out with a Content-Length.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -35,7 +35,7 @@ use hyper::body::{Body, Frame};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
 use wasmtime::component::GuestTaskId;
-use wasmtime::{Engine, Store, StoreContextMut, UpdateDeadline};
+use wasmtime::{CallHook, Engine, Store, StoreContextMut, UpdateDeadline};
 use wasmtime_wasi_http::WasiHttpView;
 use wasmtime_wasi_http::handler::{
     ExpirationError, HandlerState, Instance, InstantiationError, ProxyHandler, ProxyPre,
@@ -107,6 +107,7 @@ impl Instances {
                 policy,
                 metrics: env.metrics,
                 epochs: env.epochs,
+                waiting: Arc::new(AtomicUsize::new(0)),
             }),
         }
     }
@@ -136,8 +137,11 @@ impl Instances {
         request: http::Request<wasmtime_wasi_http::WasiBody>,
     ) -> Result<Response<wasmtime_wasi_http::WasiBody>, Fault> {
         let timeout = self.handler.state().config.limits.timeout;
-        let outcome = Arc::new(RequestOutcome::default());
-        let error = match self.handler.handle(outcome.clone(), request).await {
+        let outcome = Arc::new(RequestOutcome::queued(&self.handler.state().waiting));
+        let result = self.handler.handle(outcome.clone(), request).await;
+        // Taken, or refused before any instance took it.
+        outcome.taken();
+        let error = match result {
             Ok(response) => return Ok(response),
             Err(error) => error,
         };
@@ -180,14 +184,33 @@ impl Instances {
 
 /// One request's link to the instance that took it: lets the caller mark that instance
 /// faulted, and lets the instance hand a request the fault that killed it.
-#[derive(Default)]
 pub struct RequestOutcome {
     instance_faulted: Mutex<Option<Arc<AtomicBool>>>,
     fault: Mutex<Option<Fault>>,
     fault_set: tokio::sync::Notify,
+    /// Its function's count of waiting requests, until an instance takes it.
+    waiting: Mutex<Option<Arc<AtomicUsize>>>,
 }
 
 impl RequestOutcome {
+    /// A request about to be handed to the pool, counted in `waiting` until taken.
+    fn queued(waiting: &Arc<AtomicUsize>) -> RequestOutcome {
+        waiting.fetch_add(1, Ordering::SeqCst);
+        RequestOutcome {
+            instance_faulted: Mutex::new(None),
+            fault: Mutex::new(None),
+            fault_set: tokio::sync::Notify::new(),
+            waiting: Mutex::new(Some(waiting.clone())),
+        }
+    }
+
+    /// No longer waiting (an instance took it, or it was refused); once only.
+    fn taken(&self) {
+        if let Some(waiting) = lock(&self.waiting).take() {
+            waiting.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
     fn mark_instance_faulted(&self) {
         if let Some(flag) = lock(&self.instance_faulted).as_ref() {
             flag.store(true, Ordering::SeqCst);
@@ -223,19 +246,30 @@ struct Workers {
     policy: InstancePolicy,
     metrics: InstanceMetrics,
     epochs: EpochClock,
+    /// Requests handed to the pool that no instance has taken yet.
+    waiting: Arc<AtomicUsize>,
 }
 
 impl Workers {
     /// A store with the function's capabilities and memory cap. Every epoch tick the guest
     /// yields, so a busy-looping guest cannot hold its worker thread, and the worker gets to
     /// check its deadline (wasmtime-wasi-http checks expiry between polls of the store); each
-    /// such yield is noted in `busy`.
+    /// such yield is noted in `busy`, with the guest's calls into the host counted by a call
+    /// hook (not by the host's views of the store: wasmtime's event loop uses those between the
+    /// guest's yields too, which made a spinning guest look busy serving).
     fn new_store(&self, busy: BusyMark) -> anyhow::Result<Store<GuestState>> {
         let limits = self.config.limits;
         let ctx = component_wasi(&self.config, &self.output)?;
         let state = GuestState::component(ctx, self.outbound.clone(), limits.memory_bytes);
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limits);
+        store.call_hook(|mut store, hook| {
+            if let CallHook::CallingHost = hook {
+                let state = store.data_mut();
+                state.host_calls = state.host_calls.wrapping_add(1);
+            }
+            Ok(())
+        });
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(move |store| {
             busy.interrupted(store.data().host_calls);
@@ -274,6 +308,9 @@ impl HandlerState for Workers {
                 idle_timeout: self.policy.idle_timeout,
                 sleep: Box::pin(tokio::time::sleep(Duration::MAX / 4)),
                 timed_out: timed_out.clone(),
+                busy: busy.clone(),
+                waiting: self.waiting.clone(),
+                function: self.config.name.clone(),
             },
             state: Worker {
                 policy: self.policy,
@@ -305,8 +342,9 @@ struct Worker {
 
 /// Whether a guest is holding the CPU. A guest that keeps computing (or spinning) is
 /// interrupted at every epoch tick without calling the host in between; a guest serving
-/// requests calls WASI or `wasi:http` for each of them. So: interrupts at two consecutive ticks
-/// with no host call between them mean it ran through the tick. (Ticks alone are not enough:
+/// requests calls WASI, `wasi:http` and the component model's intrinsics for each of them. So:
+/// interrupts at two consecutive ticks with no host call between them (but the epoch check
+/// itself) mean it ran through the tick. (Ticks alone are not enough:
 /// back-to-back quick requests each meet a stale deadline, one tick after another.) Counted in
 /// ticks, not time, so a ticker delayed by a loaded machine does not hide a spinning guest.
 #[derive(Clone)]
@@ -332,8 +370,9 @@ impl BusyMark {
         let now = self.epochs.now();
         let (previous, previous_calls) =
             std::mem::replace(&mut *lock(&self.last_interrupt), (now, host_calls));
-        if previous != u64::MAX && now.saturating_sub(previous) <= 1 && host_calls == previous_calls
-        {
+        // The epoch check that brought the guest here is itself a call into the host.
+        let no_other_call = host_calls.wrapping_sub(previous_calls) <= 1;
+        if previous != u64::MAX && now.saturating_sub(previous) <= 1 && no_other_call {
             self.busy_at.store(now, Ordering::Relaxed);
         }
     }
@@ -368,6 +407,7 @@ impl WorkerState for Worker {
         outcome: Arc<RequestOutcome>,
         _task: GuestTaskId,
     ) -> Pin<Box<dyn Future<Output = ()> + Send + Sync>> {
+        outcome.taken();
         *lock(&outcome.instance_faulted) = Some(self.faulted.clone());
         let mut requests = lock(&self.requests);
         requests.retain(|r| r.strong_count() > 0);
@@ -395,13 +435,20 @@ impl WorkerState for Worker {
     }
 }
 
-/// When an instance ends: idle past its idle timeout (a normal retirement), or still running
-/// one request deadline after its last request started or its last answer (the guest is cut).
+/// When an instance ends: idle past its idle timeout (a normal retirement); still running one
+/// request deadline after its last request started or its last answer (the guest is cut); or,
+/// having answered everything, still computing while requests for its function wait. That
+/// last one is retired at once: wasmtime-wasi-http counts it as ready for requests, and its
+/// worker cannot decline them while the guest holds the store, so they would wait for the
+/// deadline. (A guest computing for a request it has not answered keeps its deadline.)
 struct Expiry {
     request_timeout: Duration,
     idle_timeout: Duration,
     sleep: Pin<Box<tokio::time::Sleep>>,
     timed_out: Arc<AtomicBool>,
+    busy: BusyMark,
+    waiting: Arc<AtomicUsize>,
+    function: String,
 }
 
 impl WorkerExpiration for Expiry {
@@ -411,6 +458,18 @@ impl WorkerExpiration for Expiry {
         status: WorkerStatus,
         start: Instant,
     ) -> Poll<()> {
+        // Polled between the guest's epoch yields too, so this sees a spinning guest.
+        if status == WorkerStatus::PostReturn
+            && self.busy.is_busy()
+            && self.waiting.load(Ordering::SeqCst) > 0
+        {
+            tracing::warn!(
+                function = %self.function,
+                "instance retired: its guest kept computing after answering while requests waited"
+            );
+            self.timed_out.store(true, Ordering::SeqCst);
+            return Poll::Ready(());
+        }
         let timeout = match status {
             WorkerStatus::Idle => self.idle_timeout,
             WorkerStatus::Requests | WorkerStatus::PostReturn => self.request_timeout,
