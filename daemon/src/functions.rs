@@ -92,6 +92,24 @@ fn route_matches(route: &str, path: &str) -> bool {
     }
 }
 
+/// Every stored version of the deployment `name`, oldest first.
+fn stored_versions(store: &Store, name: &str) -> Result<Vec<Manifest>> {
+    Ok(store
+        .manifests()?
+        .into_iter()
+        .filter(|m| m.name == name)
+        .collect())
+}
+
+/// Whether `manifest` was pre-initialized as `init` asks (a stored version is reused only then).
+fn built_with_init(manifest: &Manifest, init: &InitSetting) -> bool {
+    match init {
+        InitSetting::Auto => true,
+        InitSetting::Func(f) => manifest.init_func.as_deref() == Some(f),
+        InitSetting::Off => manifest.init_func.is_none(),
+    }
+}
+
 /// How the node compiles a declared function for itself: its init setting, this host's target
 /// only, the node's engine settings.
 fn host_compile_options(
@@ -134,19 +152,11 @@ pub fn ensure_deployed(
     let (_, binary) = edged_compiler::to_binary(&input)
         .with_context(|| format!("{} is not usable", function.wasm.display()))?;
     let source_hash = content_hash(&binary);
-    let versions: Vec<Manifest> = store
-        .manifests()?
-        .into_iter()
-        .filter(|m| m.name == function.name)
-        .collect();
-    let reusable = versions.iter().rev().find(|m| {
-        m.source.blake3 == source_hash
-            && match &function.init {
-                InitSetting::Auto => true,
-                InitSetting::Func(f) => m.init_func.as_deref() == Some(f),
-                InitSetting::Off => m.init_func.is_none(),
-            }
-    });
+    let versions = stored_versions(store, &function.name)?;
+    let reusable = versions
+        .iter()
+        .rev()
+        .find(|m| m.source.blake3 == source_hash && built_with_init(m, &function.init));
     let manifest = match reusable {
         Some(m) => {
             repair_source(store, function, &binary, &source_hash)?;
@@ -199,18 +209,10 @@ fn ensure_chain_deployed(
         parts.push((name, binary.into_owned()));
     }
     let hashes: Vec<String> = parts.iter().map(|(_, b)| content_hash(b)).collect();
-    let versions: Vec<Manifest> = store
-        .manifests()?
-        .into_iter()
-        .filter(|m| m.name == function.name)
-        .collect();
+    let versions = stored_versions(store, &function.name)?;
     let reusable = versions.iter().rev().find(|m| {
         m.part_refs().iter().map(|p| &p.blake3).eq(hashes.iter())
-            && match &function.init {
-                InitSetting::Auto => true,
-                InitSetting::Func(f) => m.init_func.as_deref() == Some(f),
-                InitSetting::Off => m.init_func.is_none(),
-            }
+            && built_with_init(m, &function.init)
             // The composite has no file of its own to repair from: a damaged one is composed
             // again, as a new version.
             && store.check_blob(&m.source.blake3).is_ok()

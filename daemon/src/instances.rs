@@ -236,6 +236,14 @@ impl RequestOutcome {
     }
 }
 
+/// A request dropped before any instance took it (its client went away, or no instance could
+/// be made) no longer waits either.
+impl Drop for RequestOutcome {
+    fn drop(&mut self) {
+        self.taken();
+    }
+}
+
 /// The handler's state: how to make an instance of this function.
 struct Workers {
     engine: Engine,
@@ -641,4 +649,51 @@ pub async fn coalesce(
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_waits_from_queueing_until_taken_or_dropped_once() {
+        let waiting = Arc::new(AtomicUsize::new(0));
+        let taken = RequestOutcome::queued(&waiting);
+        let dropped = RequestOutcome::queued(&waiting);
+        assert_eq!(waiting.load(Ordering::SeqCst), 2);
+        taken.taken();
+        taken.taken();
+        assert_eq!(waiting.load(Ordering::SeqCst), 1);
+        drop(taken);
+        assert_eq!(waiting.load(Ordering::SeqCst), 1);
+        drop(dropped);
+        assert_eq!(waiting.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn busy_means_interrupted_at_consecutive_ticks_with_no_other_host_call() {
+        let clock = EpochClock::default();
+        let busy = BusyMark::new(clock.clone());
+        // A guest serving quick requests: interrupted at ticks 1 and 2, calling the host between.
+        clock.tick();
+        busy.interrupted(10);
+        clock.tick();
+        busy.interrupted(25);
+        assert!(!busy.is_busy());
+        // Interrupted again one tick later with only that epoch check in between: it computed
+        // through the tick.
+        clock.tick();
+        busy.interrupted(26);
+        assert!(busy.is_busy());
+        // Quiet for two ticks: no longer busy.
+        clock.tick();
+        clock.tick();
+        assert!(!busy.is_busy());
+        // Interrupts far apart (an idle guest woken now and then) are not computing.
+        for _ in 0..5 {
+            clock.tick();
+        }
+        busy.interrupted(27);
+        assert!(!busy.is_busy());
+    }
 }
