@@ -38,6 +38,10 @@ echo "== edgectl push (compile for both targets, sign, upload what the node lack
 "$edgectl" push guests/out/init-heavy-http.wasm --name heavy
 "$edgectl" push guests/out/init-heavy-p1.wasm --name cgi
 "$edgectl" push guests/out/p3-hello.wasm --name p3
+# A middleware chain composed into one artifact: auth (401 without the bearer token), then a
+# header middleware that logs the path and adds x-edged-middleware, then the p3 hello.
+"$edgectl" push guests/out/p3-hello.wasm --name chain \
+  --middleware guests/out/p3-auth.wasm --middleware guests/out/p3-header.wasm
 "$edgectl" ls
 
 echo
@@ -45,6 +49,9 @@ for path in "/hello/demo" "/heavy?key=42" "/cgi?key=42" "/p3"; do
   echo "-- GET $addr$path"
   curl -sS -w '   (HTTP %{http_code} in %{time_total}s)\n' "$addr$path"
 done
+echo "-- GET $addr/chain without, then with the sample bearer token"
+curl -sS -w '   (HTTP %{http_code} in %{time_total}s)\n' "$addr/chain"
+curl -sS -i -H 'authorization: Bearer edged-sample-token' "$addr/chain" | grep -i -E '^(HTTP|x-edged-middleware)|hello'
 echo "-- /metrics (requests)"
 curl -sS "$addr/metrics" | grep '^edged_requests_total'
 kill -TERM $edged_pid
