@@ -289,6 +289,14 @@ async fn each_refusal_names_the_part_and_the_reason_and_nothing_is_pushed() {
             ],
             "app `kv.wasm` (part 2 of 2): it imports `acme:kv/store@1.0.0`, which neither the chain nor a node provides",
         ),
+        (
+            vec![
+                "oci://127.0.0.1:9/apps/hello:1".into(),
+                "--middleware".into(),
+                path("p3-auth.wasm"),
+            ],
+            "oci://127.0.0.1:9/apps/hello:1: a chain is composed from local files",
+        ),
     ];
     for (inputs, message) in cases {
         let mut args = vec!["push", "--name", "app", "--target", "x86_64"];

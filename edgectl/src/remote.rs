@@ -189,6 +189,17 @@ pub async fn push(
     registry: &crate::oci::RegistryArgs,
     args: PushArgs,
 ) -> Result<()> {
+    if !args.middleware.is_empty()
+        && let Some(reference) = std::iter::once(&args.input)
+            .chain(&args.middleware)
+            .find(|p| crate::oci::is_reference(p))
+    {
+        bail!(
+            "{}: a chain is composed from local files; --middleware cannot take a part from a \
+             registry yet (download it first)",
+            reference.display()
+        );
+    }
     let name = if crate::oci::is_reference(&args.input) && args.name.is_none() {
         crate::oci::name_from_reference(&args.input.to_string_lossy())?
     } else {
