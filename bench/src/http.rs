@@ -32,8 +32,8 @@ use bytes::Bytes;
 use edged_snapshots::{RuntimeSettings, runtime_engine};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper_util::rt::TokioIo;
-use wasmtime::Store;
 use wasmtime::component::{Component, Linker, ResourceTable};
+use wasmtime::{Engine, Store};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
@@ -148,11 +148,23 @@ fn start_floor_server() -> Result<SocketAddr> {
     Ok(addr)
 }
 
-/// Store data of one floor-2 request: exactly what `wasi:http` needs, nothing granted.
-struct ServeState {
+/// Store data of one request the bench runs on wasmtime itself (floor 2 here; the large phase's
+/// in-process requests and its raw wasmtime server): exactly what `wasi:http` needs, nothing
+/// granted.
+pub(crate) struct ServeState {
     ctx: WasiCtx,
     http: WasiHttpCtx,
     table: ResourceTable,
+}
+
+impl ServeState {
+    pub(crate) fn new() -> ServeState {
+        ServeState {
+            ctx: WasiCtx::builder().build(),
+            http: WasiHttpCtx::new(),
+            table: ResourceTable::new(),
+        }
+    }
 }
 
 impl WasiView for ServeState {
@@ -178,10 +190,20 @@ impl WasiHttpView for ServeState {
 /// servers should pay for the same ticks.
 const EPOCH_TICK: Duration = Duration::from_millis(10);
 
-/// Floor 2: the equivalent of `wasmtime serve` for one component, on its own runtime and
-/// threads (as if it were its own process). Stops, and waits for its threads, on drop.
-struct WasmtimeServe {
-    addr: SocketAddr,
+/// The imports edged links components against (all of WASI 0.2 plus `wasi:http`); `ProxyPre`
+/// resolves them once, so their number costs nothing per request.
+pub(crate) fn component_linker(engine: &Engine) -> Result<Linker<ServeState>> {
+    let mut linker = Linker::new(engine);
+    wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+    wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
+    Ok(linker)
+}
+
+/// The equivalent of `wasmtime serve` for one component (floor 2 here, raw wasmtime in the large
+/// phase), on its own runtime and threads (as if it were its own process). Stops, and waits for
+/// its threads, on drop.
+pub(crate) struct WasmtimeServe {
+    pub(crate) addr: SocketAddr,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -208,16 +230,21 @@ fn start_wasmtime_serve(wasm: &Path, pool_slots: Option<u32>) -> Result<Wasmtime
         settings.pool.total_memories = slots;
     }
     let (engine, _) = runtime_engine(&settings)?;
-    // The same imports edged links components against (all of WASI 0.2 plus `wasi:http`);
-    // `ProxyPre` resolves them once, so their number costs nothing per request.
-    let mut linker = Linker::new(&engine);
-    wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
-    wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
+    let linker = component_linker(&engine)?;
     // Compiled here (not loaded from an edged artifact): `wasmtime serve` compiles its input.
     let component = Component::from_file(&engine, wasm)
         .map_err(|e| anyhow::Error::from(e).context(format!("compiling {}", wasm.display())))?;
     let pre = ProxyPre::new(linker.instantiate_pre(&component)?)?;
+    serve_per_request(pre, Some(engine))
+}
 
+/// Serves `pre` per request from a fresh store and instance on a thread and runtime of its
+/// own. With `ticked`, a dedicated OS thread advances that engine's epoch, as in edged and
+/// `wasmtime serve` (a tokio task could be starved by the guests it is meant to interrupt).
+pub(crate) fn serve_per_request(
+    pre: ProxyPre<ServeState>,
+    ticked: Option<Engine>,
+) -> Result<WasmtimeServe> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     listener.set_nonblocking(true)?;
     let addr = listener.local_addr()?;
@@ -225,18 +252,16 @@ fn start_wasmtime_serve(wasm: &Path, pool_slots: Option<u32>) -> Result<Wasmtime
     let thread = std::thread::Builder::new()
         .name("wasmtime-serve".into())
         .spawn(move || {
-            // A dedicated OS thread advances the epoch, as in edged and `wasmtime serve`: a
-            // tokio task could be starved by the guests it is meant to interrupt.
             let ticking = Arc::new(AtomicBool::new(true));
-            let ticker = {
-                let (ticking, engine) = (ticking.clone(), engine.clone());
+            let ticker = ticked.map(|engine| {
+                let ticking = ticking.clone();
                 std::thread::spawn(move || {
                     while ticking.load(Ordering::Relaxed) {
                         std::thread::sleep(EPOCH_TICK);
                         engine.increment_epoch();
                     }
                 })
-            };
+            });
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
@@ -245,7 +270,9 @@ fn start_wasmtime_serve(wasm: &Path, pool_slots: Option<u32>) -> Result<Wasmtime
             // Connections the load generator left open and guests still running end here.
             runtime.shutdown_timeout(Duration::from_secs(5));
             ticking.store(false, Ordering::Relaxed);
-            let _ = ticker.join();
+            if let Some(ticker) = ticker {
+                let _ = ticker.join();
+            }
         })?;
     Ok(WasmtimeServe {
         addr,
@@ -307,14 +334,7 @@ async fn handle_component_request(
     pre: ProxyPre<ServeState>,
     request: hyper::Request<hyper::body::Incoming>,
 ) -> wasmtime::Result<hyper::Response<HyperOutgoingBody>> {
-    let mut store = Store::new(
-        pre.engine(),
-        ServeState {
-            ctx: WasiCtx::builder().build(),
-            http: WasiHttpCtx::new(),
-            table: ResourceTable::new(),
-        },
-    );
+    let mut store = Store::new(pre.engine(), ServeState::new());
     // The engine checks epochs (edged's configuration); like `wasmtime serve --wasm timeout`,
     // a guest still running at a tick yields to the executor rather than trapping.
     store.set_epoch_deadline(1);

@@ -20,7 +20,6 @@
 //! With the guests not built, the phase says so and skips: building them needs Python, Node
 //! and packages from PyPI and npm.
 
-use std::net::SocketAddr;
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -32,16 +31,14 @@ use edged_compiler::{CompileOptions, Target, WasmKind};
 use edged_snapshots::{
     Linkers, Manifest, Prepared, Restorer, RuntimeSettings, Store, runtime_engine,
 };
-use http_body_util::{BodyExt, Empty, Full};
-use hyper_util::rt::TokioIo;
+use http_body_util::{BodyExt, Empty};
 use wasmtime::Engine;
-use wasmtime::component::{Component, Linker, ResourceTable};
-use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime::component::Component;
+use wasmtime_wasi_http::WasiHttpView;
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
-use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
-use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
+use crate::http::{ServeState, component_linker, serve_per_request};
 use crate::report::{Figure, Ratio};
 use crate::stats::{Summary, summarize};
 
@@ -83,50 +80,6 @@ pub fn large_guest_dir() -> PathBuf {
     edged_testkit::workspace_root().join("guests/out/large")
 }
 
-/// Store data of one request: exactly what `wasi:http` needs, nothing granted.
-pub struct GuestState {
-    ctx: WasiCtx,
-    http: WasiHttpCtx,
-    table: ResourceTable,
-}
-
-impl GuestState {
-    fn new() -> GuestState {
-        GuestState {
-            ctx: WasiCtx::builder().build(),
-            http: WasiHttpCtx::new(),
-            table: ResourceTable::new(),
-        }
-    }
-}
-
-impl WasiView for GuestState {
-    fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView {
-            ctx: &mut self.ctx,
-            table: &mut self.table,
-        }
-    }
-}
-
-impl WasiHttpView for GuestState {
-    fn http(&mut self) -> WasiHttpCtxView<'_> {
-        WasiHttpCtxView {
-            ctx: &mut self.http,
-            table: &mut self.table,
-            hooks: Default::default(),
-        }
-    }
-}
-
-/// The imports edged links components against: all of WASI 0.2 plus `wasi:http`.
-fn component_linker(engine: &Engine) -> Result<Linker<GuestState>> {
-    let mut linker = Linker::new(engine);
-    wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
-    wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
-    Ok(linker)
-}
-
 /// Instants of one in-process request, from its start.
 struct RequestTimes {
     instantiated: Duration,
@@ -135,52 +88,13 @@ struct RequestTimes {
     dropped: Duration,
 }
 
-/// One request on a fresh store and instance of `pre`, the way `wasmtime serve` runs it (the
-/// guest in a task of its own, so it can write the body after setting the response).
-async fn fresh_request<B>(
-    pre: &ProxyPre<GuestState>,
-    request: hyper::Request<B>,
-) -> Result<hyper::Response<HyperOutgoingBody>>
-where
-    B: hyper::body::Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<wasmtime_wasi_http::Error>,
-{
-    let mut store = wasmtime::Store::new(pre.engine(), GuestState::new());
-    // edged's engine checks epochs; nothing here ticks them, so the deadline is never reached.
-    store.set_epoch_deadline(u64::MAX / 2);
-    let (sender, receiver) = tokio::sync::oneshot::channel();
-    let incoming = store
-        .data_mut()
-        .http()
-        .new_incoming_request(Scheme::Http, request)?;
-    let outparam = store.data_mut().http().new_response_outparam(sender)?;
-    let pre = pre.clone();
-    let guest = tokio::spawn(async move {
-        let proxy = pre.instantiate_async(&mut store).await?;
-        proxy
-            .wasi_http_incoming_handler()
-            .call_handle(&mut store, incoming, outparam)
-            .await?;
-        Ok(())
-    });
-    match receiver.await {
-        // The guest task goes on writing the body on its own; dropping its handle detaches it.
-        Ok(Ok(response)) => Ok(response),
-        Ok(Err(code)) => bail!("guest answered with error {code:?}"),
-        Err(_) => match guest.await? {
-            Ok(()) => bail!("guest returned without setting a response"),
-            Err(e) => Err(e),
-        },
-    }
-}
-
 /// One in-process request with the four instants of [`RequestTimes`]; checks the greeting.
-async fn timed_request(pre: &ProxyPre<GuestState>) -> Result<RequestTimes> {
+async fn timed_request(pre: &ProxyPre<ServeState>) -> Result<RequestTimes> {
     let request = hyper::Request::get("http://localhost/large?from=bench").body(
         Empty::<Bytes>::new().map_err(|never| -> wasmtime_wasi_http::Error { match never {} }),
     )?;
     let start = Instant::now();
-    let mut store = wasmtime::Store::new(pre.engine(), GuestState::new());
+    let mut store = wasmtime::Store::new(pre.engine(), ServeState::new());
     store.set_epoch_deadline(u64::MAX / 2);
     let (sender, receiver) = tokio::sync::oneshot::channel();
     let incoming = store
@@ -227,7 +141,7 @@ async fn timed_request(pre: &ProxyPre<GuestState>) -> Result<RequestTimes> {
 /// `{label}: instantiate|first call|response|teardown`.
 async fn request_phases(
     label: &str,
-    pre: &ProxyPre<GuestState>,
+    pre: &ProxyPre<ServeState>,
     iterations: usize,
 ) -> Result<Vec<Summary>> {
     for _ in 0..5 {
@@ -255,90 +169,11 @@ async fn request_phases(
     ])
 }
 
-/// Raw wasmtime serving one component per request from a fresh store, on its own thread and
-/// runtime (as if it were its own process). Stops on drop.
-struct RawServe {
-    addr: SocketAddr,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Drop for RawServe {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
-fn start_raw_serve(pre: ProxyPre<GuestState>) -> Result<RawServe> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    listener.set_nonblocking(true)?;
-    let addr = listener.local_addr()?;
-    let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let thread = std::thread::Builder::new()
-        .name("raw-wasmtime-serve".into())
-        .spawn(move || {
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .expect("raw serve runtime");
-            runtime.block_on(async move {
-                let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
-                loop {
-                    let stream = tokio::select! {
-                        _ = &mut stop_rx => break,
-                        accepted = listener.accept() => match accepted {
-                            Ok((stream, _)) => stream,
-                            Err(_) => continue,
-                        },
-                    };
-                    let _ = stream.set_nodelay(true);
-                    let pre = pre.clone();
-                    tokio::spawn(async move {
-                        let service = hyper::service::service_fn(move |request| {
-                            let pre = pre.clone();
-                            async move {
-                                let response = match fresh_request(&pre, request).await {
-                                    Ok(response) => response,
-                                    Err(e) => {
-                                        let mut response = hyper::Response::new(
-                                            Full::new(Bytes::from(format!("{e:?}\n")))
-                                                .map_err(|never| match never {})
-                                                .boxed_unsync(),
-                                        );
-                                        *response.status_mut() =
-                                            http::StatusCode::INTERNAL_SERVER_ERROR;
-                                        response
-                                    }
-                                };
-                                Ok::<_, std::convert::Infallible>(response)
-                            }
-                        });
-                        let _ = hyper::server::conn::http1::Builder::new()
-                            .keep_alive(true)
-                            .serve_connection(TokioIo::new(stream), service)
-                            .await;
-                    });
-                }
-            });
-            runtime.shutdown_timeout(Duration::from_secs(5));
-        })?;
-    Ok(RawServe {
-        addr,
-        stop: Some(stop_tx),
-        thread: Some(thread),
-    })
-}
-
 /// What one guest's in-process part produced: phases, and what the HTTP part needs.
 struct Prepped {
     guest: &'static Guest,
     path: PathBuf,
-    raw_pre: ProxyPre<GuestState>,
+    raw_pre: ProxyPre<ServeState>,
 }
 
 pub async fn run(params: &Params, work: &Path) -> Result<(Vec<Summary>, Vec<Ratio>, Vec<Figure>)> {
@@ -532,7 +367,7 @@ pub async fn run(params: &Params, work: &Path) -> Result<(Vec<Summary>, Vec<Rati
         started.elapsed()
     );
     for p in &prepped {
-        let raw = start_raw_serve(p.raw_pre.clone())?;
+        let raw = serve_per_request(p.raw_pre.clone(), None)?;
         let mut p50 = [0.0; 2];
         for (i, (label, addr, path)) in [
             ("ours (edged)", edged.http, p.guest.route.to_string()),
