@@ -596,10 +596,35 @@ pub async fn coalesce(
     response: Response<wasmtime_wasi_http::WasiBody>,
 ) -> Result<Response<http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>>, Fault> {
     let (parts, mut body) = response.into_parts();
-    let mut prefix: Vec<Frame<Bytes>> = Vec::new();
+    let prefix = read_prefix(&mut body, std::future::pending())
+        .await
+        .map_err(|e| Fault::NoResponse(format!("response body failed: {e}")))?;
+    Ok(Response::from_parts(parts, prefix.then(body)))
+}
+
+/// The start of a response body, read within the coalescing limits.
+pub struct BodyPrefix {
+    frames: std::collections::VecDeque<Frame<Bytes>>,
+    buffered: usize,
+    /// The frames are the whole body.
+    complete: bool,
+}
+
+/// Reads the start of `body` until it ends, passes [`COALESCE_LIMIT`] bytes, meets trailers
+/// (they need the chunked encoding) or [`COALESCE_WAIT`] is up. Meanwhile `alongside` is polled
+/// until it ends: the inline p2 path drives its guest there, which writes the body.
+pub async fn read_prefix<B>(
+    body: &mut B,
+    alongside: impl Future<Output = ()>,
+) -> Result<BodyPrefix, B::Error>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    let mut frames = std::collections::VecDeque::new();
     let mut buffered = 0usize;
     let wait = tokio::time::sleep(COALESCE_WAIT);
-    tokio::pin!(wait);
+    tokio::pin!(wait, alongside);
+    let mut alongside_ended = false;
     let complete = loop {
         if buffered > COALESCE_LIMIT {
             break false;
@@ -607,6 +632,10 @@ pub async fn coalesce(
         let frame = tokio::select! {
             biased;
             frame = body.frame() => frame,
+            () = &mut alongside, if !alongside_ended => {
+                alongside_ended = true;
+                continue;
+            }
             () = &mut wait => break false,
         };
         match frame {
@@ -616,35 +645,70 @@ pub async fn coalesce(
                     buffered += data.len();
                 }
                 let trailers = frame.is_trailers();
-                prefix.push(frame);
+                frames.push_back(frame);
                 if trailers {
                     break false;
                 }
             }
-            Some(Err(e)) => {
-                return Err(Fault::NoResponse(format!("response body failed: {e}")));
-            }
+            Some(Err(e)) => return Err(e),
         }
     };
-    if complete {
-        let mut bytes = bytes::BytesMut::with_capacity(buffered);
-        for frame in prefix {
-            if let Ok(data) = frame.into_data() {
-                bytes.extend_from_slice(&data);
+    Ok(BodyPrefix {
+        frames,
+        buffered,
+        complete,
+    })
+}
+
+impl BodyPrefix {
+    /// The response body: the prefix in one piece (so hyper sends a Content-Length) when it is
+    /// the whole body, else the prefix followed by the rest of `rest`.
+    pub fn then<B>(self, rest: B) -> http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>
+    where
+        B: Body<Data = Bytes> + Unpin + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        if self.complete {
+            let mut bytes = bytes::BytesMut::with_capacity(self.buffered);
+            for frame in self.frames {
+                if let Ok(data) = frame.into_data() {
+                    bytes.extend_from_slice(&data);
+                }
             }
+            return http_body_util::Full::new(bytes.freeze())
+                .map_err(|never| match never {})
+                .boxed_unsync();
         }
-        let body = http_body_util::Full::new(bytes.freeze())
-            .map_err(|never| match never {})
-            .boxed_unsync();
-        return Ok(Response::from_parts(parts, body));
+        PrefixedBody {
+            prefix: self.frames,
+            rest: rest.map_err(Into::into),
+        }
+        .boxed_unsync()
     }
-    let frames = futures_util::stream::iter(prefix.into_iter().map(Ok::<_, BoxError>));
-    let rest = http_body_util::BodyStream::new(body.map_err(|e| Box::new(e) as BoxError));
-    let stream = futures_util::StreamExt::chain(frames, rest);
-    Ok(Response::from_parts(
-        parts,
-        http_body_util::StreamBody::new(stream).boxed_unsync(),
-    ))
+}
+
+/// Frames already read from a body, then the rest of it.
+struct PrefixedBody<B> {
+    prefix: std::collections::VecDeque<Frame<Bytes>>,
+    rest: B,
+}
+
+impl<B> Body for PrefixedBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        if let Some(frame) = self.prefix.pop_front() {
+            return Poll::Ready(Some(Ok(frame)));
+        }
+        Pin::new(&mut self.rest).poll_frame(cx)
+    }
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

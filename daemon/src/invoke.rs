@@ -20,6 +20,7 @@ use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 use crate::fault::Fault;
 use crate::functions::Function;
 use crate::host::{GuestState, component_wasi, wasi_builder};
+use crate::instances::read_prefix;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type ResponseBody = UnsyncBoxBody<Bytes, BoxError>;
@@ -280,12 +281,6 @@ fn find_header_end(output: &[u8]) -> Option<(usize, usize)> {
     }
 }
 
-/// Response bodies a guest finishes within [`COALESCE_WAIT`] and [`COALESCE_LIMIT`] go out in
-/// one piece with a Content-Length: one write and one wake-up of the client instead of a
-/// chunked head, body and terminator. Larger or slower bodies stream as the guest writes them.
-const COALESCE_LIMIT: usize = 64 << 10;
-const COALESCE_WAIT: Duration = Duration::from_millis(1);
-
 type GuestRun = std::pin::Pin<Box<dyn Future<Output = Option<Fault>> + Send>>;
 
 /// Runs a `wasi:http/proxy` component for one request. The guest runs inline in the request's
@@ -388,65 +383,21 @@ pub async fn run_proxy(
 
     // 2. Collect the body while the guest finishes it, within the coalescing limits.
     let (parts, mut body) = response.into_parts();
-    let mut prefix: Vec<hyper::body::Frame<Bytes>> = Vec::new();
-    let mut buffered = 0usize;
-    let wait = tokio::time::sleep(COALESCE_WAIT);
-    tokio::pin!(wait);
-    let complete = loop {
-        if buffered > COALESCE_LIMIT {
-            break false;
-        }
-        let frame = tokio::select! {
-            biased;
-            frame = body.frame() => frame,
-            fault = &mut guest, if ended.is_none() => {
-                ended = Some(fault);
-                continue;
-            }
-            () = &mut wait => break false,
-        };
-        match frame {
-            None => break true,
-            Some(Ok(frame)) => {
-                if let Some(data) = frame.data_ref() {
-                    buffered += data.len();
-                }
-                let trailers = frame.is_trailers();
-                prefix.push(frame);
-                if trailers {
-                    // Trailers need the chunked encoding: stream what we have.
-                    break false;
-                }
-            }
-            Some(Err(e)) => {
-                // Nothing was sent yet, so the client gets a clean 5xx for a broken body.
-                detach(guest, &ended);
-                return Err(match &ended {
-                    Some(Some(fault)) => fault.clone(),
-                    _ => Fault::NoResponse(format!("response body failed: {e}")),
-                });
-            }
+    let drive_guest = async {
+        if ended.is_none() {
+            ended = Some((&mut guest).await);
         }
     };
+    let prefix = read_prefix(&mut body, drive_guest).await;
     detach(guest, &ended);
-    if complete {
-        let mut bytes = bytes::BytesMut::with_capacity(buffered);
-        for frame in prefix {
-            if let Ok(data) = frame.into_data() {
-                bytes.extend_from_slice(&data);
-            }
-        }
-        return Ok(Response::from_parts(parts, full_body(bytes.freeze())));
+    match prefix {
+        Ok(prefix) => Ok(Response::from_parts(parts, prefix.then(body))),
+        // Nothing was sent yet, so the client gets a clean 5xx for a broken body.
+        Err(e) => Err(match &ended {
+            Some(Some(fault)) => fault.clone(),
+            _ => Fault::NoResponse(format!("response body failed: {e}")),
+        }),
     }
-    let rest = body.map_err(|e| Box::new(e) as BoxError);
-    Ok(Response::from_parts(
-        parts,
-        PrefixedBody {
-            prefix: prefix.into(),
-            rest,
-        }
-        .boxed_unsync(),
-    ))
 }
 
 /// Calls `on_done` once: with the guest's outcome, or with `None` if the guest is dropped
@@ -472,30 +423,6 @@ impl<F: FnOnce(Option<Fault>)> Drop for DoneGuard<F> {
         if let Some(on_done) = self.0.take() {
             on_done(None);
         }
-    }
-}
-
-/// Frames already read from a body, then the rest of it.
-struct PrefixedBody<B> {
-    prefix: std::collections::VecDeque<hyper::body::Frame<Bytes>>,
-    rest: B,
-}
-
-impl<B> hyper::body::Body for PrefixedBody<B>
-where
-    B: hyper::body::Body<Data = Bytes> + Unpin,
-{
-    type Data = Bytes;
-    type Error = B::Error;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
-        if let Some(frame) = self.prefix.pop_front() {
-            return std::task::Poll::Ready(Some(Ok(frame)));
-        }
-        std::pin::Pin::new(&mut self.rest).poll_frame(cx)
     }
 }
 
