@@ -1,10 +1,25 @@
-//! The engine's epoch clock, which enforces guest deadlines and makes busy guests yield.
+//! The engine's epoch: the ticker that advances it (enforcing guest deadlines and making busy
+//! guests yield) and [`EpochClock`], the same count as a number the node can read.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use crate::instances::EpochClock;
+/// The engine's epoch as a number the node can read (wasmtime does not expose its own): the
+/// epoch ticker advances both together.
+#[derive(Clone, Default)]
+pub struct EpochClock(Arc<AtomicU64>);
+
+impl EpochClock {
+    /// Called by the ticker right after each `Engine::increment_epoch`.
+    pub fn tick(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn now(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
 
 /// Advances the engine's epoch from a dedicated OS thread. A tokio task could be starved by
 /// the very guest whose deadline it is supposed to enforce.

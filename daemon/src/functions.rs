@@ -7,37 +7,22 @@
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use edged_compiler::GuestKind;
 use edged_compiler::{CompileOptions, EngineSettings, InitPolicy, Target, content_hash};
-use edged_node_config::{FunctionConfig, InitSetting, InstancePolicy, InstanceSetting, Limits};
-use edged_snapshots::{BlobKind, LoadPath, Manifest, Prepared, Restorer, Store};
+use edged_node_config::{FunctionConfig, InitSetting, InstanceSetting, Limits};
+use edged_snapshots::{BlobKind, LoadPath, Manifest, Restorer, Store};
 use tokio::sync::Semaphore;
-use wasmtime_wasi_http::p2::bindings::ProxyPre;
 
 use crate::guest_output::GuestOutput;
 use crate::host::{GuestState, OutboundPolicy};
-use crate::instances::{InstanceEnv, Instances};
+use crate::runtime::{GuestSetup, InstanceEnv, Runtime};
 
-/// One servable function: its configuration and its prepared active deployment.
+/// One servable function: its configuration, its active deployment, and how its guests run.
 pub struct Function {
     pub config: FunctionConfig,
     pub manifest: Manifest,
-    pub prepared: Arc<Prepared<GuestState>>,
-    /// How it runs: the kind its component's bindings proved, not only what the manifest says.
-    pub guest: GuestKind,
-    /// Its instance policy, resolved from the config or manifest against `guest`.
-    pub policy: InstancePolicy,
-    /// Typed `wasi:http/proxy` view of `prepared`, for `wasi:http` 0.2 components served with a
-    /// fresh instance per request.
-    pub proxy: Option<ProxyPre<GuestState>>,
-    /// The live instances of a function that reuses them (every `wasi:http` 0.3 component).
-    pub instances: Option<Instances>,
-    /// One permit per concurrent instance allowed.
+    pub runtime: Runtime,
+    /// One permit per concurrent request allowed.
     pub permits: Arc<Semaphore>,
-    pub outbound: OutboundPolicy,
-    /// Where its component guests' stdout and stderr go: the node's log, one budget for all
-    /// of its instances.
-    pub output: GuestOutput,
 }
 
 #[derive(Default)]
@@ -367,57 +352,32 @@ pub fn prepare(
     let (prepared, how) = restorer
         .prepare(&manifest)
         .with_context(|| format!("function `{}`: preparing {}", config.name, manifest.id()))?;
-    let outbound = OutboundPolicy::new(config.outbound_hosts.clone());
-    let output = GuestOutput::new(&config.name);
-    let (guest, handler) = match prepared.as_ref() {
-        Prepared::Module(_) => (GuestKind::P1Command, None),
-        Prepared::Component(pre) => {
-            let handler = component_handler(pre, manifest.guest_kind()).with_context(|| {
-                format!(
-                    "function `{}`: {} exports neither wasi:http/handler@0.3.0 nor \
-                     wasi:http/incoming-handler@0.2 in a form this node links",
-                    config.name,
-                    manifest.id()
-                )
-            })?;
-            let guest = match &handler {
-                wasmtime_wasi_http::handler::ProxyPre::P2(_) => GuestKind::HttpP2,
-                wasmtime_wasi_http::handler::ProxyPre::P3(_) => GuestKind::HttpP3,
-            };
-            (guest, Some(handler))
-        }
+    let setup = GuestSetup {
+        engine: restorer.engine().clone(),
+        config: config.clone(),
+        outbound: OutboundPolicy::new(config.outbound_hosts.clone()),
+        output: GuestOutput::new(&config.name),
+        env,
     };
-    let (policy, notes) = InstancePolicy::resolve(guest, &config.instances);
+    let (runtime, notes) =
+        Runtime::new(&prepared, manifest.guest_kind(), setup).with_context(|| {
+            format!(
+                "function `{}`: {} exports neither wasi:http/handler@0.3.0 nor \
+                 wasi:http/incoming-handler@0.2 in a form this node links",
+                config.name,
+                manifest.id()
+            )
+        })?;
     for note in notes {
         tracing::warn!(function = %config.name, deployment = %manifest.id(), "{note}");
     }
-    // A p2 guest served fresh keeps edged's own inline path (no worker task per request);
-    // everything that reuses instances, and every p3 guest, goes through the instance pool.
-    let (proxy, instances) = match handler {
-        Some(wasmtime_wasi_http::handler::ProxyPre::P2(pre)) if !policy.reuses() => {
-            (Some(pre), None)
-        }
-        Some(handler) => {
-            let instances = Instances::new(
-                restorer.engine().clone(),
-                handler,
-                config,
-                outbound.clone(),
-                output.clone(),
-                policy,
-                env,
-            );
-            (None, Some(instances))
-        }
-        None => (None, None),
-    };
     if how != LoadPath::Cached {
         tracing::info!(
             function = %config.name,
             deployment = %manifest.id(),
             route = %config.route,
-            kind = %guest,
-            requests_per_instance = policy.requests_per_instance,
+            kind = %runtime.guest_kind(),
+            requests_per_instance = runtime.policy().requests_per_instance,
             load = ?how,
             "function ready"
         );
@@ -425,32 +385,10 @@ pub fn prepare(
     let function = Function {
         config: config.clone(),
         manifest,
-        prepared,
-        guest,
-        policy,
-        proxy,
-        instances,
+        runtime,
         permits: Arc::new(Semaphore::new(config.limits.max_concurrency)),
-        outbound,
-        output,
     };
     Ok((function, how))
-}
-
-/// The typed handler view of a component: `wasi:http` 0.3 first when the manifest says so, else
-/// 0.2; whichever binds. A manifest cannot make the node call an export the component lacks.
-fn component_handler(
-    pre: &wasmtime::component::InstancePre<GuestState>,
-    recorded: GuestKind,
-) -> Result<wasmtime_wasi_http::handler::ProxyPre<GuestState>> {
-    use wasmtime_wasi_http::handler::ProxyPre as Handler;
-    let p3 = || wasmtime_wasi_http::p3::bindings::ServicePre::new(pre.clone()).map(Handler::P3);
-    let p2 = || ProxyPre::new(pre.clone()).map(Handler::P2);
-    let bound = match recorded {
-        GuestKind::HttpP3 => p3().or_else(|_| p2()),
-        _ => p2().or_else(|_| p3()),
-    };
-    bound.map_err(anyhow::Error::from)
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@
 //! [`LINES_PER_SECOND`] after that; what is over is counted and reported, not written.
 //!
 //! WASI p1 commands keep their own pipes (stdout is the CGI response; stderr is logged when the
-//! command fails, see `invoke::run_cgi`).
+//! command fails, see `runtime::command`).
 //!
 //! The line splitting and the budget are sans-IO ([`LineSplitter`], [`LineBudget`]: fed bytes
 //! and time); [`GuestOutput`] is the shell wasmtime-wasi writes into.

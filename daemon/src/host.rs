@@ -22,7 +22,7 @@ pub struct GuestState {
     /// Calls from the guest into the host so far (imports and wasmtime's libcalls, the epoch
     /// check included), counted by a call hook on the stores of reused instances: a guest that
     /// made none but its epoch check between two interrupts spent that tick computing, not
-    /// serving (see `instances::BusyMark`).
+    /// serving (see `runtime::reused::BusyMark`).
     pub host_calls: u64,
 }
 

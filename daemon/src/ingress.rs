@@ -24,7 +24,7 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpStream;
 use tracing::Instrument;
 
-use crate::invoke::{ResponseBody, full_body, text_response};
+use crate::body::{ResponseBody, full_body, text_response};
 use crate::metrics::{self, OutcomeLabel};
 use crate::serving::Serving;
 

@@ -10,7 +10,7 @@
 //!   │     ├ push                   operator pushes      (shell) ─► push_session (sans-IO core)
 //!   │     └ peer_serving           answering peers      (shell + ServeSlots core)
 //!   ├─► sync                     fetching from peers   (shell) ─► policy (sans-IO core), fetch
-//!   ├─► housekeeping, epoch, notify
+//!   ├─► housekeeping, notify
 //!   │
 //!   ▼
 //! origin                         pulling published deployments from an OCI registry
@@ -19,22 +19,25 @@
 //! deployments                    admission, needed blobs, commit, activate/rollback/remove,
 //!   │                            holdings; emits events
 //!   ▼
-//! serving                        engine, live function set, admission, request metrics
+//! serving                        engine, live function set, admission, request metrics:
+//!   │                            admits a request, hands it to the function's runtime
 //!   ▼
-//! invoke, preflight              one request in one fresh instance (p1 CGI, wasi:http);
-//!                                `edged check-config`'s checks of the files a config names
+//! preflight                      `edged check-config`'s checks of the files a config names
 //!   ▼
-//! functions                      preparing and routing functions
+//! functions                      deploying, preparing and routing functions
 //!   ▼
-//! instances                      reused instances (every wasi:http 0.3 guest): the worker
-//!   │                            pool, deadlines, never reusing a faulted instance
+//! runtime                        how a function's guests run, one `Runtime` per function:
+//!   │                            command (p1 CGI), fresh (wasi:http 0.2 inline), reused
+//!   │                            (every wasi:http 0.3 guest: the worker pool, deadlines,
+//!   │                            never reusing a faulted instance)
 //!   ▼
 //! fault                          classifying guest faults
 //!   ▼
 //! host, metrics, events          guest state, linkers, memory cap; the registry; news
 //!   ▼
-//! pool, guest_output             the engine's pool fitted to this box's address space;
-//!                                guests' stdout/stderr as log lines, cut and rate-limited
+//! body, epoch, lock,             HTTP bodies (streamed, guarded, coalesced); the epoch clock;
+//! pool, guest_output             poison-safe locking; the engine's pool fitted to this box's
+//!                                address space; guests' stdout/stderr as log lines
 //! ```
 //!
 //! A module imports only modules below it in this picture (parts on one line import none of
@@ -42,6 +45,7 @@
 //! broadcasts commits, the control server sends [`events::PeerNews`] to sync over a channel, and
 //! reads sync's status through [`events::SyncStatusSource`].
 
+pub mod body;
 pub mod control;
 pub mod deployments;
 pub mod epoch;
@@ -52,13 +56,13 @@ pub mod guest_output;
 pub mod host;
 pub mod housekeeping;
 pub mod ingress;
-pub mod instances;
-pub mod invoke;
 pub mod lifecycle;
+pub mod lock;
 pub mod metrics;
 pub mod notify;
 pub mod origin;
 pub mod pool;
 pub mod preflight;
+pub mod runtime;
 pub mod serving;
 pub mod sync;

@@ -16,9 +16,9 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use edged_compiler::{EngineSettings, Target};
 use edged_node_config::NodeConfig;
-use edged_snapshots::{LoadPath, Manifest, Prepared, RestoreError, Restorer, Store};
+use edged_snapshots::{LoadPath, Manifest, RestoreError, Restorer, Store};
 use http::{Request, Response, StatusCode};
-use http_body_util::{BodyExt, Limited};
+use http_body_util::BodyExt;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -27,16 +27,16 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use tokio_util::task::TaskTracker;
 
+use crate::body::{BoxError, RequestBodyError, ResponseBody, StreamedBody, text_response};
+use crate::epoch::EpochClock;
 use crate::fault::Fault;
 use crate::functions::{
     Function, FunctionSet, prepare, prepare_declared, pushed_function_config, pushed_route,
 };
 use crate::host::{GuestState, linkers};
-use crate::instances::{
-    EpochClock, Guarded, InstanceEnv, InstanceMetrics, Instances, StreamedBody, coalesce,
-};
-use crate::invoke::{ResponseBody, Timing, instantiate_once, run_cgi, run_proxy, text_response};
+use crate::lock::lock;
 use crate::metrics::{FunctionLabel, latency_histogram};
+use crate::runtime::{Failure, InstanceEnv, InstanceMetrics};
 
 pub struct Serving {
     config: ArcSwap<NodeConfig>,
@@ -246,7 +246,9 @@ impl Serving {
             Ok(Err(e)) => return Err(unservable(format!("{e:#}"))),
             Err(e) => return Err(unservable(format!("preparing it panicked: {e}"))),
         };
-        instantiate_once(self.restorer.engine(), &function)
+        function
+            .runtime
+            .instantiate_once()
             .await
             .map_err(|fault| unservable(format!("instantiating it failed: {fault}")))?;
         lock(&self.unservable).remove(&id);
@@ -264,77 +266,80 @@ impl Serving {
 
     /// Serves one routed HTTP request: body cap, concurrency permit, the guest, metrics.
     /// Never fails: every problem is a status code.
-    pub async fn serve(
+    pub async fn serve<B>(
         &self,
         function: &Arc<Function>,
-        request: Request<hyper::body::Incoming>,
-    ) -> Response<ResponseBody> {
+        request: Request<B>,
+    ) -> Response<ResponseBody>
+    where
+        B: hyper::body::Body<Data = Bytes> + Send + Unpin + 'static,
+        B::Error: Into<BoxError>,
+    {
         let started = Instant::now();
-        let response = self.collect_and_run(function, request).await;
+        let response = self.admit_and_run(function, request).await;
         self.metrics
             .request_served(&function.config.name, response.status(), started.elapsed());
         response
     }
 
-    async fn collect_and_run(
+    /// The function's admission rules, then its runtime: a body declared over the cap is
+    /// refused before anything else, then a concurrency permit is taken, and the body streams
+    /// to the runtime under the cap and the node's body timeout (a client that trickles, or
+    /// stops sending, its body must not keep the permit).
+    async fn admit_and_run<B>(
         &self,
         function: &Arc<Function>,
-        request: Request<hyper::body::Incoming>,
-    ) -> Response<ResponseBody> {
+        request: Request<B>,
+    ) -> Response<ResponseBody>
+    where
+        B: hyper::body::Body<Data = Bytes> + Send + Unpin + 'static,
+        B::Error: Into<BoxError>,
+    {
         let limits = function.config.limits;
-        let declared = request
-            .headers()
-            .get(http::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|len| len > limits.max_body_bytes as u64) {
+        if request.body().size_hint().lower() > limits.max_body_bytes as u64 {
             return self.body_too_large(function);
         }
         let permit = match self.admit(function) {
             Ok(permit) => permit,
             Err(refusal) => return refusal,
         };
-        // A client that trickles (or stops sending) its body must not keep the permit.
         let body_timeout = self.config.load().body_timeout;
-        if let Some(instances) = &function.instances {
-            // The guest reads the body as it arrives (a streaming echo answers before the
-            // client has finished), within the same cap and timeout.
-            let request = request.map(|body| {
-                StreamedBody::new(body, limits.max_body_bytes, body_timeout).boxed_unsync()
-            });
-            return self.run_reused(function, instances, request, permit).await;
-        }
-        let (parts, body) = request.into_parts();
-        let collected = tokio::time::timeout(
-            body_timeout,
-            Limited::new(body, limits.max_body_bytes).collect(),
-        )
-        .await;
-        let Ok(collected) = collected else {
-            return self.reject(
+        let request = request.map(|body| {
+            StreamedBody::new(body, limits.max_body_bytes, body_timeout).boxed_unsync()
+        });
+        let in_flight = InFlight::enter(self.metrics.in_flight(&function.config.name));
+        let metrics = self.metrics.clone();
+        let for_done = function.clone();
+        // The permit and in-flight count are held until the guest is done with the request,
+        // which may be after the response head (streaming bodies).
+        let done = move |fault: Option<&Fault>| {
+            if let Some(fault) = fault {
+                metrics.fault(&for_done, fault);
+            }
+            drop((in_flight, permit));
+        };
+        match function
+            .runtime
+            .handle(request, done, &self.guest_tasks)
+            .await
+        {
+            Ok(response) => response,
+            Err(Failure::Body(RequestBodyError::Timeout)) => self.reject(
                 function,
                 "body_timeout",
                 StatusCode::REQUEST_TIMEOUT,
                 &format!("request body not received within {body_timeout:?}"),
-            );
-        };
-        let body = match collected {
-            Ok(collected) => collected.to_bytes(),
-            Err(e)
-                if e.downcast_ref::<http_body_util::LengthLimitError>()
-                    .is_some() =>
-            {
-                return self.body_too_large(function);
+            ),
+            Err(Failure::Body(RequestBodyError::TooLarge)) => self.body_too_large(function),
+            Err(Failure::Body(RequestBodyError::Failed(e))) => text_response(
+                StatusCode::BAD_REQUEST,
+                &format!("reading request body: {e}\n"),
+            ),
+            // Details stay in the log line; the client learns the kind only.
+            Err(Failure::Fault(fault)) => {
+                text_response(fault.status(), &format!("guest fault: {}\n", fault.kind()))
             }
-            Err(e) => {
-                return text_response(
-                    StatusCode::BAD_REQUEST,
-                    &format!("reading request body: {e}\n"),
-                );
-            }
-        };
-        self.run_guest(function, Request::from_parts(parts, body), permit)
-            .await
+        }
     }
 
     /// Runs one request against the function `name`, as `edgectl invoke` does: the status and
@@ -356,24 +361,9 @@ impl Serving {
             .method(method)
             .uri(path)
             .header(http::header::HOST, "localhost")
-            .body(Bytes::from(body))
+            .body(http_body_util::Full::new(Bytes::from(body)))
             .context("building the request")?;
-        let response = if request.body().len() > function.config.limits.max_body_bytes {
-            self.body_too_large(&function)
-        } else {
-            match (self.admit(&function), &function.instances) {
-                (Ok(permit), Some(instances)) => {
-                    let request = request.map(|body| {
-                        http_body_util::Full::new(body)
-                            .map_err(|never| match never {})
-                            .boxed_unsync()
-                    });
-                    self.run_reused(&function, instances, request, permit).await
-                }
-                (Ok(permit), None) => self.run_guest(&function, request, permit).await,
-                (Err(refusal), _) => refusal,
-            }
-        };
+        let response = self.admit_and_run(&function, request).await;
         let status = response.status().as_u16();
         let body = response
             .into_body()
@@ -421,90 +411,6 @@ impl Serving {
                 "function is at its concurrency limit",
             )
         })
-    }
-
-    /// Runs one request on the function's reused instances. The permit and in-flight count
-    /// travel with the response body: the guest may still be writing it.
-    async fn run_reused(
-        &self,
-        function: &Arc<Function>,
-        instances: &Instances,
-        request: Request<wasmtime_wasi_http::WasiBody>,
-        permit: tokio::sync::OwnedSemaphorePermit,
-    ) -> Response<ResponseBody> {
-        let in_flight = InFlight::enter(self.metrics.in_flight(&function.config.name));
-        let result = match instances.handle(request).await {
-            Ok(response) => coalesce(response).await,
-            Err(fault) => Err(fault),
-        };
-        match result {
-            Ok(response) => {
-                response.map(|body| Guarded::new(body, (in_flight, permit)).boxed_unsync())
-            }
-            Err(fault) => {
-                self.metrics.fault(function, &fault);
-                text_response(fault.status(), &format!("guest fault: {}\n", fault.kind()))
-            }
-        }
-    }
-
-    async fn run_guest(
-        &self,
-        function: &Arc<Function>,
-        request: Request<Bytes>,
-        permit: tokio::sync::OwnedSemaphorePermit,
-    ) -> Response<ResponseBody> {
-        let in_flight = InFlight::enter(self.metrics.in_flight(&function.config.name));
-        let engine = self.restorer.engine().clone();
-        let mut timing = Timing {
-            instantiate: Duration::ZERO,
-        };
-        let result = match function.prepared.as_ref() {
-            Prepared::Module(pre) => {
-                let result = run_cgi(&engine, function, pre, request, &mut timing).await;
-                if let Err(fault) = &result {
-                    self.metrics.fault(function, fault);
-                }
-                drop((in_flight, permit));
-                result
-            }
-            Prepared::Component(_) => {
-                let metrics = self.metrics.clone();
-                let function_for_done = function.clone();
-                // The permit and in-flight count are held until the guest ends, which may be
-                // after the response head (streaming bodies). Both are released when this
-                // closure is called or dropped, whatever path the request takes.
-                let on_done = move |fault: Option<Fault>| {
-                    if let Some(fault) = &fault {
-                        metrics.fault(&function_for_done, fault);
-                    }
-                    drop((in_flight, permit));
-                };
-                run_proxy(
-                    &engine,
-                    function,
-                    request,
-                    &mut timing,
-                    on_done,
-                    &self.guest_tasks,
-                )
-                .await
-            }
-        };
-        if timing.instantiate > Duration::ZERO {
-            let instances = self.metrics.instances(&function.config.name);
-            instances.created.inc();
-            instances
-                .instantiate_seconds
-                .observe(timing.instantiate.as_secs_f64());
-        }
-        match result {
-            Ok(response) => response,
-            // Details stay in the log line; the client learns the kind only.
-            Err(fault) => {
-                text_response(fault.status(), &format!("guest fault: {}\n", fault.kind()))
-            }
-        }
     }
 }
 
@@ -689,8 +595,4 @@ impl ServingMetrics {
             "guest fault: {fault}"
         );
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }

@@ -27,89 +27,51 @@ use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use edged_node_config::{FunctionConfig, InstancePolicy};
+use edged_compiler::GuestKind;
+use edged_node_config::InstancePolicy;
 use http::Response;
-use http_body_util::BodyExt;
-use hyper::body::{Body, Frame};
 use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::histogram::Histogram;
 use wasmtime::component::GuestTaskId;
-use wasmtime::{CallHook, Engine, Store, StoreContextMut, UpdateDeadline};
+use wasmtime::{CallHook, Store, StoreContextMut, UpdateDeadline};
 use wasmtime_wasi_http::WasiHttpView;
 use wasmtime_wasi_http::handler::{
     ExpirationError, HandlerState, Instance, InstantiationError, ProxyHandler, ProxyPre,
     ShouldAccept, WorkerExpiration, WorkerState, WorkerStatus,
 };
 
+use super::setup::GuestSetup;
+use crate::body::{ResponseBody, read_prefix};
+use crate::epoch::EpochClock;
 use crate::fault::Fault;
-use crate::guest_output::GuestOutput;
-use crate::host::{GuestState, OutboundPolicy, component_wasi};
-
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-/// What a function's instances report: how many were created, and how long each took.
-#[derive(Clone)]
-pub struct InstanceMetrics {
-    pub created: Counter,
-    /// Instances dropped because a guest faulted in them or overran a deadline.
-    pub discarded: Counter,
-    pub instantiate_seconds: Histogram,
-}
-
-/// What a function's instances need from the node besides the function itself.
-#[derive(Clone)]
-pub struct InstanceEnv {
-    pub metrics: InstanceMetrics,
-    /// The engine's epoch, counted: a guest interrupted at two ticks in a row held the CPU
-    /// between them.
-    pub epochs: EpochClock,
-}
-
-/// The engine's epoch as a number the node can read (wasmtime does not expose its own): the
-/// epoch ticker advances both together.
-#[derive(Clone, Default)]
-pub struct EpochClock(Arc<AtomicU64>);
-
-impl EpochClock {
-    /// Called by the ticker right after each `Engine::increment_epoch`.
-    pub fn tick(&self) {
-        self.0.fetch_add(1, Ordering::Relaxed);
-    }
-
-    fn now(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
-    }
-}
+use crate::host::{GuestState, component_wasi};
+use crate::lock::lock;
 
 /// A function's live instances.
 pub struct Instances {
     handler: ProxyHandler<Workers>,
+    guest: GuestKind,
 }
 
 impl Instances {
     pub fn new(
-        engine: Engine,
         pre: ProxyPre<GuestState>,
-        config: &FunctionConfig,
-        outbound: OutboundPolicy,
-        output: GuestOutput,
+        setup: GuestSetup,
+        guest: GuestKind,
         policy: InstancePolicy,
-        env: InstanceEnv,
     ) -> Instances {
         Instances {
             handler: ProxyHandler::new(Workers {
-                engine,
                 pre,
-                config: config.clone(),
-                outbound,
-                output,
+                setup,
                 policy,
-                metrics: env.metrics,
-                epochs: env.epochs,
                 waiting: Arc::new(AtomicUsize::new(0)),
             }),
+            guest,
         }
+    }
+
+    pub fn guest_kind(&self) -> GuestKind {
+        self.guest
     }
 
     pub fn policy(&self) -> InstancePolicy {
@@ -121,22 +83,35 @@ impl Instances {
     pub async fn instantiate_once(&self) -> Result<(), Fault> {
         let workers = self.handler.state();
         let mut store = workers
-            .new_store(BusyMark::new(workers.epochs.clone()))
+            .new_store(BusyMark::new(workers.setup.env.epochs.clone()))
             .map_err(|e| Fault::Host(format!("{e:#}")))?;
         workers
             .pre
             .instantiate_async(&mut store)
             .await
             .map(drop)
-            .map_err(|e| Fault::classify(e, workers.config.limits.timeout))
+            .map_err(|e| Fault::classify(e, workers.setup.config.limits.timeout))
     }
 
-    /// Runs `request` on an instance with room for it (a new one if none has).
+    /// Runs `request` on an instance with room for it (a new one if none has). A response that
+    /// finishes at once goes out in one piece (see [`crate::body::read_prefix`]).
     pub async fn handle(
         &self,
         request: http::Request<wasmtime_wasi_http::WasiBody>,
+    ) -> Result<Response<ResponseBody>, Fault> {
+        let response = self.run(request).await?;
+        let (parts, mut body) = response.into_parts();
+        let prefix = read_prefix(&mut body, std::future::pending())
+            .await
+            .map_err(|e| Fault::NoResponse(format!("response body failed: {e}")))?;
+        Ok(Response::from_parts(parts, prefix.then(body)))
+    }
+
+    async fn run(
+        &self,
+        request: http::Request<wasmtime_wasi_http::WasiBody>,
     ) -> Result<Response<wasmtime_wasi_http::WasiBody>, Fault> {
-        let timeout = self.handler.state().config.limits.timeout;
+        let timeout = self.handler.state().setup.config.limits.timeout;
         let outcome = Arc::new(RequestOutcome::queued(&self.handler.state().waiting));
         let result = self.handler.handle(outcome.clone(), request).await;
         // Taken, or refused before any instance took it.
@@ -246,14 +221,9 @@ impl Drop for RequestOutcome {
 
 /// The handler's state: how to make an instance of this function.
 struct Workers {
-    engine: Engine,
     pre: ProxyPre<GuestState>,
-    config: FunctionConfig,
-    outbound: OutboundPolicy,
-    output: GuestOutput,
+    setup: GuestSetup,
     policy: InstancePolicy,
-    metrics: InstanceMetrics,
-    epochs: EpochClock,
     /// Requests handed to the pool that no instance has taken yet.
     waiting: Arc<AtomicUsize>,
 }
@@ -266,10 +236,11 @@ impl Workers {
     /// hook (not by the host's views of the store: wasmtime's event loop uses those between the
     /// guest's yields too, which made a spinning guest look busy serving).
     fn new_store(&self, busy: BusyMark) -> anyhow::Result<Store<GuestState>> {
-        let limits = self.config.limits;
-        let ctx = component_wasi(&self.config, &self.output)?;
-        let state = GuestState::component(ctx, self.outbound.clone(), limits.memory_bytes);
-        let mut store = Store::new(&self.engine, state);
+        let setup = &self.setup;
+        let limits = setup.config.limits;
+        let ctx = component_wasi(&setup.config, &setup.output)?;
+        let state = GuestState::component(ctx, setup.outbound.clone(), limits.memory_bytes);
+        let mut store = Store::new(&setup.engine, state);
         store.limiter(|s| &mut s.limits);
         store.call_hook(|mut store, hook| {
             if let CallHook::CallingHost = hook {
@@ -297,36 +268,34 @@ impl HandlerState for Workers {
 
     async fn instantiate(&self) -> wasmtime::Result<Instance<GuestState, Expiry, Worker>> {
         let started = Instant::now();
-        let busy = BusyMark::new(self.epochs.clone());
+        let busy = BusyMark::new(self.setup.env.epochs.clone());
         let mut store = self
             .new_store(busy.clone())
             .map_err(wasmtime::Error::from_anyhow)?;
         let proxy = self.pre.instantiate_async(&mut store).await?;
-        self.metrics.created.inc();
-        self.metrics
-            .instantiate_seconds
-            .observe(started.elapsed().as_secs_f64());
+        self.setup.instance_created(started.elapsed());
+        let config = &self.setup.config;
         let timed_out = Arc::new(AtomicBool::new(false));
         Ok(Instance {
             store,
             proxy,
             view: <GuestState as WasiHttpView>::http,
             expiration: Expiry {
-                request_timeout: self.config.limits.timeout,
+                request_timeout: config.limits.timeout,
                 idle_timeout: self.policy.idle_timeout,
                 sleep: Box::pin(tokio::time::sleep(Duration::MAX / 4)),
                 timed_out: timed_out.clone(),
                 busy: busy.clone(),
                 waiting: self.waiting.clone(),
-                function: self.config.name.clone(),
+                function: config.name.clone(),
             },
             state: Worker {
                 policy: self.policy,
-                request_timeout: self.config.limits.timeout,
+                request_timeout: config.limits.timeout,
                 faulted: Arc::new(AtomicBool::new(false)),
                 timed_out,
                 busy,
-                discarded: self.metrics.discarded.clone(),
+                discarded: self.setup.env.metrics.discarded.clone(),
                 requests: Mutex::new(Vec::new()),
             },
         })
@@ -497,224 +466,6 @@ impl WorkerExpiration for Expiry {
     }
 }
 
-/// A request body read as the guest asks for it: capped at the function's limit, and cut when
-/// the whole body has not arrived within the node's body timeout (a trickling client must not
-/// hold an instance).
-pub struct StreamedBody<B> {
-    inner: http_body_util::Limited<B>,
-    limit: usize,
-    deadline: Pin<Box<tokio::time::Sleep>>,
-}
-
-impl<B> StreamedBody<B> {
-    pub fn new(inner: B, limit: usize, timeout: Duration) -> StreamedBody<B> {
-        StreamedBody {
-            inner: http_body_util::Limited::new(inner, limit),
-            limit,
-            deadline: Box::pin(tokio::time::sleep(timeout)),
-        }
-    }
-}
-
-impl<B> Body for StreamedBody<B>
-where
-    B: Body<Data = Bytes> + Unpin,
-    B::Error: Into<BoxError>,
-{
-    type Data = Bytes;
-    type Error = wasmtime_wasi_http::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        if self.deadline.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(Some(Err(wasmtime_wasi_http::Error::ConnectionReadTimeout)));
-        }
-        let limit = self.limit as u64;
-        Pin::new(&mut self.inner).poll_frame(cx).map_err(|e| {
-            if e.is::<http_body_util::LengthLimitError>() {
-                wasmtime_wasi_http::Error::HttpRequestBodySize(Some(limit))
-            } else {
-                tracing::debug!(error = %e, "request body failed");
-                wasmtime_wasi_http::Error::ConnectionTerminated
-            }
-        })
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-}
-
-/// A response body carrying `guard` until the body is done or dropped: the request's permit
-/// and in-flight count last as long as the guest may still be writing.
-pub struct Guarded<B, G> {
-    body: B,
-    _guard: G,
-}
-
-impl<B, G> Guarded<B, G> {
-    pub fn new(body: B, guard: G) -> Guarded<B, G> {
-        Guarded {
-            body,
-            _guard: guard,
-        }
-    }
-}
-
-impl<B: Body + Unpin, G: Unpin> Body for Guarded<B, G> {
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> hyper::body::SizeHint {
-        self.body.size_hint()
-    }
-}
-
-/// Response bodies a guest finishes within [`COALESCE_WAIT`] and [`COALESCE_LIMIT`] go out in
-/// one piece with a Content-Length (one write, one wake-up of the client); larger or slower
-/// ones stream as the guest writes them.
-pub const COALESCE_LIMIT: usize = 64 << 10;
-pub const COALESCE_WAIT: Duration = Duration::from_millis(1);
-
-/// `response` with its body in one piece if it completes within the coalescing limits, else
-/// with what was read so far followed by the rest. A body that fails before anything was sent
-/// is a fault, so the client still gets a clean 5xx.
-pub async fn coalesce(
-    response: Response<wasmtime_wasi_http::WasiBody>,
-) -> Result<Response<http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>>, Fault> {
-    let (parts, mut body) = response.into_parts();
-    let prefix = read_prefix(&mut body, std::future::pending())
-        .await
-        .map_err(|e| Fault::NoResponse(format!("response body failed: {e}")))?;
-    Ok(Response::from_parts(parts, prefix.then(body)))
-}
-
-/// The start of a response body, read within the coalescing limits.
-pub struct BodyPrefix {
-    frames: std::collections::VecDeque<Frame<Bytes>>,
-    buffered: usize,
-    /// The frames are the whole body.
-    complete: bool,
-}
-
-/// Reads the start of `body` until it ends, passes [`COALESCE_LIMIT`] bytes, meets trailers
-/// (they need the chunked encoding) or [`COALESCE_WAIT`] is up. Meanwhile `alongside` is polled
-/// until it ends: the inline p2 path drives its guest there, which writes the body.
-pub async fn read_prefix<B>(
-    body: &mut B,
-    alongside: impl Future<Output = ()>,
-) -> Result<BodyPrefix, B::Error>
-where
-    B: Body<Data = Bytes> + Unpin,
-{
-    let mut frames = std::collections::VecDeque::new();
-    let mut buffered = 0usize;
-    let wait = tokio::time::sleep(COALESCE_WAIT);
-    tokio::pin!(wait, alongside);
-    let mut alongside_ended = false;
-    let complete = loop {
-        if buffered > COALESCE_LIMIT {
-            break false;
-        }
-        let frame = tokio::select! {
-            biased;
-            frame = body.frame() => frame,
-            () = &mut alongside, if !alongside_ended => {
-                alongside_ended = true;
-                continue;
-            }
-            () = &mut wait => break false,
-        };
-        match frame {
-            None => break true,
-            Some(Ok(frame)) => {
-                if let Some(data) = frame.data_ref() {
-                    buffered += data.len();
-                }
-                let trailers = frame.is_trailers();
-                frames.push_back(frame);
-                if trailers {
-                    break false;
-                }
-            }
-            Some(Err(e)) => return Err(e),
-        }
-    };
-    Ok(BodyPrefix {
-        frames,
-        buffered,
-        complete,
-    })
-}
-
-impl BodyPrefix {
-    /// The response body: the prefix in one piece (so hyper sends a Content-Length) when it is
-    /// the whole body, else the prefix followed by the rest of `rest`.
-    pub fn then<B>(self, rest: B) -> http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>
-    where
-        B: Body<Data = Bytes> + Unpin + Send + 'static,
-        B::Error: Into<BoxError>,
-    {
-        if self.complete {
-            let mut bytes = bytes::BytesMut::with_capacity(self.buffered);
-            for frame in self.frames {
-                if let Ok(data) = frame.into_data() {
-                    bytes.extend_from_slice(&data);
-                }
-            }
-            return http_body_util::Full::new(bytes.freeze())
-                .map_err(|never| match never {})
-                .boxed_unsync();
-        }
-        PrefixedBody {
-            prefix: self.frames,
-            rest: rest.map_err(Into::into),
-        }
-        .boxed_unsync()
-    }
-}
-
-/// Frames already read from a body, then the rest of it.
-struct PrefixedBody<B> {
-    prefix: std::collections::VecDeque<Frame<Bytes>>,
-    rest: B,
-}
-
-impl<B> Body for PrefixedBody<B>
-where
-    B: Body<Data = Bytes> + Unpin,
-{
-    type Data = Bytes;
-    type Error = B::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        if let Some(frame) = self.prefix.pop_front() {
-            return Poll::Ready(Some(Ok(frame)));
-        }
-        Pin::new(&mut self.rest).poll_frame(cx)
-    }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -759,5 +510,82 @@ mod tests {
         }
         busy.interrupted(27);
         assert!(!busy.is_busy());
+    }
+
+    fn worker(requests: u32, concurrent: u32) -> (Worker, EpochClock) {
+        let clock = EpochClock::default();
+        let worker = Worker {
+            policy: InstancePolicy {
+                requests_per_instance: requests,
+                concurrent_per_instance: concurrent,
+                idle_timeout: Duration::from_secs(30),
+            },
+            request_timeout: Duration::from_secs(5),
+            faulted: Arc::new(AtomicBool::new(false)),
+            timed_out: Arc::new(AtomicBool::new(false)),
+            requests: Mutex::new(Vec::new()),
+            busy: BusyMark::new(clock.clone()),
+            discarded: Counter::default(),
+        };
+        (worker, clock)
+    }
+
+    fn accepts(worker: &Worker, concurrent: usize, total: usize) -> &'static str {
+        match worker.should_accept_request(concurrent, total) {
+            ShouldAccept::Yes => "yes",
+            ShouldAccept::No => "no",
+            ShouldAccept::Never => "never",
+        }
+    }
+
+    #[test]
+    fn an_instance_with_room_accepts_a_request() {
+        let (worker, _) = worker(1000, 4);
+        assert_eq!(accepts(&worker, 0, 0), "yes");
+        assert_eq!(accepts(&worker, 3, 999), "yes");
+    }
+
+    #[test]
+    fn an_instance_that_served_its_requests_accepts_none_ever_again() {
+        let (worker, _) = worker(10, 4);
+        assert_eq!(accepts(&worker, 0, 10), "never");
+        assert_eq!(accepts(&worker, 0, 11), "never");
+    }
+
+    #[test]
+    fn an_instance_at_its_concurrency_accepts_later() {
+        let (worker, _) = worker(1000, 2);
+        assert_eq!(accepts(&worker, 2, 5), "no");
+        assert_eq!(accepts(&worker, 1, 5), "yes");
+    }
+
+    #[test]
+    fn a_faulted_instance_accepts_nothing_more() {
+        let (worker, _) = worker(1000, 4);
+        worker.faulted.store(true, Ordering::SeqCst);
+        assert_eq!(accepts(&worker, 0, 1), "never");
+    }
+
+    #[test]
+    fn a_busy_guest_takes_no_request_until_it_goes_quiet() {
+        let (worker, clock) = worker(1000, 4);
+        clock.tick();
+        worker.busy.interrupted(1);
+        clock.tick();
+        worker.busy.interrupted(2);
+        assert_eq!(accepts(&worker, 0, 1), "no");
+        clock.tick();
+        clock.tick();
+        assert_eq!(accepts(&worker, 0, 1), "yes");
+    }
+
+    #[test]
+    fn the_requests_cap_outranks_a_busy_guest() {
+        let (worker, clock) = worker(3, 4);
+        clock.tick();
+        worker.busy.interrupted(1);
+        clock.tick();
+        worker.busy.interrupted(2);
+        assert_eq!(accepts(&worker, 0, 3), "never");
     }
 }
