@@ -1,6 +1,6 @@
 //! Why a request did not get a response from its guest, classified by the error's type: a
 //! wasmtime [`Trap`] code, WASI's exit status, the pool's capacity error, or the node's own
-//! [`GrowthRefused`] marker from the per-instance memory cap ([`crate::host::MemoryCap`]). Never by matching error text.
+//! [`GrowthRefused`] marker from the per-instance memory cap ([`crate::sandbox::MemoryCap`]). Never by matching error text.
 
 use std::time::Duration;
 
@@ -8,7 +8,7 @@ use http::StatusCode;
 use wasmtime::Trap;
 use wasmtime_wasi::I32Exit;
 
-use crate::host::{Growth, GrowthRefused};
+use crate::sandbox::{Growth, GrowthRefused};
 
 /// What a guest did wrong (or what the node could not give it), for one request.
 #[derive(Debug, Clone, thiserror::Error)]

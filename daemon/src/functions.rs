@@ -13,8 +13,8 @@ use edged_snapshots::{BlobKind, LoadPath, Manifest, Restorer, Store};
 use tokio::sync::Semaphore;
 
 use crate::guest_output::GuestOutput;
-use crate::host::{GuestState, OutboundPolicy};
 use crate::runtime::{GuestSetup, InstanceEnv, Runtime};
+use crate::sandbox::{GuestState, OutboundPolicy};
 
 /// One servable function: its configuration, its active deployment, and how its guests run.
 pub struct Function {

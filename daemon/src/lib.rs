@@ -33,10 +33,11 @@
 //!   ▼
 //! fault                          classifying guest faults
 //!   ▼
-//! host, metrics, events          guest state, linkers, memory cap; the registry; news
+//! sandbox, metrics, events       what a guest sees of the host (state, linkers, memory cap,
+//!                                capabilities); the metrics registry; news
 //!   ▼
 //! body, epoch, lock,             HTTP bodies (streamed, guarded, coalesced); the epoch clock;
-//! pool, guest_output             poison-safe locking; the engine's pool fitted to this box's
+//! pool_sizing, guest_output      poison-safe locking; the engine's pool fitted to this box's
 //!                                address space; guests' stdout/stderr as log lines
 //! ```
 //!
@@ -53,7 +54,6 @@ pub mod events;
 pub mod fault;
 pub mod functions;
 pub mod guest_output;
-pub mod host;
 pub mod housekeeping;
 pub mod ingress;
 pub mod lifecycle;
@@ -61,8 +61,9 @@ pub mod lock;
 pub mod metrics;
 pub mod notify;
 pub mod origin;
-pub mod pool;
+pub mod pool_sizing;
 pub mod preflight;
 pub mod runtime;
+pub mod sandbox;
 pub mod serving;
 pub mod sync;

@@ -10,7 +10,7 @@
 //!   them in `origin::RegistryOrigin::new`);
 //! - `state_dir` is a writable directory, or can be created (start opens the store there);
 //! - the engine's pool fits the address space this process can reserve (start probes it and
-//!   refuses an explicit `[engine]` pool that cannot fit: `pool`).
+//!   refuses an explicit `[engine]` pool that cannot fit: `pool_sizing`).
 //!
 //! Start stops at its first failure; this reports every problem, one line each. It looks and
 //! never writes: nothing is created, compiled or stored.
@@ -54,7 +54,7 @@ pub fn check(config: &NodeConfig) -> Vec<Problem> {
             reason,
         });
     }
-    if let Err(too_large) = crate::pool::check(config) {
+    if let Err(too_large) = crate::pool_sizing::check(config) {
         let reason = too_large.to_string();
         problems.push(Problem {
             subject: "[engine]".into(),

@@ -33,10 +33,10 @@ use crate::fault::Fault;
 use crate::functions::{
     Function, FunctionSet, prepare, prepare_declared, pushed_function_config, pushed_route,
 };
-use crate::host::{GuestState, linkers};
 use crate::lock::lock;
 use crate::metrics::{FunctionLabel, latency_histogram};
 use crate::runtime::{Failure, InstanceEnv, InstanceMetrics};
+use crate::sandbox::{GuestState, linkers};
 
 pub struct Serving {
     config: ArcSwap<NodeConfig>,
@@ -71,7 +71,7 @@ impl Serving {
                 .with_context(|| format!("opening the store in {}", config.state_dir.display()))?,
         );
         // The pool fitted to this box's address space, or refused naming what would fit.
-        let (engine, settings) = crate::pool::engine(&config)?;
+        let (engine, settings) = crate::pool_sizing::engine(&config)?;
         let linkers = linkers(&engine)?;
         let capacity = NonZeroUsize::new(config.cache_capacity).unwrap_or(NonZeroUsize::MIN);
         let engine_settings = settings.engine.clone();

@@ -21,10 +21,10 @@ const LAYERS: &[&[&str]] = &[
     &["functions"],
     &["runtime"],
     &["fault"],
-    &["host", "metrics", "events"],
+    &["sandbox", "metrics", "events"],
     // Bodies, the epoch clock, locking, sizing the engine's pool and the log guests write to
     // use no module.
-    &["body", "epoch", "lock", "guest_output", "pool"],
+    &["body", "epoch", "lock", "guest_output", "pool_sizing"],
 ];
 
 /// The pictures inside directory modules, highest first: `mod` is the directory's `mod.rs`

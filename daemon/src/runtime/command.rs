@@ -14,7 +14,7 @@ use wasmtime_wasi::p2::pipe::{MemoryInputPipe, MemoryOutputPipe};
 use super::setup::{GuestSetup, fresh_store};
 use crate::body::{ResponseBody, full_body};
 use crate::fault::Fault;
-use crate::host::{GuestState, wasi_builder};
+use crate::sandbox::{GuestState, wasi_builder};
 
 /// Largest CGI response a p1 guest may write to stdout.
 const MAX_CGI_OUTPUT: usize = 16 << 20;

@@ -18,7 +18,7 @@ use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 use super::setup::{GuestSetup, fresh_store};
 use crate::body::{ResponseBody, read_prefix};
 use crate::fault::Fault;
-use crate::host::{GuestState, component_wasi};
+use crate::sandbox::{GuestState, component_wasi};
 
 /// A p2 component's fresh-instance runtime: its typed `wasi:http/proxy` view.
 pub struct FreshComponent {

@@ -31,7 +31,7 @@ use wasmtime_wasi_http::handler::ProxyPre as Handler;
 
 use crate::body::{Guarded, RequestBody, RequestBodyError, ResponseBody};
 use crate::fault::Fault;
-use crate::host::GuestState;
+use crate::sandbox::GuestState;
 
 pub use reused::Instances;
 pub use setup::{GuestSetup, InstanceEnv, InstanceMetrics};

@@ -43,8 +43,8 @@ use super::setup::GuestSetup;
 use crate::body::{ResponseBody, read_prefix};
 use crate::epoch::EpochClock;
 use crate::fault::Fault;
-use crate::host::{GuestState, component_wasi};
 use crate::lock::lock;
+use crate::sandbox::{GuestState, component_wasi};
 
 /// A function's live instances.
 pub struct Instances {

@@ -10,7 +10,7 @@ use wasmtime::{Engine, Store, UpdateDeadline};
 
 use crate::epoch::EpochClock;
 use crate::guest_output::GuestOutput;
-use crate::host::{GuestState, OutboundPolicy};
+use crate::sandbox::{GuestState, OutboundPolicy};
 
 /// What a function's instances report: how many were created, and how long each took.
 #[derive(Clone)]
