@@ -19,5 +19,5 @@ pub mod transport;
 pub mod verified;
 pub mod wire;
 
-pub use identity::{FleetIdentity, Role};
+pub use identity::{Congestion, FleetIdentity, Role};
 pub use signing::{SignedManifest, TrustedKeys};

@@ -18,6 +18,9 @@ use crate::deployments::Deployments;
 
 /// A peer that stops reading for this long loses its slot.
 const SERVE_STALL: Duration = Duration::from_secs(15);
+/// How long the last bytes of a blob (at most one send window) may take to be acknowledged:
+/// 8 MiB at 1 Mbit/s is ~67 s, so a slow but live peer keeps its slot.
+const DELIVERY_WAIT: Duration = Duration::from_secs(120);
 
 /// Which peer each blob is being served to, sans-IO.
 pub struct ServeSlots {
@@ -248,6 +251,28 @@ impl PeerServing {
             self.metrics.served_bytes.inc_by(chunk.len() as u64);
         }
         send.finish()?;
+        // The slot is held until the peer has the bytes, not until quinn has buffered them: on
+        // a slow link, freeing it at the buffer would grant every fetcher at once (and hold
+        // every one's buffered copy in this node's memory). The send window bounds what is
+        // buffered unacknowledged, so this waits at most for one window to drain.
+        tokio::select! {
+            stopped = tokio::time::timeout(DELIVERY_WAIT, send.stopped()) => match stopped {
+                Ok(Ok(None)) => {}
+                // A fetcher that has read its slice may drop its end before it sees the end of
+                // the stream: it stopped reading, so the slot is free either way.
+                Ok(Ok(Some(code))) => {
+                    tracing::debug!(blob = %hash, %code, "peer stopped the stream after the slice")
+                }
+                Ok(Err(e)) => bail!("delivering blob {hash}: {e}"),
+                Err(_) => bail!(
+                    "peer acknowledged nothing of blob {hash}'s last bytes for {DELIVERY_WAIT:?}; \
+                     serving it abandoned"
+                ),
+            },
+            () = slot.cancel.cancelled() => {
+                bail!("serving blob {hash} superseded by a newer request from the same peer")
+            }
+        }
         self.metrics.blobs_served.inc();
         Ok(())
     }
