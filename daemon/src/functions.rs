@@ -129,9 +129,36 @@ pub fn ensure_deployed(
     engine: &EngineSettings,
     function: &FunctionConfig,
 ) -> Result<Manifest> {
-    if !function.middleware.is_empty() {
-        return ensure_chain_deployed(store, engine, function);
+    let manifest = if function.middleware.is_empty() {
+        single_manifest(store, engine, function)?
+    } else {
+        chain_manifest(store, engine, function)?
+    };
+    if store.active_version(&manifest.name)? != Some(manifest.version) {
+        store.activate(&manifest.name, manifest.version)?;
     }
+    Ok(manifest)
+}
+
+/// The next version of a deployment whose stored versions are `versions`, and now (Unix
+/// seconds) as its creation time.
+fn next_version(versions: &[Manifest]) -> (u64, u64) {
+    let version = versions.iter().map(|m| m.version).max().unwrap_or(0) + 1;
+    let created_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    (version, created_at)
+}
+
+/// [`ensure_deployed`]'s manifest for a function without middleware: a stored version built
+/// from the same bytes with the same init setting (its source repaired if damaged), else a new
+/// version compiled and stored.
+fn single_manifest(
+    store: &Store,
+    engine: &EngineSettings,
+    function: &FunctionConfig,
+) -> Result<Manifest> {
     let input = std::fs::read(&function.wasm)
         .with_context(|| format!("reading {}", function.wasm.display()))?;
     let (_, binary) = edged_compiler::to_binary(&input)
@@ -151,27 +178,20 @@ pub fn ensure_deployed(
             let options = host_compile_options(function, engine)?;
             let compiled = edged_compiler::compile(&binary, &options)
                 .with_context(|| format!("compiling {}", function.wasm.display()))?;
-            let version = versions.iter().map(|m| m.version).max().unwrap_or(0) + 1;
-            let created_at = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0);
+            let (version, created_at) = next_version(&versions);
             let manifest = Manifest::from_compiled(&function.name, version, created_at, &compiled);
             store.put_compiled(&compiled, &manifest)?;
             tracing::info!(function = %function.name, version, "compiled and stored");
             manifest
         }
     };
-    if store.active_version(&manifest.name)? != Some(manifest.version) {
-        store.activate(&manifest.name, manifest.version)?;
-    }
     Ok(manifest)
 }
 
-/// [`ensure_deployed`] for a function with `middleware`: reuses a stored version composed from
+/// [`ensure_deployed`]'s manifest for a function with `middleware`: reuses a stored version composed from
 /// the same parts (by content, in the same order) with the same init setting whose composite is
 /// intact, else composes, compiles and stores a new version (the parts as source blobs).
-fn ensure_chain_deployed(
+fn chain_manifest(
     store: &Store,
     engine: &EngineSettings,
     function: &FunctionConfig,
@@ -229,11 +249,7 @@ fn ensure_chain_deployed(
             for warning in &compiled.warnings {
                 tracing::warn!(function = %function.name, "{warning}");
             }
-            let version = versions.iter().map(|m| m.version).max().unwrap_or(0) + 1;
-            let created_at = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0);
+            let (version, created_at) = next_version(&versions);
             let manifest = Manifest::from_chain(
                 &function.name,
                 version,
@@ -246,9 +262,6 @@ fn ensure_chain_deployed(
             manifest
         }
     };
-    if store.active_version(&manifest.name)? != Some(manifest.version) {
-        store.activate(&manifest.name, manifest.version)?;
-    }
     Ok(manifest)
 }
 
