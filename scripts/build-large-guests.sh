@@ -59,11 +59,22 @@ fi
 # --- WIT ---------------------------------------------------------------------------------------
 # The wasi:* WIT comes from the wasmtime-wasi-http crate the daemon is built with (Cargo.lock
 # pins it), so the guests import the WASI version edged links; it is copied, not committed.
-wasi_http_manifest=$(cd "$root" && cargo metadata --format-version 1 --offline 2>/dev/null |
+# `--filter-platform` keeps cargo to the crates this host builds (the build already fetched
+# them): without it cargo needs every platform's crates in Cargo.lock, which a fresh cargo home
+# does not hold (and an offline run then fails); with it, a missing crate is downloaded.
+host_triple=$(rustc -vV | sed -n 's/^host: //p')
+metadata_err=$(mktemp)
+wasi_http_manifest=$(cd "$root" && cargo metadata --format-version 1 --locked --filter-platform "$host_triple" 2>"$metadata_err" |
   python3 -c 'import json, sys
 m = json.load(sys.stdin)
-print(next(p["manifest_path"] for p in m["packages"] if p["name"] == "wasmtime-wasi-http"))') ||
-  { echo "build-large-guests: cannot find the wasmtime-wasi-http crate (run cargo fetch in $root)" >&2; exit 1; }
+print(next(p["manifest_path"] for p in m["packages"] if p["name"] == "wasmtime-wasi-http"))' 2>/dev/null) || {
+  echo "build-large-guests: cannot find the wasmtime-wasi-http crate's WIT through cargo metadata:" >&2
+  sed 's/^/  /' "$metadata_err" >&2
+  echo "  (it needs the crates of $host_triple: build edged first, or run cargo fetch with network)" >&2
+  rm -f "$metadata_err"
+  exit 1
+}
+rm -f "$metadata_err"
 wasi_wit="$(dirname "$wasi_http_manifest")/wit/deps"
 wit="$cache/wit"
 if ! diff -rq "$wasi_wit" "$wit/deps" >/dev/null 2>&1 || ! cmp -s "$src/wit/world.wit" "$wit/world.wit"; then
