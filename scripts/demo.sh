@@ -2,12 +2,25 @@
 # The main job on a fresh machine: build edged (release), start a node on the embedded dev
 # default config, push the sample functions to it over QUIC, request them, and print the
 # cold-start and HTTP figures.
+#
+# Usage: scripts/demo.sh [--no-bench]   (--no-bench: everything but the figures, a few minutes)
 set -euo pipefail
+bench=1
+for arg in "$@"; do
+  case "$arg" in
+    --no-bench) bench=0 ;;
+    *) echo "usage: scripts/demo.sh [--no-bench]" >&2; exit 2 ;;
+  esac
+done
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 scripts/install-wasm-targets.sh
 scripts/build-guests.sh
-cargo build --release --locked -p edged -p edgectl -p bench
+if [ "$bench" = 1 ]; then
+  cargo build --release --locked -p edged -p edgectl -p bench
+else
+  cargo build --release --locked -p edged -p edgectl
+fi
 # target/, or wherever CARGO_TARGET_DIR (or a cargo config) puts builds.
 target=$(scripts/target-dir.sh)
 edged="$target/release/edged"
@@ -57,6 +70,12 @@ curl -sS "$addr/metrics" | grep '^edged_requests_total'
 kill -TERM $edged_pid
 wait $edged_pid || true
 trap - EXIT
+
+if [ "$bench" = 0 ]; then
+  echo
+  echo "== done (--no-bench: figures skipped)"
+  exit 0
+fi
 
 echo
 echo "== cold-start and HTTP figures"
