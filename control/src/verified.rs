@@ -175,6 +175,107 @@ pub fn receive_slice(
     Ok(())
 }
 
+/// The unit in which blobs move between nodes when they swarm: 256 Bao chunks. Each piece is
+/// fetched as its own Bao slice, verified against the blob's signed BLAKE3 hash on arrival, and
+/// may be served to other nodes from then on, before the blob is whole.
+pub const PIECE: u64 = 256 * CHUNK;
+
+/// How many pieces a blob of `size` bytes has (an empty blob has one, empty).
+pub fn piece_count(size: u64) -> u32 {
+    size.div_ceil(PIECE).max(1) as u32
+}
+
+/// Byte range `(start, len)` of piece `index` of a blob of `size` bytes; the last is shorter.
+pub fn piece_range(size: u64, index: u32) -> (u64, u64) {
+    let start = (index as u64 * PIECE).min(size);
+    (start, (size - start).min(PIECE))
+}
+
+/// A whole blob's Bao tree, built once (one pass over the blob) and kept while the blob is
+/// served piecewise: each piece's slice is then extracted without hashing the blob again.
+pub struct PieceSource<B: AsRef<[u8]>> {
+    blob: B,
+    outboard: Vec<u8>,
+}
+
+impl<B: AsRef<[u8]>> PieceSource<B> {
+    /// Refuses a blob that does not hash to `hash`: a node never knowingly serves a damaged
+    /// copy.
+    pub fn checked(blob: B, hash: &str) -> Result<PieceSource<B>, VerifyError> {
+        let expected = parse_hash(hash)?;
+        let (outboard, actual) = bao::encode::outboard(blob.as_ref());
+        if actual != expected {
+            return Err(VerifyError::BadChunk {
+                hash: hash.to_string(),
+                offset: 0,
+            });
+        }
+        Ok(PieceSource { blob, outboard })
+    }
+
+    pub fn size(&self) -> u64 {
+        self.blob.as_ref().len() as u64
+    }
+
+    /// Bytes kept besides the blob itself (the tree: about 6 % of the blob).
+    pub fn tree_bytes(&self) -> usize {
+        self.outboard.len()
+    }
+
+    /// The Bao slice of piece `index`: what a node sends a peer that asked for that piece.
+    pub fn piece_slice(&self, index: u32) -> io::Result<Vec<u8>> {
+        let (start, len) = piece_range(self.size(), index);
+        let mut extractor = bao::encode::SliceExtractor::new_outboard(
+            Cursor::new(self.blob.as_ref()),
+            Cursor::new(&self.outboard[..]),
+            start,
+            len,
+        );
+        let mut slice = Vec::with_capacity(len as usize + len as usize / 16 + 1024);
+        extractor.read_to_end(&mut slice)?;
+        Ok(slice)
+    }
+}
+
+/// Verifies the Bao slice of piece `index` of blob `hash` (`size` bytes, as its manifest says)
+/// and returns the piece's content. Nothing of a slice counts unless all of it verifies.
+pub fn verify_piece(
+    slice: &[u8],
+    hash: &str,
+    size: u64,
+    index: u32,
+) -> Result<Vec<u8>, VerifyError> {
+    let expected = parse_hash(hash)?;
+    if index >= piece_count(size) {
+        return Err(VerifyError::BadStart {
+            hash: hash.to_string(),
+            start: index as u64 * PIECE,
+            size,
+        });
+    }
+    let (start, len) = piece_range(size, index);
+    let mut decoder = bao::decode::SliceDecoder::new(slice, &expected, start, len);
+    let mut content = Vec::with_capacity(len as usize);
+    match decoder.read_to_end(&mut content) {
+        Ok(_) if content.len() as u64 == len => Ok(content),
+        Ok(_) => Err(VerifyError::Truncated {
+            hash: hash.to_string(),
+            offset: start + content.len() as u64,
+            size,
+        }),
+        Err(e) if e.kind() == io::ErrorKind::InvalidData => Err(VerifyError::BadChunk {
+            hash: hash.to_string(),
+            offset: start + content.len() as u64 / CHUNK * CHUNK,
+        }),
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Err(VerifyError::Truncated {
+            hash: hash.to_string(),
+            offset: start + content.len() as u64,
+            size,
+        }),
+        Err(e) => Err(e.into()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -297,5 +398,65 @@ mod tests {
             "{err}"
         );
         assert_eq!(std::fs::metadata(dir.path().join("q")).unwrap().len(), 0);
+    }
+
+    #[test]
+    fn pieces_cover_a_blob_and_the_last_is_shorter() {
+        let size = 2 * PIECE + 5000;
+        assert_eq!(piece_count(size), 3);
+        assert_eq!(piece_range(size, 0), (0, PIECE));
+        assert_eq!(piece_range(size, 2), (2 * PIECE, 5000));
+        assert_eq!(piece_count(0), 1);
+        assert_eq!(piece_range(0, 0), (0, 0));
+        assert_eq!(piece_count(PIECE), 1);
+    }
+
+    #[test]
+    fn every_piece_verifies_on_its_own_and_rebuilds_the_blob() {
+        let data = blob((3 * PIECE + 1234) as usize);
+        let hash = blake3::hash(&data).to_hex().to_string();
+        let source = PieceSource::checked(&data[..], &hash).unwrap();
+        let mut rebuilt = Vec::new();
+        // In any order: a piece needs nothing but its own slice and the signed hash.
+        for index in [3, 1, 0, 2] {
+            let slice = source.piece_slice(index).unwrap();
+            let content = verify_piece(&slice, &hash, data.len() as u64, index).unwrap();
+            let (start, len) = piece_range(data.len() as u64, index);
+            assert_eq!(content, &data[start as usize..(start + len) as usize]);
+            rebuilt.push((index, content));
+        }
+        rebuilt.sort_by_key(|(i, _)| *i);
+        let whole: Vec<u8> = rebuilt.into_iter().flat_map(|(_, c)| c).collect();
+        assert_eq!(whole, data);
+        assert!(source.tree_bytes() < data.len() / 10);
+    }
+
+    #[test]
+    fn a_flipped_byte_or_a_foreign_piece_is_refused() {
+        let data = blob((2 * PIECE) as usize);
+        let size = data.len() as u64;
+        let hash = blake3::hash(&data).to_hex().to_string();
+        let source = PieceSource::checked(&data[..], &hash).unwrap();
+        let mut slice = source.piece_slice(1).unwrap();
+        let at = slice.len() / 2;
+        slice[at] ^= 1;
+        assert!(matches!(
+            verify_piece(&slice, &hash, size, 1),
+            Err(VerifyError::BadChunk { .. })
+        ));
+        // Piece 0's slice offered as piece 1.
+        let other = source.piece_slice(0).unwrap();
+        assert!(verify_piece(&other, &hash, size, 1).is_err());
+        // Cut short.
+        let whole = source.piece_slice(1).unwrap();
+        assert!(matches!(
+            verify_piece(&whole[..whole.len() - 10], &hash, size, 1),
+            Err(VerifyError::Truncated { .. })
+        ));
+        // A damaged copy is never served.
+        let mut damaged = data.clone();
+        damaged[5] ^= 1;
+        assert!(PieceSource::checked(&damaged[..], &hash).is_err());
+        assert!(verify_piece(&whole, &hash, size, 9).is_err());
     }
 }
