@@ -13,8 +13,9 @@
 //!   ├─► housekeeping, notify
 //!   │
 //!   ▼
-//! origin                         pulling published deployments from an OCI registry
-//!   │                            (control's deploy and sync's last resort both use it)
+//! origin, pieces                 pulling published deployments from an OCI registry
+//!   │                            (control's deploy and sync's last resort both use it); a
+//!   │                            blob fetched piecewise on disk (sync keeps, control serves)
 //!   ▼
 //! deployments                    admission, needed blobs, commit, activate/rollback/remove,
 //!   │                            holdings; emits events
@@ -61,6 +62,7 @@ pub mod lock;
 pub mod metrics;
 pub mod notify;
 pub mod origin;
+pub mod pieces;
 pub mod pool_sizing;
 pub mod preflight;
 pub mod runtime;

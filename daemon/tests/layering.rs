@@ -12,8 +12,9 @@ use std::path::Path;
 const LAYERS: &[&[&str]] = &[
     &["lifecycle"],
     &["ingress", "control", "sync", "housekeeping", "notify"],
-    // The registry origin: control (deploy) and sync (last resort) both pull through it.
-    &["origin"],
+    // The registry origin: control (deploy) and sync (last resort) both pull through it; the
+    // pieces of a blob being fetched, which sync keeps and control serves to peers.
+    &["origin", "pieces"],
     &["deployments"],
     &["serving"],
     // preflight (`edged check-config`) may use what functions and hosts use, nothing above.
