@@ -9,6 +9,7 @@
 
 use std::collections::VecDeque;
 use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -49,6 +50,7 @@ pub struct StreamedBody<B> {
     inner: http_body_util::Limited<B>,
     limit: usize,
     deadline: Pin<Box<tokio::time::Sleep>>,
+    refusal: BodyRefusal,
 }
 
 impl<B> StreamedBody<B> {
@@ -57,7 +59,79 @@ impl<B> StreamedBody<B> {
             inner: http_body_util::Limited::new(inner, limit),
             limit,
             deadline: Box::pin(tokio::time::sleep(timeout)),
+            refusal: BodyRefusal::default(),
         }
+    }
+
+    /// Set once the body is over its cap or late: the response to it must not end as a success.
+    pub fn refusal(&self) -> BodyRefusal {
+        self.refusal.clone()
+    }
+}
+
+/// Whether a request body was refused (over its cap, or not in within the body timeout) while a
+/// guest was reading it. A guest may already have answered by then (a streaming echo), so the
+/// node makes sure that answer does not end like a complete response (see [`CutOnRefusal`]).
+#[derive(Clone, Default)]
+pub struct BodyRefusal(Arc<OnceLock<RequestBodyError>>);
+
+impl BodyRefusal {
+    fn set(&self, error: RequestBodyError) {
+        let _ = self.0.set(error);
+    }
+
+    pub fn get(&self) -> Option<&RequestBodyError> {
+        self.0.get()
+    }
+}
+
+/// A response body that fails as soon as its request's body was refused, so hyper closes the
+/// connection instead of ending the response: the client sees a broken response, never a
+/// complete success built on a cut request.
+pub struct CutOnRefusal<B> {
+    body: B,
+    refusal: BodyRefusal,
+}
+
+impl<B> CutOnRefusal<B> {
+    pub fn new(body: B, refusal: BodyRefusal) -> CutOnRefusal<B> {
+        CutOnRefusal { body, refusal }
+    }
+}
+
+impl<B> Body for CutOnRefusal<B>
+where
+    B: Body<Data = Bytes, Error = BoxError> + Unpin,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let cut = |refusal: &RequestBodyError| -> BoxError {
+            format!("the request body was refused ({refusal:?}); response cut").into()
+        };
+        if let Some(refusal) = self.refusal.get() {
+            return Poll::Ready(Some(Err(cut(refusal))));
+        }
+        match Pin::new(&mut self.body).poll_frame(cx) {
+            // The guest ended its answer: a refusal by then still means the answer is not whole.
+            Poll::Ready(None) => match self.refusal.get() {
+                Some(refusal) => Poll::Ready(Some(Err(cut(refusal)))),
+                None => Poll::Ready(None),
+            },
+            other => other,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.refusal.get().is_none() && self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
     }
 }
 
@@ -74,11 +148,14 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         if self.deadline.as_mut().poll(cx).is_ready() {
+            self.refusal.set(RequestBodyError::Timeout);
             return Poll::Ready(Some(Err(wasmtime_wasi_http::Error::ConnectionReadTimeout)));
         }
         let limit = self.limit as u64;
+        let refusal = self.refusal.clone();
         Pin::new(&mut self.inner).poll_frame(cx).map_err(|e| {
             if e.is::<http_body_util::LengthLimitError>() {
+                refusal.set(RequestBodyError::TooLarge);
                 wasmtime_wasi_http::Error::HttpRequestBodySize(Some(limit))
             } else {
                 tracing::debug!(error = %e, "request body failed");
@@ -290,5 +367,25 @@ mod tests {
             panic!("a body over its cap was read whole")
         };
         assert_eq!(RequestBodyError::of(&error), RequestBodyError::TooLarge);
+    }
+
+    #[tokio::test]
+    async fn an_answer_to_a_refused_body_never_ends_as_a_success() {
+        let streamed = StreamedBody::new(
+            Full::new(Bytes::from(vec![0u8; 100])),
+            10,
+            Duration::from_secs(5),
+        );
+        let refusal = streamed.refusal();
+        assert!(refusal.get().is_none());
+        // The guest answered before it read the body...
+        let answer = CutOnRefusal::new(full_body("echo"), refusal.clone());
+        // ...then read past the cap.
+        assert!(streamed.collect().await.is_err());
+        assert_eq!(refusal.get(), Some(&RequestBodyError::TooLarge));
+        assert!(answer.collect().await.is_err(), "the answer must be cut");
+        // An answer to a body that was not refused is untouched.
+        let fine = CutOnRefusal::new(full_body("ok"), BodyRefusal::default());
+        assert_eq!(fine.collect().await.unwrap().to_bytes(), "ok");
     }
 }

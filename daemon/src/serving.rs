@@ -27,7 +27,9 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use tokio_util::task::TaskTracker;
 
-use crate::body::{BoxError, RequestBodyError, ResponseBody, StreamedBody, text_response};
+use crate::body::{
+    BoxError, CutOnRefusal, RequestBodyError, ResponseBody, StreamedBody, text_response,
+};
 use crate::epoch::EpochClock;
 use crate::fault::Fault;
 use crate::functions::{
@@ -304,9 +306,10 @@ impl Serving {
             Err(refusal) => return refusal,
         };
         let body_timeout = self.config.load().body_timeout;
-        let request = request.map(|body| {
-            StreamedBody::new(body, limits.max_body_bytes, body_timeout).boxed_unsync()
-        });
+        let (parts, body) = request.into_parts();
+        let body = StreamedBody::new(body, limits.max_body_bytes, body_timeout);
+        let refusal = body.refusal();
+        let request = Request::from_parts(parts, body.boxed_unsync());
         let in_flight = InFlight::enter(self.metrics.in_flight(&function.config.name));
         let metrics = self.metrics.clone();
         let for_done = function.clone();
@@ -318,25 +321,36 @@ impl Serving {
             }
             drop((in_flight, permit));
         };
-        match function
+        let handled = function
             .runtime
             .handle(request, done, &self.guest_tasks)
-            .await
-        {
-            Ok(response) => response,
-            Err(Failure::Body(RequestBodyError::Timeout)) => self.reject(
+            .await;
+        let failure = match handled {
+            // A guest that answered a body it could not read whole is a refusal: at once when
+            // it is known before the head goes out, else the answer is cut (never a 200 that
+            // ends like a complete response).
+            Ok(response) => match refusal.get() {
+                Some(refused) => Failure::Body(refused.clone()),
+                None => {
+                    return response.map(|body| CutOnRefusal::new(body, refusal).boxed_unsync());
+                }
+            },
+            Err(failure) => failure,
+        };
+        match failure {
+            Failure::Body(RequestBodyError::Timeout) => self.reject(
                 function,
                 "body_timeout",
                 StatusCode::REQUEST_TIMEOUT,
                 &format!("request body not received within {body_timeout:?}"),
             ),
-            Err(Failure::Body(RequestBodyError::TooLarge)) => self.body_too_large(function),
-            Err(Failure::Body(RequestBodyError::Failed(e))) => text_response(
+            Failure::Body(RequestBodyError::TooLarge) => self.body_too_large(function),
+            Failure::Body(RequestBodyError::Failed(e)) => text_response(
                 StatusCode::BAD_REQUEST,
                 &format!("reading request body: {e}\n"),
             ),
             // Details stay in the log line; the client learns the kind only.
-            Err(Failure::Fault(fault)) => {
+            Failure::Fault(fault) => {
                 text_response(fault.status(), &format!("guest fault: {}\n", fault.kind()))
             }
         }

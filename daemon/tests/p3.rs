@@ -36,6 +36,12 @@ wasm = {echo}
 route = "/echo"
 
 [[function]]
+name = "echo-small"
+wasm = {echo}
+route = "/echo-small"
+limits = {{ max_body_kib = 16 }}
+
+[[function]]
 name = "heavy"
 wasm = {heavy}
 route = "/heavy"
@@ -84,6 +90,7 @@ instances = {{ requests = 3 }}
 
     // The echo streams: its answer to the first chunk arrives while the request is still open.
     echo_streams_while_the_request_is_open(&edged);
+    a_chunked_body_over_the_cap_never_gets_a_complete_answer(&edged);
 
     // p3's default policy reuses one instance; `requests = 1` never does; `requests = 3`
     // retires an instance after its third request.
@@ -157,6 +164,59 @@ fn echo_streams_while_the_request_is_open(edged: &Edged) {
         seen.extend_from_slice(&buf[..n]);
     }
     assert!(String::from_utf8_lossy(&seen).contains("second"));
+}
+
+/// A chunked body (no Content-Length to refuse up front) over the function's cap, to a guest
+/// that streams its answer: whatever the guest already sent, the answer must not end like a
+/// complete response (413, or the connection closed before the last chunk).
+fn a_chunked_body_over_the_cap_never_gets_a_complete_answer(edged: &Edged) {
+    let mut socket = TcpStream::connect(edged.addr).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    socket
+        .write_all(
+            b"POST /echo-small HTTP/1.1\r\nhost: localhost\r\ntransfer-encoding: chunked\r\n\r\n",
+        )
+        .unwrap();
+    let chunk = [b'z'; 1024];
+    for _ in 0..64 {
+        // The node may close the connection under us: that is one of the right answers.
+        if socket.write_all(b"400\r\n").is_err()
+            || socket.write_all(&chunk).is_err()
+            || socket.write_all(b"\r\n").is_err()
+        {
+            break;
+        }
+    }
+    let _ = socket.write_all(b"0\r\n\r\n");
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        match socket.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => seen.extend_from_slice(&buf[..n]),
+        }
+        let text = String::from_utf8_lossy(&seen);
+        if text.starts_with("HTTP/1.1 413") || text.ends_with("0\r\n\r\n") {
+            break;
+        }
+    }
+    let text = String::from_utf8_lossy(&seen);
+    let refused = text.starts_with("HTTP/1.1 413");
+    // A success status may have gone out before the cap was reached; the answer must then be
+    // cut: chunked (a Content-Length would make it whole) and without its last chunk.
+    let head = text
+        .split("\r\n\r\n")
+        .next()
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    let cut = head.contains("transfer-encoding: chunked") && !text.ends_with("0\r\n\r\n");
+    assert!(
+        refused || cut,
+        "a body over the cap got a complete answer: {}",
+        &text[..text.len().min(300)]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
