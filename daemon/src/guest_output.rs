@@ -8,8 +8,9 @@
 //! lines or terminal sequences), and a function gets [`BURST`] lines at once and
 //! [`LINES_PER_SECOND`] after that; what is over is counted and reported, not written.
 //!
-//! WASI p1 commands keep their own pipes (stdout is the CGI response; stderr is logged when the
-//! command fails, see `runtime::command`).
+//! WASI p1 commands keep their own pipes (stdout is the CGI response); what a failed command
+//! wrote to stderr goes through the same cut, escaping and budget
+//! ([`GuestOutput::failed_command_stderr`], called by `runtime::command`).
 //!
 //! The line splitting and the budget are sans-IO ([`LineSplitter`], [`LineBudget`]: fed bytes
 //! and time); [`GuestOutput`] is the shell wasmtime-wasi writes into.
@@ -200,6 +201,16 @@ impl GuestOutput {
         GuestStream {
             output: self.clone(),
             stream: Stream::Stderr,
+        }
+    }
+
+    /// What a WASI p1 command wrote to stderr before it failed (its pipe is captured, not
+    /// streamed): logged through the same line cut, escaping and budget as every other guest
+    /// output, so a failing command cannot forge node log lines or send terminal sequences.
+    pub fn failed_command_stderr(&self, captured: &[u8]) {
+        let mut lines = LineSplitter::new(MAX_LINE);
+        for line in lines.push(captured).into_iter().chain(lines.finish()) {
+            self.write(Stream::Stderr, line);
         }
     }
 

@@ -347,3 +347,55 @@ async fn pushed_routes_follow_the_config_rules() {
         (200, "hello from edged: /hello\n".into())
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failing_command_cannot_forge_the_node_log() {
+    let node = Edged::start(&format!(
+        r#"
+[[function]]
+name = "probe"
+wasm = {probe}
+route = "/probe"
+
+[[function]]
+name = "hello"
+wasm = {hello}
+route = "/hello"
+"#,
+        probe = guest("probe-p1.wasm"),
+        hello = guest("hello-http.wasm"),
+    ));
+    let (status, _) = get(&node.url("/probe?forge")).await;
+    assert_eq!(status, 500);
+    assert_eq!(get(&node.url("/hello")).await.0, 200);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !node.log().contains("forged by a guest") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = node.log();
+    assert!(
+        log.contains("forged by a guest"),
+        "stderr not logged:\n{log}"
+    );
+    for line in log.lines() {
+        assert!(
+            !line.starts_with("2026-12-07T00:00:00.000000Z"),
+            "a guest wrote a node log line: {line}"
+        );
+    }
+    for raw in ['\x1b', '\x07', '\r'] {
+        assert!(!log.contains(raw), "raw {raw:?} reached the log:\n{log}");
+    }
+    // Each guest line is its own tagged, escaped log line.
+    let guest_lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("edged::guest") && l.contains("stream=\"stderr\""))
+        .collect();
+    assert!(guest_lines.len() >= 3, "{log}");
+    assert!(
+        guest_lines
+            .iter()
+            .any(|l| l.contains("\\u{1b}]0;pwned\\u{7}")),
+        "{log}"
+    );
+}

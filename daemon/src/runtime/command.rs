@@ -63,10 +63,7 @@ impl Command {
             Ok(()) => {}
             Err(e) if e.downcast_ref::<I32Exit>().is_some_and(|exit| exit.0 == 0) => {}
             Err(e) => {
-                let stderr = stderr.contents();
-                if !stderr.is_empty() {
-                    tracing::info!(stderr = %String::from_utf8_lossy(&stderr), "guest stderr");
-                }
+                self.setup.output.failed_command_stderr(&stderr.contents());
                 return Err(Fault::classify(e, limits.timeout));
             }
         }

@@ -6,7 +6,9 @@
 //! - `write=/path` — create a file and print `write ok` or `write error: <error>`;
 //! - `env=NAME` — print `env NAME=<value>` or `env NAME unset`;
 //! - `env_count` — print how many variables are set that are not CGI meta-variables;
-//! - `echo` — print the request body.
+//! - `echo` — print the request body;
+//! - `forge` — fail (exit 1) after writing hostile stderr: a newline and a line shaped like the
+//!   node's own log, a terminal title sequence, BEL and CR (the node must log it escaped).
 
 use std::io::{Read, Write};
 
@@ -48,6 +50,13 @@ fn main() {
                 let mut body = String::new();
                 let _ = std::io::stdin().read_to_string(&mut body);
                 out.push_str(&format!("echo {body}\n"));
+            }
+            "forge" => {
+                eprint!(
+                    "probe failed\n2026-12-07T00:00:00.000000Z ERROR edged::node: forged by a guest\n\
+                     \x1b]0;pwned\x07\rtail"
+                );
+                std::process::exit(1);
             }
             other => out.push_str(&format!("unknown probe {other}\n")),
         }
