@@ -257,7 +257,7 @@ impl ControlServer {
                 let origin = self.origin.as_ref().ok_or_else(|| {
                     anyhow!("this node has no [registry] table; it does not pull from registries")
                 })?;
-                let id = manifest.manifest.id();
+                let id = manifest.payload.id();
                 origin.deploy(&manifest, &reference, activate).await?;
                 tracing::info!(deployment = %id, %peer, %reference, "deploy from the registry committed");
                 Response::Committed {
@@ -273,7 +273,7 @@ impl ControlServer {
                 activations: deployments.fleet_records()?,
             },
             Request::ActivateFleet { record } => {
-                let id = record.record.id();
+                let id = record.payload.id();
                 let message = match deployments.apply_activation(&record).await? {
                     Applied::Activated => format!("fleet record {id} applied: active here"),
                     Applied::AlreadyApplied => format!("fleet record {id} was already applied"),
