@@ -2,7 +2,8 @@
 //! configurations built from them.
 //!
 //! A certificate's role is a SAN URI (`urn:edged:role:operator` or `urn:edged:role:node`):
-//! operators may push, activate, roll back and remove; nodes may only sync. Every node
+//! operators may push, activate, roll back and remove; nodes may only sync and read `ls` and
+//! `status` ([`crate::wire::Request::required_role`] says which for each request). Every node
 //! certificate also carries the DNS name [`NODE_SERVER_NAME`], which clients verify, so nodes
 //! can be addressed by IP without per-node names.
 

@@ -459,7 +459,7 @@ impl RegistryClient {
             .0
             .len();
 
-        let id = signed.manifest.id();
+        let id = signed.payload.id();
         let blake3_of = |hash: &str| {
             Some(BTreeMap::from([(
                 BLAKE3_ANNOTATION.to_string(),
@@ -470,7 +470,7 @@ impl RegistryClient {
             media_type: WASM_LAYER_MEDIA_TYPE.into(),
             digest: sha256_digest(source),
             size: source.len() as i64,
-            annotations: blake3_of(&signed.manifest.source.blake3),
+            annotations: blake3_of(&signed.payload.source.blake3),
             ..OciDescriptor::default()
         }];
         for artifact in artifacts {
@@ -616,7 +616,7 @@ impl RegistryClient {
             let layers = self.deployment_layers(&pinned).await?;
             if newest
                 .as_ref()
-                .is_none_or(|(s, _)| s.manifest.version < layers.signed.manifest.version)
+                .is_none_or(|(s, _)| s.payload.version < layers.signed.payload.version)
             {
                 newest = Some((layers.signed, pinned));
             }

@@ -1,13 +1,18 @@
-//! Signed manifests and fleet activation records. An operator key (ed25519) signs the
-//! canonical encoding of a manifest (or of an activation record, prefixed so neither can pass
-//! for the other); a node accepts either only if its signature verifies against a key it trusts.
+//! Signed manifests and fleet activation records: one envelope, [`Signed`], for both. An
+//! operator key (ed25519) signs the canonical encoding of what it holds (a record's is prefixed,
+//! so neither can pass for the other); a node accepts either only if its signature verifies
+//! against a key it trusts.
 
 use std::collections::BTreeMap;
+use std::fmt;
+use std::marker::PhantomData;
 use std::path::Path;
 
 use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
 use edged_snapshots::Manifest;
-use serde::{Deserialize, Serialize};
+use serde::de::{self, DeserializeOwned, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::ser::SerializeStruct;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SignError {
@@ -21,17 +26,42 @@ pub enum SignError {
     Key(String),
 }
 
-/// A manifest with its signer's key id and signature. `signature` is empty when unsigned.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SignedManifest {
-    pub manifest: Manifest,
+/// What an operator key signs.
+pub trait Signable: Serialize + DeserializeOwned {
+    /// The key that holds it in its envelope's encoding (`manifest`, `record`): each kind kept
+    /// the name it had before the envelope was shared, so stored and sent envelopes still read.
+    const FIELD: &'static str;
+    /// The bytes the signature covers.
+    fn canonical_bytes(&self) -> Vec<u8>;
+    /// How logs and errors name it.
+    fn id(&self) -> String;
+}
+
+/// Something signed, with its signer's key id and signature (`signature` is empty when
+/// unsigned). Encoded as `{FIELD: payload, "signer": …, "signature": …}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Signed<T> {
+    pub payload: T,
     pub signer: String,
     pub signature: String,
 }
 
-/// Bytes that are signed: the manifest's JSON, fields in declaration order, no whitespace.
-pub fn canonical_bytes(manifest: &Manifest) -> Vec<u8> {
-    serde_json::to_vec(manifest).expect("manifests serialize")
+/// A manifest with its signature: what a push offers and a node stores.
+pub type SignedManifest = Signed<Manifest>;
+/// A fleet activation record with its signature: what sync spreads.
+pub type SignedActivation = Signed<ActivationRecord>;
+
+/// A manifest's canonical bytes: its JSON, fields in declaration order, no whitespace.
+impl Signable for Manifest {
+    const FIELD: &'static str = "manifest";
+
+    fn canonical_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("manifests serialize")
+    }
+
+    fn id(&self) -> String {
+        Manifest::id(self)
+    }
 }
 
 /// Short, stable id of a public key: the first 16 hex digits of its BLAKE3.
@@ -39,11 +69,11 @@ pub fn key_id(key: &VerifyingKey) -> String {
     hex::encode(&blake3::hash(key.as_bytes()).as_bytes()[..8])
 }
 
-impl SignedManifest {
-    pub fn sign(manifest: Manifest, key: &SigningKey) -> SignedManifest {
-        let signature = key.sign(&canonical_bytes(&manifest));
-        SignedManifest {
-            manifest,
+impl<T: Signable> Signed<T> {
+    pub fn sign(payload: T, key: &SigningKey) -> Signed<T> {
+        let signature = key.sign(&payload.canonical_bytes());
+        Signed {
+            payload,
             signer: key_id(&key.verifying_key()),
             signature: hex::encode(signature.to_bytes()),
         }
@@ -51,41 +81,101 @@ impl SignedManifest {
 
     /// Checks the signature against `trusted`.
     pub fn verify(&self, trusted: &TrustedKeys) -> Result<(), SignError> {
-        verify_signature(
-            trusted,
-            &self.signer,
-            &self.signature,
-            &canonical_bytes(&self.manifest),
-            self.manifest.id(),
+        let id = self.payload.id();
+        if self.signature.is_empty() || self.signer.is_empty() {
+            return Err(SignError::Unsigned(id));
+        }
+        let key = trusted
+            .keys
+            .get(&self.signer)
+            .ok_or_else(|| SignError::UnknownKey {
+                id: id.clone(),
+                key_id: self.signer.clone(),
+            })?;
+        let raw: [u8; 64] = hex::decode(&self.signature)
+            .ok()
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| SignError::BadSignature(id.clone()))?;
+        key.verify(
+            &self.payload.canonical_bytes(),
+            &Signature::from_bytes(&raw),
         )
+        .map_err(|_| SignError::BadSignature(id))
     }
 }
 
-/// `signature` by key `signer` over `bytes`, checked against `trusted`; `id` names the signed
-/// thing in errors.
-fn verify_signature(
-    trusted: &TrustedKeys,
-    signer: &str,
-    signature: &str,
-    bytes: &[u8],
-    id: String,
-) -> Result<(), SignError> {
-    if signature.is_empty() || signer.is_empty() {
-        return Err(SignError::Unsigned(id));
+/// Written by hand only because the payload's key depends on `T`; the encoding is what
+/// `#[derive(Serialize)]` gave each kind before: payload, signer, signature, in that order.
+impl<T: Signable> Serialize for Signed<T> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut envelope = serializer.serialize_struct("Signed", 3)?;
+        envelope.serialize_field(T::FIELD, &self.payload)?;
+        envelope.serialize_field("signer", &self.signer)?;
+        envelope.serialize_field("signature", &self.signature)?;
+        envelope.end()
     }
-    let key = trusted
-        .keys
-        .get(signer)
-        .ok_or_else(|| SignError::UnknownKey {
-            id: id.clone(),
-            key_id: signer.to_string(),
-        })?;
-    let raw: [u8; 64] = hex::decode(signature)
-        .ok()
-        .and_then(|b| b.try_into().ok())
-        .ok_or_else(|| SignError::BadSignature(id.clone()))?;
-    key.verify(bytes, &Signature::from_bytes(&raw))
-        .map_err(|_| SignError::BadSignature(id))
+}
+
+/// As `#[derive(Deserialize)]` read each kind before: a map (or a sequence in field order), all
+/// three fields required, unknown keys ignored.
+impl<'de, T: Signable> Deserialize<'de> for Signed<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct EnvelopeVisitor<T>(PhantomData<T>);
+
+        impl<'de, T: Signable> Visitor<'de> for EnvelopeVisitor<T> {
+            type Value = Signed<T>;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "a signed {}", T::FIELD)
+            }
+
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Signed<T>, A::Error> {
+                let payload = seq
+                    .next_element()?
+                    .ok_or_else(|| de::Error::invalid_length(0, &self))?;
+                let signer = seq
+                    .next_element()?
+                    .ok_or_else(|| de::Error::invalid_length(1, &self))?;
+                let signature = seq
+                    .next_element()?
+                    .ok_or_else(|| de::Error::invalid_length(2, &self))?;
+                Ok(Signed {
+                    payload,
+                    signer,
+                    signature,
+                })
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Signed<T>, A::Error> {
+                let (mut payload, mut signer, mut signature) = (None, None, None);
+                while let Some(key) = map.next_key::<String>()? {
+                    let duplicate = match key.as_str() {
+                        k if k == T::FIELD => payload.replace(map.next_value()?).is_some(),
+                        "signer" => signer.replace(map.next_value()?).is_some(),
+                        "signature" => signature.replace(map.next_value()?).is_some(),
+                        _ => {
+                            map.next_value::<IgnoredAny>()?;
+                            false
+                        }
+                    };
+                    if duplicate {
+                        return Err(de::Error::custom(format_args!("duplicate field `{key}`")));
+                    }
+                }
+                Ok(Signed {
+                    payload: payload.ok_or_else(|| de::Error::missing_field(T::FIELD))?,
+                    signer: signer.ok_or_else(|| de::Error::missing_field("signer"))?,
+                    signature: signature.ok_or_else(|| de::Error::missing_field("signature"))?,
+                })
+            }
+        }
+
+        deserializer.deserialize_struct(
+            "Signed",
+            &[T::FIELD, "signer", "signature"],
+            EnvelopeVisitor(PhantomData),
+        )
+    }
 }
 
 /// A fleet-wide activation: every node that holds `name@version` serves it. Records of a name
@@ -106,40 +196,20 @@ impl ActivationRecord {
     pub fn id(&self) -> String {
         format!("{}@{} #{}", self.name, self.version, self.sequence)
     }
+}
 
-    fn signed_bytes(&self) -> Vec<u8> {
+/// A record's canonical bytes: its JSON behind a prefix no manifest's JSON starts with.
+impl Signable for ActivationRecord {
+    const FIELD: &'static str = "record";
+
+    fn canonical_bytes(&self) -> Vec<u8> {
         let mut bytes = b"edged-activation-record\0".to_vec();
         bytes.extend(serde_json::to_vec(self).expect("records serialize"));
         bytes
     }
-}
 
-/// An activation record with its signer's key id and signature.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SignedActivation {
-    pub record: ActivationRecord,
-    pub signer: String,
-    pub signature: String,
-}
-
-impl SignedActivation {
-    pub fn sign(record: ActivationRecord, key: &SigningKey) -> SignedActivation {
-        let signature = key.sign(&record.signed_bytes());
-        SignedActivation {
-            record,
-            signer: key_id(&key.verifying_key()),
-            signature: hex::encode(signature.to_bytes()),
-        }
-    }
-
-    pub fn verify(&self, trusted: &TrustedKeys) -> Result<(), SignError> {
-        verify_signature(
-            trusted,
-            &self.signer,
-            &self.signature,
-            &self.record.signed_bytes(),
-            self.record.id(),
-        )
+    fn id(&self) -> String {
+        ActivationRecord::id(self)
     }
 }
 
@@ -203,34 +273,6 @@ pub fn signing_key_from_hex(text: &str) -> Result<SigningKey, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use edged_compiler::{Target, WasmKind};
-    use edged_snapshots::{ArtifactRef, BlobRef};
-
-    fn manifest() -> Manifest {
-        Manifest {
-            name: "app".into(),
-            version: 2,
-            created_at: 1,
-            kind: WasmKind::Module,
-            source: BlobRef {
-                blake3: "aa".repeat(32),
-                size: 10,
-            },
-            init_func: None,
-            artifacts: vec![ArtifactRef {
-                target: Target::X86_64Linux,
-                fingerprint: "f".into(),
-                blake3: "bb".repeat(32),
-                size: 20,
-            }],
-            route: None,
-            limits: None,
-            memory_image: None,
-            guest: None,
-            instances: None,
-            parts: None,
-        }
-    }
 
     #[test]
     fn activation_records_verify_and_cannot_be_altered_or_pass_for_a_manifest() {
@@ -246,13 +288,13 @@ mod tests {
         let signed = SignedActivation::sign(record.clone(), &key);
         assert_eq!(signed.verify(&trusted), Ok(()));
         let mut older = signed.clone();
-        older.record.sequence = 4;
+        older.payload.sequence = 4;
         assert!(matches!(
             older.verify(&trusted),
             Err(SignError::BadSignature(_))
         ));
         // The same key over a manifest's bytes is not a record's signature.
-        let manifest_signed = SignedManifest::sign(manifest(), &key);
+        let manifest_signed = SignedManifest::sign(Manifest::sample("app", 2), &key);
         let forged = SignedActivation {
             signature: manifest_signed.signature,
             ..signed.clone()
@@ -269,25 +311,25 @@ mod tests {
         let key = generate_signing_key();
         let mut trusted = TrustedKeys::default();
         trusted.add(key.verifying_key());
-        let signed = SignedManifest::sign(manifest(), &key);
+        let signed = SignedManifest::sign(Manifest::sample("app", 2), &key);
         signed.verify(&trusted).unwrap();
 
         let mut altered = signed.clone();
-        altered.manifest.version = 3;
+        altered.payload.version = 3;
         assert_eq!(
             altered.verify(&trusted),
             Err(SignError::BadSignature("app@3".into()))
         );
 
         let stranger = generate_signing_key();
-        let foreign = SignedManifest::sign(manifest(), &stranger);
+        let foreign = SignedManifest::sign(Manifest::sample("app", 2), &stranger);
         assert!(matches!(
             foreign.verify(&trusted),
             Err(SignError::UnknownKey { .. })
         ));
 
         let unsigned = SignedManifest {
-            manifest: manifest(),
+            payload: Manifest::sample("app", 2),
             signer: String::new(),
             signature: String::new(),
         };
@@ -297,12 +339,70 @@ mod tests {
         );
 
         // A valid signature from a trusted key over other bytes is still rejected.
-        let mut swapped = SignedManifest::sign(manifest(), &key);
+        let mut swapped = SignedManifest::sign(Manifest::sample("app", 2), &key);
         swapped.signature = foreign.signature.clone();
         assert!(matches!(
             swapped.verify(&trusted),
             Err(SignError::BadSignature(_))
         ));
+    }
+
+    /// Envelopes as the two structs before [`Signed`] encoded and signed them (key seed
+    /// `[7; 32]`; ed25519 signatures are deterministic).
+    const MANIFEST_SIGNED_BEFORE: &str = concat!(
+        r#"{"manifest":{"name":"app","version":2,"created_at":1,"kind":"module","source":{"blake3":"#,
+        r#""aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa","size":10},"init_func"#,
+        r#"":null,"artifacts":[{"target":"x86_64-unknown-linux-gnu","fingerprint":"f","blake3":"bbb"#,
+        r#"bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb","size":20}],"route":"/app"#,
+        r#"","limits":null},"signer":"0871f3aabc26e458","signature":"ac93a1d64c7cb45023df776f192558"#,
+        r#"4766a4f28c69d38643432b9065d063a7665c1a95f0d143bf8add61a1e1d5ff2c0169b9bf5081fa831f441e0b"#,
+        r#"47511ce907"}"#,
+    );
+    const RECORD_SIGNED_BEFORE: &str = concat!(
+        r#"{"record":{"name":"app","version":2,"sequence":5,"created_at":9},"signer":"0871f3aabc26e"#,
+        r#"458","signature":"efb5b29ffa8e59abb5dde080ca20250d51a8ca032ba7d89c1a74f65e3c0bfd9a073f5b"#,
+        r#"c1c073a52c2833cce9294107e6578fd3287cd1b55a78773a5437d9c209"}"#,
+    );
+
+    #[test]
+    fn envelopes_signed_before_the_shared_envelope_verify_and_encode_the_same() {
+        let key = SigningKey::from_bytes(&[7; 32]);
+        let mut trusted = TrustedKeys::default();
+        trusted.add(key.verifying_key());
+
+        let manifest: SignedManifest = serde_json::from_str(MANIFEST_SIGNED_BEFORE).unwrap();
+        assert_eq!(manifest.verify(&trusted), Ok(()));
+        assert_eq!(manifest.payload.id(), "app@2");
+        assert_eq!(
+            serde_json::to_string(&manifest).unwrap(),
+            MANIFEST_SIGNED_BEFORE
+        );
+        assert_eq!(
+            SignedManifest::sign(manifest.payload.clone(), &key),
+            manifest
+        );
+
+        let record: SignedActivation = serde_json::from_str(RECORD_SIGNED_BEFORE).unwrap();
+        assert_eq!(record.verify(&trusted), Ok(()));
+        assert_eq!(
+            serde_json::to_string(&record).unwrap(),
+            RECORD_SIGNED_BEFORE
+        );
+        assert_eq!(SignedActivation::sign(record.payload.clone(), &key), record);
+
+        // Each envelope reads only its own kind's key.
+        let err = serde_json::from_str::<SignedManifest>(RECORD_SIGNED_BEFORE).unwrap_err();
+        assert!(
+            err.to_string().contains("missing field `manifest`"),
+            "{err}"
+        );
+        let record = r#"{"name":"a","version":1,"sequence":1,"created_at":0}"#;
+        let twice = format!(r#"{{"record":{record},"signer":"a","signer":"b","signature":""}}"#);
+        let err = serde_json::from_str::<SignedActivation>(&twice).unwrap_err();
+        assert!(
+            err.to_string().contains("duplicate field `signer`"),
+            "{err}"
+        );
     }
 
     #[test]

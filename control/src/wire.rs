@@ -10,6 +10,7 @@
 use edged_snapshots::manifest::BlobRef;
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
+use crate::identity::Role;
 use crate::signing::{SignedActivation, SignedManifest};
 
 /// The ALPN protocol id of this version of the protocol.
@@ -98,6 +99,104 @@ pub enum Request {
     /// Sync: the sender holds something new (a push, or a finished sync); the receiver starts a
     /// sync round now instead of at its next interval.
     Announce {},
+}
+
+impl Request {
+    /// The role a certificate must carry to make this request: [`Role::Node`] means any fleet
+    /// certificate may (operators may do anything), [`Role::Operator`] that node certificates
+    /// are refused. No wildcard arm on purpose: a new request kind does not compile until it
+    /// says who may send it, so nothing is open to nodes by default.
+    pub fn required_role(&self) -> Role {
+        match self {
+            // Writes a deployment into the store (push, or a pull from a registry).
+            Request::Offer { .. }
+            | Request::PutBlob { .. }
+            | Request::Commit { .. }
+            | Request::Deploy { .. } => Role::Operator,
+            // Changes what the node serves, here or fleet-wide.
+            Request::Activate { .. }
+            | Request::Rollback { .. }
+            | Request::ActivateFleet { .. }
+            | Request::Remove { .. } => Role::Operator,
+            // Runs guest code on demand.
+            Request::Invoke { .. } => Role::Operator,
+            // Read-only views, open to node certificates as they always were: a peer already
+            // sees the deployments in `Holdings`.
+            Request::List {} | Request::Status {} => Role::Node,
+            // What sync asks of a peer: signed (or hash-checked) data, and a nudge.
+            Request::Holdings {}
+            | Request::GetManifest { .. }
+            | Request::FetchBlob { .. }
+            | Request::Announce {} => Role::Node,
+        }
+    }
+
+    /// One request of every kind, for tests that must cover them all (checked against the
+    /// kinds the wire knows in this module's tests).
+    #[cfg(any(test, feature = "test-util"))]
+    pub fn one_of_each() -> Vec<Request> {
+        use crate::signing::{ActivationRecord, Signed};
+        let manifest = || {
+            Box::new(Signed {
+                payload: edged_snapshots::Manifest::sample("app", 1),
+                signer: String::new(),
+                signature: String::new(),
+            })
+        };
+        let (name, id, hash) = ("app".to_string(), "app@1".to_string(), "aa".repeat(32));
+        vec![
+            Request::Offer {
+                manifest: manifest(),
+            },
+            Request::PutBlob {
+                manifest_id: id.clone(),
+                hash: hash.clone(),
+                offset: 0,
+            },
+            Request::Commit {
+                manifest_id: id,
+                activate: true,
+            },
+            Request::List {},
+            Request::Status {},
+            Request::Activate {
+                name: name.clone(),
+                version: 1,
+            },
+            Request::Rollback { name: name.clone() },
+            Request::ActivateFleet {
+                record: Signed {
+                    payload: ActivationRecord {
+                        name: name.clone(),
+                        version: 1,
+                        sequence: 1,
+                        created_at: 0,
+                    },
+                    signer: String::new(),
+                    signature: String::new(),
+                },
+            },
+            Request::Remove {
+                name: name.clone(),
+                version: 1,
+            },
+            Request::Invoke {
+                name: name.clone(),
+                method: "GET".into(),
+                path: "/".into(),
+                body: Vec::new(),
+            },
+            Request::Deploy {
+                manifest: manifest(),
+                reference: format!("oci://registry.test/app@sha256:{}", "cc".repeat(32)),
+                activate: true,
+            },
+            Request::Holdings {},
+            Request::GetManifest { name, version: 1 },
+            Request::FetchBlob { hash, start: 0 },
+            Request::Announce {},
+        ]
+    }
 }
 
 /// A signed deployment a node holds (or is still fetching), and which of its blobs it can serve.
@@ -347,6 +446,8 @@ impl FrameDecoder {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
     use super::*;
 
     #[test]
@@ -380,6 +481,60 @@ mod tests {
         }
         decoder.finish().unwrap();
         assert_eq!(out, messages);
+    }
+
+    /// The `request` tag of every kind the wire decodes: serde lists them all when it refuses
+    /// one it does not know.
+    fn kinds_the_wire_knows() -> BTreeSet<String> {
+        let err = decode::<Request>(br#"{"request":"?"}"#)
+            .unwrap_err()
+            .to_string();
+        let (_, expected) = err.split_once("expected one of ").expect(&err);
+        // "`offer`, `put_blob`, …, `announce` at line 1 column 15"
+        expected
+            .split(", ")
+            .map(|kind| kind.split('`').nth(1).expect(&err).to_string())
+            .collect()
+    }
+
+    #[test]
+    fn every_request_kind_needs_the_role_written_here() {
+        let all = Request::one_of_each();
+        let listed: BTreeSet<String> = all
+            .iter()
+            .map(|request| {
+                let json: serde_json::Value = serde_json::to_value(request).unwrap();
+                json["request"].as_str().unwrap().to_string()
+            })
+            .collect();
+        assert_eq!(
+            listed.len(),
+            all.len(),
+            "one value of each kind, no repeats"
+        );
+        assert_eq!(listed, kinds_the_wire_knows());
+        for request in &all {
+            // The policy stated a second time, kind by kind and with no wildcard, so a new kind
+            // fails to compile here too, and a role flipped in `required_role` fails this test.
+            let expected = match request {
+                Request::Offer { .. } => Role::Operator,
+                Request::PutBlob { .. } => Role::Operator,
+                Request::Commit { .. } => Role::Operator,
+                Request::List {} => Role::Node,
+                Request::Status {} => Role::Node,
+                Request::Activate { .. } => Role::Operator,
+                Request::Rollback { .. } => Role::Operator,
+                Request::ActivateFleet { .. } => Role::Operator,
+                Request::Remove { .. } => Role::Operator,
+                Request::Invoke { .. } => Role::Operator,
+                Request::Deploy { .. } => Role::Operator,
+                Request::Holdings {} => Role::Node,
+                Request::GetManifest { .. } => Role::Node,
+                Request::FetchBlob { .. } => Role::Node,
+                Request::Announce {} => Role::Node,
+            };
+            assert_eq!(request.required_role(), expected, "{request:?}");
+        }
     }
 
     #[test]

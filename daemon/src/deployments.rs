@@ -153,7 +153,7 @@ impl Deployments {
     /// than any seen for the name (or exactly the one stored).
     pub fn admit(&self, signed: &SignedManifest) -> Result<(), Refusal> {
         signed.verify(&self.trusted)?;
-        let manifest = &signed.manifest;
+        let manifest = &signed.payload;
         let id = manifest.id();
         edged_snapshots::manifest::validate_name(&manifest.name).map_err(|reason| {
             Refusal::BadName {
@@ -278,7 +278,7 @@ impl Deployments {
         activate: bool,
     ) -> Result<()> {
         let store = self.store();
-        let manifest = &signed.manifest;
+        let manifest = &signed.payload;
         let id = manifest.id();
         store.put_manifest(manifest)?;
         store.put_signature(
@@ -296,7 +296,7 @@ impl Deployments {
             || (origin == Origin::Sync
                 && self
                     .fleet_record(&manifest.name)?
-                    .is_some_and(|r| r.record.version == manifest.version));
+                    .is_some_and(|r| r.payload.version == manifest.version));
         if activate {
             self.activate(&manifest.name, manifest.version).await?;
         }
@@ -358,8 +358,8 @@ impl Deployments {
     /// The sequence and version of the fleet record `name` follows, for `ls` and `status`.
     pub fn fleet_record_info(&self, name: &str) -> Result<Option<FleetRecordInfo>, StoreError> {
         Ok(self.fleet_record(name)?.map(|r| FleetRecordInfo {
-            sequence: r.record.sequence,
-            version: r.record.version,
+            sequence: r.payload.sequence,
+            version: r.payload.version,
         }))
     }
 
@@ -381,7 +381,7 @@ impl Deployments {
         signed: &SignedActivation,
     ) -> std::result::Result<Applied, RecordRefusal> {
         signed.verify(&self.trusted)?;
-        let record = &signed.record;
+        let record = &signed.payload;
         let id = record.id();
         edged_snapshots::manifest::validate_name(&record.name).map_err(|reason| {
             RecordRefusal::BadName {
@@ -393,11 +393,11 @@ impl Deployments {
             if &current == signed {
                 return Ok(Applied::AlreadyApplied);
             }
-            if record.sequence <= current.record.sequence {
+            if record.sequence <= current.payload.sequence {
                 return Err(RecordRefusal::NotNewer {
                     id,
                     name: record.name.clone(),
-                    current: current.record.sequence,
+                    current: current.payload.sequence,
                 });
             }
         }
@@ -493,7 +493,7 @@ impl Deployments {
             });
         }
         for signed in lock(&self.syncing).values() {
-            let manifest = &signed.manifest;
+            let manifest = &signed.payload;
             if items
                 .iter()
                 .any(|h| h.name == manifest.name && h.version == manifest.version)
@@ -532,7 +532,7 @@ impl Deployments {
     /// Marks an admitted deployment as being fetched from peers until the mark drops: peers are
     /// told about it (and may take the blobs already here) while it is incomplete.
     pub fn begin_sync(self: &Arc<Self>, signed: &SignedManifest) -> SyncMark {
-        let id = signed.manifest.id();
+        let id = signed.payload.id();
         lock(&self.syncing).insert(id.clone(), signed.clone());
         SyncMark {
             deployments: self.clone(),

@@ -235,21 +235,21 @@ impl RegistryOrigin {
         reference: &str,
         activate: bool,
     ) -> Result<()> {
-        let id = signed.manifest.id();
+        let id = signed.payload.id();
         let pinned = self.pinned(reference)?;
         self.deployments
             .admit(signed)
             .with_context(|| format!("deployment {id} refused"))?;
         let layers = self.layers(&pinned).await?;
-        if layers.signed.manifest != signed.manifest {
+        if layers.signed.payload != signed.payload {
             bail!(
                 "{reference} holds {}, not the {id} this deploy names",
-                layers.signed.manifest.id()
+                layers.signed.payload.id()
             );
         }
         // Peers see it (and may take the blobs already here) while it downloads.
         let _pulling = self.deployments.begin_sync(signed);
-        let needed = self.deployments.needed_blobs(&signed.manifest);
+        let needed = self.deployments.needed_blobs(&signed.payload);
         tracing::info!(deployment = %id, reference, blobs = needed.len(), "pulling deployment from the registry");
         let pulls = needed.into_values().map(|(blob, kind)| {
             let (pinned, id) = (&pinned, &id);
@@ -261,8 +261,8 @@ impl RegistryOrigin {
         }
         let store = self.deployments.store();
         store.put_published(
-            &signed.manifest.name,
-            signed.manifest.version,
+            &signed.payload.name,
+            signed.payload.version,
             &display_reference(&pinned),
         )?;
         self.deployments

@@ -188,7 +188,7 @@ async fn bad_identities_and_bad_manifests_are_refused_and_store_nothing() {
     .unwrap();
     let manifest = edged_snapshots::Manifest::from_compiled("raw", 1, 0, &compiled);
     let unsigned = edged_control::SignedManifest {
-        manifest: manifest.clone(),
+        payload: manifest.clone(),
         signer: String::new(),
         signature: String::new(),
     };
@@ -202,7 +202,7 @@ async fn bad_identities_and_bad_manifests_are_refused_and_store_nothing() {
         "{answer:?}"
     );
     let mut tampered = edged_control::SignedManifest::sign(manifest.clone(), &key);
-    tampered.manifest.version = 2;
+    tampered.payload.version = 2;
     let answer = raw
         .call(&edged_control::wire::Request::Offer {
             manifest: Box::new(tampered),
@@ -377,7 +377,7 @@ async fn nodes_serve_peers_signed_holdings_and_verified_blob_slices() {
     let trusted =
         edged_control::identity::trusted_keys(&[fleet.operator.join("signing.pub")]).unwrap();
     signed.verify(&trusted).unwrap();
-    let source = signed.manifest.source.clone();
+    let source = signed.payload.source.clone();
     assert!(held.blobs.contains(&source.blake3));
 
     // The source as a verified slice, in two legs: a first peer "dies" half-way, the rest

@@ -145,8 +145,8 @@ pub async fn publish(
         Some(v) => v,
         // A tag that holds no edged deployment yet (or is new) starts at 1.
         None => match client.resolve(&reference).await {
-            Ok(published) if published.signed.manifest.name == name => {
-                published.signed.manifest.version + 1
+            Ok(published) if published.signed.payload.name == name => {
+                published.signed.payload.version + 1
             }
             _ => 1,
         },
@@ -167,7 +167,7 @@ pub async fn publish(
         .publish(&reference, &compiled.source, &signed, &artifacts)
         .await
         .with_context(|| format!("publishing to {}", args.reference))?;
-    let id = signed.manifest.id();
+    let id = signed.payload.id();
     if target.json {
         println!(
             "{}",
@@ -196,7 +196,7 @@ pub async fn deploy(target: &Target, registry: &RegistryArgs, args: DeployArgs) 
         .resolve(&reference)
         .await
         .with_context(|| format!("resolving {}", args.reference))?;
-    let id = published.signed.manifest.id();
+    let id = published.signed.payload.id();
     let pinned = display_reference(&published.deployment);
     let node = Client::connect(target).await?;
     let answer = node

@@ -210,3 +210,35 @@ impl Manifest {
         }
     }
 }
+
+#[cfg(any(test, feature = "test-util"))]
+impl Manifest {
+    /// A well-formed manifest for tests that need one but no real blobs: `name@version`, a core
+    /// module with a made-up source and x86_64 artifact, nothing optional set. A test that
+    /// stores it sets `source` and `artifacts` to blobs it put.
+    pub fn sample(name: &str, version: u64) -> Manifest {
+        Manifest {
+            name: name.into(),
+            version,
+            created_at: 0,
+            kind: WasmKind::Module,
+            source: BlobRef {
+                blake3: "aa".repeat(32),
+                size: 10,
+            },
+            init_func: None,
+            artifacts: vec![ArtifactRef {
+                target: Target::X86_64Linux,
+                fingerprint: "sample".into(),
+                blake3: "bb".repeat(32),
+                size: 20,
+            }],
+            route: None,
+            limits: None,
+            memory_image: None,
+            guest: None,
+            instances: None,
+            parts: None,
+        }
+    }
+}

@@ -53,27 +53,17 @@ fn churn(dir: &str) -> ! {
         let artifact_hash = store.put_blob(&artifact, kind, None).unwrap();
         let version = seq + 1;
         let manifest = Manifest {
-            name: name.clone(),
-            version,
-            created_at: 0,
-            kind: edged_compiler::WasmKind::Module,
             source: BlobRef {
                 blake3: source_hash,
                 size: source.len() as u64,
             },
-            init_func: None,
             artifacts: vec![ArtifactRef {
                 target: Target::X86_64Linux,
                 fingerprint: "crash-test".into(),
                 blake3: artifact_hash,
                 size: artifact.len() as u64,
             }],
-            route: None,
-            limits: None,
-            memory_image: None,
-            guest: None,
-            instances: None,
-            parts: None,
+            ..Manifest::sample(&name, version)
         };
         store.put_manifest(&manifest).unwrap();
         store.activate(&name, version).unwrap();

@@ -257,7 +257,7 @@ impl ControlServer {
                 let origin = self.origin.as_ref().ok_or_else(|| {
                     anyhow!("this node has no [registry] table; it does not pull from registries")
                 })?;
-                let id = manifest.manifest.id();
+                let id = manifest.payload.id();
                 origin.deploy(&manifest, &reference, activate).await?;
                 tracing::info!(deployment = %id, %peer, %reference, "deploy from the registry committed");
                 Response::Committed {
@@ -273,7 +273,7 @@ impl ControlServer {
                 activations: deployments.fleet_records()?,
             },
             Request::ActivateFleet { record } => {
-                let id = record.record.id();
+                let id = record.payload.id();
                 let message = match deployments.apply_activation(&record).await? {
                     Applied::Activated => format!("fleet record {id} applied: active here"),
                     Applied::AlreadyApplied => format!("fleet record {id} was already applied"),
@@ -357,24 +357,62 @@ impl ControlServer {
     }
 }
 
-/// Operator certificates may do anything; node certificates may only sync.
+/// The one check of who may ask what: operator certificates may do anything, node certificates
+/// what [`Request::required_role`] opens to them (sync, and read-only views).
 fn authorize(role: Role, request: &Request) -> std::result::Result<(), String> {
-    let operator_only = matches!(
-        request,
-        Request::Offer { .. }
-            | Request::PutBlob { .. }
-            | Request::Commit { .. }
-            | Request::Activate { .. }
-            | Request::Rollback { .. }
-            | Request::ActivateFleet { .. }
-            | Request::Remove { .. }
-            | Request::Invoke { .. }
-            | Request::Deploy { .. }
-    );
-    if operator_only && role != Role::Operator {
-        return Err(format!(
+    match (request.required_role(), role) {
+        (Role::Node, _) | (Role::Operator, Role::Operator) => Ok(()),
+        (Role::Operator, Role::Node) => Err(format!(
             "{role} certificates may only sync; this needs an operator certificate"
-        ));
+        )),
     }
-    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_certificates_are_refused_operator_requests_and_allowed_the_rest() {
+        let (mut refused, mut allowed) = (0, 0);
+        for request in Request::one_of_each() {
+            assert_eq!(authorize(Role::Operator, &request), Ok(()), "{request:?}");
+            let as_node = authorize(Role::Node, &request);
+            match request.required_role() {
+                Role::Operator => {
+                    refused += 1;
+                    assert_eq!(
+                        as_node,
+                        Err("node certificates may only sync; this needs an operator \
+                             certificate"
+                            .into()),
+                        "{request:?}"
+                    );
+                }
+                Role::Node => {
+                    allowed += 1;
+                    assert_eq!(as_node, Ok(()), "{request:?}");
+                }
+            }
+        }
+        assert!(
+            refused > 0 && allowed > 0,
+            "{refused} refused, {allowed} allowed"
+        );
+        // What sync itself sends a peer must stay open to node certificates.
+        for request in [
+            Request::Holdings {},
+            Request::Announce {},
+            Request::GetManifest {
+                name: "app".into(),
+                version: 1,
+            },
+            Request::FetchBlob {
+                hash: "aa".repeat(32),
+                start: 0,
+            },
+        ] {
+            assert_eq!(authorize(Role::Node, &request), Ok(()), "{request:?}");
+        }
+    }
 }

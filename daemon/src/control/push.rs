@@ -71,8 +71,8 @@ impl Pushes {
     /// much of each arrived in an earlier, interrupted push).
     pub fn offer(&self, signed: SignedManifest) -> Result<Vec<NeededBlob>> {
         self.deployments.admit(&signed)?;
-        let id = signed.manifest.id();
-        let needed = self.deployments.needed_blobs(&signed.manifest);
+        let id = signed.payload.id();
+        let needed = self.deployments.needed_blobs(&signed.payload);
         let store = self.deployments.store();
         let blobs = needed
             .values()

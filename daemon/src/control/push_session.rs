@@ -63,7 +63,7 @@ impl PushSessions {
     pub fn offer(&mut self, signed: SignedManifest, needed: NeededBlobs, now: Instant) -> usize {
         let expired = self.expire(now);
         self.offers.insert(
-            signed.manifest.id(),
+            signed.payload.id(),
             Offer {
                 signed,
                 offered_at: now,
@@ -172,26 +172,8 @@ mod tests {
     use super::*;
 
     fn signed(name: &str, version: u64) -> SignedManifest {
-        let manifest = Manifest {
-            name: name.into(),
-            version,
-            created_at: 0,
-            kind: edged_compiler::WasmKind::Module,
-            source: BlobRef {
-                blake3: "aa".repeat(32),
-                size: 10,
-            },
-            init_func: None,
-            artifacts: Vec::new(),
-            route: None,
-            limits: None,
-            memory_image: None,
-            guest: None,
-            instances: None,
-            parts: None,
-        };
         SignedManifest {
-            manifest,
+            payload: Manifest::sample(name, version),
             signer: "k".into(),
             signature: String::new(),
         }
@@ -289,7 +271,7 @@ mod tests {
             }
         );
         let manifest = sessions.ready_to_commit("app@1", |_| true).unwrap();
-        assert_eq!(manifest.manifest.id(), "app@1");
+        assert_eq!(manifest.payload.id(), "app@1");
         sessions.committed("app@1");
         assert!(matches!(
             sessions.ready_to_commit("app@1", |_| true),

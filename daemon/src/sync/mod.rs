@@ -338,11 +338,11 @@ impl Syncer {
                 .fleet_record(name)
                 .ok()
                 .flatten()
-                .map_or(0, |r| r.record.sequence)
+                .map_or(0, |r| r.payload.sequence)
         };
         let newer = self.table().newer_records(current, Instant::now());
         for (addr, signed) in newer {
-            let id = signed.record.id();
+            let id = signed.payload.id();
             match self.deployments.apply_activation(&signed).await {
                 Ok(applied) => {
                     tracing::info!(record = %id, peer = %addr, ?applied, "fleet record from a peer applied")
@@ -410,10 +410,10 @@ impl Syncer {
                     continue;
                 }
             };
-            if signed.manifest.name != name || signed.manifest.version != version {
+            if signed.payload.name != name || signed.payload.version != version {
                 let reason = format!(
                     "sent {} when asked for {name}@{version}",
-                    signed.manifest.id()
+                    signed.payload.id()
                 );
                 self.penalise(&addr, &reason);
                 continue;
@@ -456,11 +456,11 @@ impl Syncer {
         signed: &SignedManifest,
         published: Option<&(oci_client::Reference, String)>,
     ) -> Result<()> {
-        let id = signed.manifest.id();
-        let needed = self.deployments.needed_blobs(&signed.manifest);
+        let id = signed.payload.id();
+        let needed = self.deployments.needed_blobs(&signed.payload);
         let serving = self.deployments.serving();
         if signed
-            .manifest
+            .payload
             .artifact_for(serving.target(), serving.fingerprint())
             .is_none()
         {

@@ -206,13 +206,13 @@ impl PeerTable {
         let mut newest: BTreeMap<&str, (&String, &SignedActivation)> = BTreeMap::new();
         for (addr, peer) in self.peers.iter().filter(|(_, p)| !p.is_penalised(now)) {
             for signed in &peer.activations {
-                let record = &signed.record;
+                let record = &signed.payload;
                 if record.sequence <= current(&record.name) {
                     continue;
                 }
                 let better = newest
                     .get(record.name.as_str())
-                    .is_none_or(|(_, best)| record.sequence > best.record.sequence);
+                    .is_none_or(|(_, best)| record.sequence > best.payload.sequence);
                 if better {
                     newest.insert(&record.name, (addr, signed));
                 }
@@ -534,7 +534,7 @@ mod tests {
 
     fn record(name: &str, version: u64, sequence: u64) -> SignedActivation {
         SignedActivation {
-            record: edged_control::signing::ActivationRecord {
+            payload: edged_control::signing::ActivationRecord {
                 name: name.into(),
                 version,
                 sequence,
@@ -561,11 +561,11 @@ mod tests {
             "web's record is not newer than ours: {newer:?}"
         );
         assert_eq!(newer[0].0, "c");
-        assert_eq!(newer[0].1.record.sequence, 3);
+        assert_eq!(newer[0].1.payload.sequence, 3);
         // A peer that stops answering no longer vouches for its records.
         fail(&mut table, "c", t0);
         let newer = table.newer_records(current, t0);
-        assert_eq!((newer[0].0.as_str(), newer[0].1.record.sequence), ("b", 2));
+        assert_eq!((newer[0].0.as_str(), newer[0].1.payload.sequence), ("b", 2));
         assert!(table.newer_records(|_| 5, t0).is_empty());
     }
 
