@@ -38,6 +38,10 @@ pub struct Target {
     /// Machine-readable output.
     #[arg(long, global = true)]
     pub json: bool,
+    /// QUIC congestion controller for the connection to the node: bbr (default: holds the
+    /// link rate through random loss), cubic or newreno.
+    #[arg(long, env = "EDGECTL_CONGESTION", default_value = "bbr", global = true)]
+    pub congestion: edged_control::Congestion,
 }
 
 pub fn identity_dir(explicit: Option<&Path>) -> PathBuf {
@@ -58,12 +62,14 @@ pub struct Client {
 impl Client {
     pub async fn connect(target: &Target) -> Result<Client> {
         let dir = identity_dir(target.identity.as_deref());
-        let fleet = FleetIdentity::load(&dir, "operator").with_context(|| {
-            format!(
-                "loading the operator identity from {} (edgectl init)",
-                dir.display()
-            )
-        })?;
+        let fleet = FleetIdentity::load(&dir, "operator")
+            .with_context(|| {
+                format!(
+                    "loading the operator identity from {} (edgectl init)",
+                    dir.display()
+                )
+            })?
+            .with_congestion(target.congestion);
         let addr: SocketAddr = tokio::net::lookup_host(&target.node)
             .await
             .with_context(|| format!("resolving {}", target.node))?

@@ -145,6 +145,9 @@ pub struct ControlConfig {
     /// Generate a throwaway fleet (CA, node and operator certificates, signing key) in
     /// `identity_dir` if it is empty. For local development only.
     pub dev_identity: bool,
+    /// The congestion controller of the control endpoint's connections (pushes in, sync in
+    /// and out): BBR unless set (edge links lose packets without being congested).
+    pub congestion: edged_control::Congestion,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -356,6 +359,8 @@ struct RawControl {
     trusted_keys: Vec<String>,
     #[serde(default)]
     dev_identity: bool,
+    #[serde(default)]
+    congestion: Option<Spanned<String>>,
 }
 
 fn default_node_name() -> String {
@@ -731,12 +736,19 @@ impl NodeConfig {
                 if c.dev_identity && trusted_keys.is_empty() {
                     trusted_keys.push(identity_dir.join("signing.pub"));
                 }
+                let congestion = match &c.congestion {
+                    None => edged_control::Congestion::default(),
+                    Some(name) => name.get_ref().parse().map_err(|e: String| {
+                        err_at(name.span(), format!("control.congestion: {e}"))
+                    })?,
+                };
                 Some(ControlConfig {
                     listen,
                     identity_dir,
                     node_name: c.node_name.clone(),
                     trusted_keys,
                     dev_identity: c.dev_identity,
+                    congestion,
                 })
             }
         };
@@ -1158,6 +1170,21 @@ mod tests {
             .unwrap_err();
         assert_eq!(err.line, Some(3), "{err}");
         assert!(err.to_string().starts_with("edged.toml:3: wasm"), "{err}");
+    }
+
+    #[test]
+    fn the_congestion_controller_is_bbr_unless_named_and_a_bad_name_is_refused_at_its_line() {
+        let control = "[control]\nlisten = \"127.0.0.1:0\"\nidentity_dir = \"id\"\n";
+        let c = parse(control).unwrap().control.unwrap();
+        assert_eq!(c.congestion, edged_control::Congestion::Bbr);
+        let c = parse(&format!("{control}congestion = \"cubic\"\n"))
+            .unwrap()
+            .control
+            .unwrap();
+        assert_eq!(c.congestion, edged_control::Congestion::Cubic);
+        let err = parse(&format!("{control}congestion = \"reno\"\n")).unwrap_err();
+        assert_eq!(err.line, Some(4), "{err}");
+        assert!(err.reason.contains("bbr, cubic or newreno"), "{err}");
     }
 
     #[test]

@@ -57,7 +57,8 @@ impl ControlIdentity {
             );
         }
         Ok(ControlIdentity {
-            fleet: FleetIdentity::load(&config.identity_dir, &config.node_name)?,
+            fleet: FleetIdentity::load(&config.identity_dir, &config.node_name)?
+                .with_congestion(config.congestion),
             trusted: identity::trusted_keys(&config.trusted_keys)?,
             node_name: config.node_name.clone(),
         })
