@@ -21,6 +21,7 @@ use tokio::sync::broadcast;
 
 use crate::events::{DeploymentEvent, Origin};
 use crate::functions::pushed_route;
+use crate::lock::lock;
 use crate::serving::Serving;
 
 /// Why a signed manifest is not admitted.
@@ -594,9 +595,4 @@ impl Drop for FetchMark {
     fn drop(&mut self) {
         lock(&self.deployments.fetching).remove(&self.hash);
     }
-}
-
-/// A poisoned lock only means another thread panicked mid-update of plain bookkeeping: go on.
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }

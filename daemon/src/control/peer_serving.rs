@@ -15,6 +15,7 @@ use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
 use crate::deployments::Deployments;
+use crate::lock::lock;
 
 /// A peer that stops reading for this long loses its slot.
 const SERVE_STALL: Duration = Duration::from_secs(15);
@@ -302,10 +303,6 @@ impl PeerServingMetrics {
         );
         metrics
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[cfg(test)]

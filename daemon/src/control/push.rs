@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use super::push_session::PushSessions;
 use crate::deployments::Deployments;
 use crate::events::Origin;
+use crate::lock::lock;
 
 /// Uploads ask the kernel to start writing back every this many bytes, so the fsync at the end
 /// of a blob waits for the tail only instead of the whole blob (disk and network overlap).
@@ -207,8 +208,4 @@ fn start_writeback(file: &std::fs::File, offset: u64, len: u64) {
             libc::SYNC_FILE_RANGE_WRITE,
         );
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }

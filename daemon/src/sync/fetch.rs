@@ -17,8 +17,9 @@ use edged_snapshots::manifest::BlobRef;
 use edged_snapshots::{BlobKind, Partial, StoreError};
 
 use super::policy::{Attempt, BlobFetch, NextHolders};
-use super::{REQUEST_TIMEOUT, Syncer, Transfer, lock};
+use super::{REQUEST_TIMEOUT, Syncer, Transfer};
 use crate::deployments::FetchMark;
+use crate::lock::lock;
 
 /// A transfer that makes no progress for this long is abandoned for another holder (a dead peer
 /// would otherwise hold it until QUIC's 30 s idle timeout).

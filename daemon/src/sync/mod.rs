@@ -45,6 +45,7 @@ use tokio::sync::{Notify, Semaphore, broadcast, mpsc};
 
 use crate::deployments::Deployments;
 use crate::events::{DeploymentEvent, Origin, PeerNews, SyncStatusSource};
+use crate::lock::lock;
 use crate::metrics::{OutcomeLabel, PeerLabel};
 use crate::origin::RegistryOrigin;
 use policy::PeerTable;
@@ -657,8 +658,4 @@ impl SyncMetrics {
             })
             .inc();
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
