@@ -16,10 +16,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use edged_compiler::{CompileOptions, Target, WasmKind};
-use edged_snapshots::{
+use edged_artifacts::{
     Linkers, Manifest, Prepared, Restorer, RuntimeSettings, Store, runtime_engine,
 };
+use edged_compiler::{CompileOptions, Target, WasmKind};
 use wasmtime::{Engine, InstancePre, Linker, Module};
 use wasmtime_wasi::WasiCtxBuilder;
 use wasmtime_wasi::p1::WasiP1Ctx;

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 use bytes::Bytes;
-use edged_snapshots::{RuntimeSettings, runtime_engine};
+use edged_artifacts::{RuntimeSettings, runtime_engine};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper_util::rt::TokioIo;
 use wasmtime::component::{Component, Linker, ResourceTable};

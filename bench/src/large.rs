@@ -27,10 +27,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
-use edged_compiler::{CompileOptions, Target, WasmKind};
-use edged_snapshots::{
+use edged_artifacts::{
     Linkers, Manifest, Prepared, Restorer, RuntimeSettings, Store, runtime_engine,
 };
+use edged_compiler::{CompileOptions, Target, WasmKind};
 use http_body_util::{BodyExt, Empty};
 use wasmtime::Engine;
 use wasmtime::component::Component;

@@ -7,7 +7,7 @@
 //! or buffered whole by the protocol layer. A frame longer than [`MAX_FRAME`], or one that does
 //! not decode to a known message, is an error, and the connection is closed.
 
-use edged_snapshots::manifest::BlobRef;
+use edged_artifacts::manifest::BlobRef;
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 use crate::identity::Role;
@@ -138,7 +138,7 @@ impl Request {
         use crate::signing::{ActivationRecord, Signed};
         let manifest = || {
             Box::new(Signed {
-                payload: edged_snapshots::Manifest::sample("app", 1),
+                payload: edged_artifacts::Manifest::sample("app", 1),
                 signer: String::new(),
                 signature: String::new(),
             })

@@ -12,14 +12,14 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result, anyhow};
+use edged_artifacts::manifest::BlobRef;
+use edged_artifacts::{BlobKind, Manifest, Store, StoreError};
 use edged_control::TrustedKeys;
 use edged_control::signing::{SignError, SignedActivation, SignedManifest};
 use edged_control::wire::{ChainPartInfo, DeploymentInfo, FleetRecordInfo, Holding};
-use edged_snapshots::manifest::BlobRef;
-use edged_snapshots::{BlobKind, Manifest, Store, StoreError};
 use tokio::sync::broadcast;
 
-use crate::events::{DeploymentEvent, Origin};
+use crate::events::{DeploymentEvent, DeploymentSource};
 use crate::functions::pushed_route;
 use crate::lock::lock;
 use crate::serving::Serving;
@@ -156,7 +156,7 @@ impl Deployments {
         signed.verify(&self.trusted)?;
         let manifest = &signed.payload;
         let id = manifest.id();
-        edged_snapshots::manifest::validate_name(&manifest.name).map_err(|reason| {
+        edged_artifacts::manifest::validate_name(&manifest.name).map_err(|reason| {
             Refusal::BadName {
                 id: id.clone(),
                 reason,
@@ -275,7 +275,7 @@ impl Deployments {
     pub async fn commit(
         &self,
         signed: &SignedManifest,
-        origin: Origin,
+        source: DeploymentSource,
         activate: bool,
     ) -> Result<()> {
         let store = self.store();
@@ -287,14 +287,14 @@ impl Deployments {
             manifest.version,
             &serde_json::to_vec(signed)?,
         )?;
-        if origin == Origin::Push {
+        if source == DeploymentSource::Push {
             lock(&self.pushed_here).insert(id.clone());
         }
-        tracing::info!(deployment = %id, ?origin, "deployment stored");
+        tracing::info!(deployment = %id, ?source, "deployment stored");
         // A synced version that the name's fleet record names is activated on arrival (the
         // record was applied before the version got here).
         let activate = activate
-            || (origin == Origin::Sync
+            || (source == DeploymentSource::Sync
                 && self
                     .fleet_record(&manifest.name)?
                     .is_some_and(|r| r.payload.version == manifest.version));
@@ -302,7 +302,7 @@ impl Deployments {
             self.activate(&manifest.name, manifest.version).await?;
         }
         // Nobody listening (no sync) is fine.
-        let _ = self.events.send(DeploymentEvent::Committed { id, origin });
+        let _ = self.events.send(DeploymentEvent::Committed { id, source });
         Ok(())
     }
 
@@ -384,7 +384,7 @@ impl Deployments {
         signed.verify(&self.trusted)?;
         let record = &signed.payload;
         let id = record.id();
-        edged_snapshots::manifest::validate_name(&record.name).map_err(|reason| {
+        edged_artifacts::manifest::validate_name(&record.name).map_err(|reason| {
             RecordRefusal::BadName {
                 id: id.clone(),
                 reason,

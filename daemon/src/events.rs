@@ -13,14 +13,17 @@ use edged_control::wire::SyncStatus;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DeploymentEvent {
     /// A signed deployment was stored (all its blobs held) and may be offered to peers.
-    Committed { id: String, origin: Origin },
+    Committed {
+        id: String,
+        source: DeploymentSource,
+    },
     /// A fleet activation record was applied here and is to be spread to peers.
     FleetRecordApplied { id: String },
 }
 
 /// Where a committed deployment came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Origin {
+pub enum DeploymentSource {
     /// An operator pushed it to this node.
     Push,
     /// This node fetched it from peers.

@@ -7,9 +7,9 @@
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
+use edged_artifacts::{BlobKind, LoadPath, Manifest, Restorer, Store};
 use edged_compiler::{CompileOptions, EngineSettings, InitPolicy, Target, content_hash};
 use edged_node_config::{FunctionConfig, InitSetting, InstanceSetting, Limits};
-use edged_snapshots::{BlobKind, LoadPath, Manifest, Restorer, Store};
 use tokio::sync::Semaphore;
 
 use crate::guest_output::GuestOutput;

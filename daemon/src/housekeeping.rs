@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use edged_snapshots::{GcReport, Store, StoreError};
+use edged_artifacts::{GcReport, Store, StoreError};
 
 const EVERY: Duration = Duration::from_secs(3600);
 const UNREFERENCED_GRACE: Duration = Duration::from_secs(3600);

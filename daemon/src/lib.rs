@@ -13,7 +13,7 @@
 //!   ├─► housekeeping, notify
 //!   │
 //!   ▼
-//! origin, pieces                 pulling published deployments from an OCI registry
+//! registry_origin, pieces        pulling published deployments from an OCI registry
 //!   │                            (control's deploy and sync's last resort both use it); a
 //!   │                            blob fetched piecewise on disk (sync keeps, control serves)
 //!   ▼
@@ -61,10 +61,10 @@ pub mod lifecycle;
 pub mod lock;
 pub mod metrics;
 pub mod notify;
-pub mod origin;
 pub mod pieces;
 pub mod pool_sizing;
 pub mod preflight;
+pub mod registry_origin;
 pub mod runtime;
 pub mod sandbox;
 pub mod serving;

@@ -28,7 +28,7 @@ use crate::housekeeping;
 use crate::ingress::{AcceptBackoff, Ingress};
 use crate::metrics::{self, OutcomeLabel};
 use crate::notify;
-use crate::origin::RegistryOrigin;
+use crate::registry_origin::RegistryOrigin;
 use crate::serving::Serving;
 use crate::sync::Syncer;
 

@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+use edged_artifacts::{Store, StoreError};
 use edged_node_config::NodeConfig;
-use edged_snapshots::{Store, StoreError};
 
 #[derive(Parser)]
 #[command(

@@ -12,8 +12,8 @@ use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use edged_artifacts::{BlobKind, Partial, Store, StoreError};
 use edged_control::verified::{VerifyError, piece_count, verify_piece};
-use edged_snapshots::{BlobKind, Partial, Store, StoreError};
 
 /// Why a piecewise blob could not be kept or assembled.
 #[derive(Debug, thiserror::Error)]

@@ -2,20 +2,20 @@
 //! reserve to the pool start builds, or the refusal start and `edged check-config` report.
 //!
 //! Slot counts the config leaves unset are fitted to the address space (measured once at start
-//! by `edged_snapshots::pool::probe_reservable`; the arithmetic is `plan_pool`'s). Counts it
+//! by `edged_artifacts::pool::probe_reservable`; the arithmetic is `plan_pool`'s). Counts it
 //! sets are used as they are, without probing: under qemu-user every reserved page costs the
 //! emulator bookkeeping, so start reserves nothing beyond the pool itself. Only when the engine
 //! then fails does start probe, to tell a pool that cannot fit (and what would) from any other
 //! failure.
 
 use anyhow::Result;
-use edged_compiler::EngineSettings;
-use edged_node_config::{DEFAULT_POOL_SLOTS, NodeConfig};
-use edged_snapshots::pool::page_size;
-use edged_snapshots::{
+use edged_artifacts::pool::page_size;
+use edged_artifacts::{
     PoolPlan, PoolRequest, PoolSettings, PoolTooLarge, RuntimeSettings, Slots, plan_pool,
     probe_reservable, runtime_engine,
 };
+use edged_compiler::EngineSettings;
+use edged_node_config::{DEFAULT_POOL_SLOTS, NodeConfig};
 use wasmtime::Engine;
 
 const GIB: u64 = 1 << 30;
@@ -98,7 +98,7 @@ pub fn engine(config: &NodeConfig) -> Result<(Engine, RuntimeSettings)> {
         reserved_gib = plan.reserved_bytes.div_ceil(GIB),
         lowered = plan.lowered,
         "engine pool sized to this process's address space (at most 1/{} of what it can reserve)",
-        edged_snapshots::pool::HEADROOM_DIVISOR,
+        edged_artifacts::pool::HEADROOM_DIVISOR,
     );
     let settings = runtime_settings(config, plan.total_memories, plan.total_instances);
     let (engine, _) = runtime_engine(&settings)?;

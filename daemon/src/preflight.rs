@@ -7,7 +7,7 @@
 //!   and every trusted key file parses, unless `dev_identity` is about to create them (start
 //!   loads them in `control::ControlIdentity::load`);
 //! - the `[registry]` credentials file (`USERNAME:PASSWORD`) and CA file load (start loads
-//!   them in `origin::RegistryOrigin::new`);
+//!   them in `registry_origin::RegistryOrigin::new`);
 //! - `state_dir` is a writable directory, or can be created (start opens the store there);
 //! - the engine's pool fits the address space this process can reserve (start probes it and
 //!   refuses an explicit `[engine]` pool that cannot fit: `pool_sizing`).

@@ -3,8 +3,8 @@
 
 use std::sync::Arc;
 
+use edged_artifacts::Linkers;
 use edged_node_config::FunctionConfig;
-use edged_snapshots::Linkers;
 use wasmtime::component::ResourceTable;
 use wasmtime::{Engine, ResourceLimiter};
 use wasmtime_wasi::p1::WasiP1Ctx;

@@ -186,7 +186,7 @@ async fn bad_identities_and_bad_manifests_are_refused_and_store_nothing() {
         &edged_compiler::CompileOptions::default(),
     )
     .unwrap();
-    let manifest = edged_snapshots::Manifest::from_compiled("raw", 1, 0, &compiled);
+    let manifest = edged_artifacts::Manifest::from_compiled("raw", 1, 0, &compiled);
     let unsigned = edged_control::SignedManifest {
         payload: manifest.clone(),
         signer: String::new(),

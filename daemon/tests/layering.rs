@@ -14,7 +14,7 @@ const LAYERS: &[&[&str]] = &[
     &["ingress", "control", "sync", "housekeeping", "notify"],
     // The registry origin: control (deploy) and sync (last resort) both pull through it; the
     // pieces of a blob being fetched, which sync keeps and control serves to peers.
-    &["origin", "pieces"],
+    &["registry_origin", "pieces"],
     &["deployments"],
     &["serving"],
     // preflight (`edged check-config`) may use what functions and hosts use, nothing above.
@@ -324,7 +324,7 @@ fn inside_a_directory_module_cores_never_reach_up_into_their_shell() {
 #[test]
 fn the_check_sees_a_violation() {
     assert_eq!(
-        crate_paths("use crate::serving::Serving; crate::events::Origin"),
+        crate_paths("use crate::serving::Serving; crate::events::DeploymentSource"),
         ["serving", "events"]
     );
     assert!(layer_of("serving") > layer_of("deployments"));

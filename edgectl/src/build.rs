@@ -6,10 +6,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
+use edged_artifacts::Manifest;
 use edged_compiler::{
     Artifact, CompileOptions, Compiled, GuestKind, InitPolicy, StepTimings, Target, WasmKind,
 };
-use edged_snapshots::Manifest;
 use serde::{Deserialize, Serialize};
 
 use crate::cache::{self, CompileCache, Key, Lookup};
@@ -110,7 +110,7 @@ pub fn deployment_name(input: &Path, name: Option<&str>) -> Result<String> {
             .map(|s| s.to_string_lossy().into_owned())
             .context("cannot derive a name from the input path; pass --name")?,
     };
-    edged_snapshots::manifest::validate_name(&name).map_err(anyhow::Error::msg)?;
+    edged_artifacts::manifest::validate_name(&name).map_err(anyhow::Error::msg)?;
     Ok(name)
 }
 

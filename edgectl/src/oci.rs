@@ -6,12 +6,12 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, anyhow, bail};
+use edged_artifacts::Manifest;
 use edged_control::registry::{
     Access, ArtifactLayer, Credentials, RegistryClient, display_reference, parse_reference,
 };
 use edged_control::signing::{SignedManifest, signing_key_from_hex};
 use edged_control::wire::{Request, Response};
-use edged_snapshots::Manifest;
 
 use crate::build::{Built, CacheArgs, CompileArgs, compile_cached, now_secs, print_steps};
 use crate::remote::{Client, Target, identity_dir};
@@ -102,7 +102,7 @@ pub async fn pull_source(registry: &RegistryArgs, reference: &str) -> Result<Vec
 pub fn name_from_reference(reference: &str) -> Result<String> {
     let parsed = parse_reference(reference)?;
     let last = parsed.repository().rsplit('/').next().unwrap_or_default();
-    edged_snapshots::manifest::validate_name(last).map_err(|e| anyhow!("{e}; pass --name"))?;
+    edged_artifacts::manifest::validate_name(last).map_err(|e| anyhow!("{e}; pass --name"))?;
     Ok(last.to_string())
 }
 

@@ -7,13 +7,13 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result, anyhow, bail};
+use edged_artifacts::{InstanceReuse, Manifest};
 use edged_control::FleetIdentity;
 use edged_control::identity::NODE_SERVER_NAME;
 use edged_control::pacing::Pacer;
 use edged_control::signing::{SignedManifest, signing_key_from_hex};
 use edged_control::transport::{read_frame, write_frame};
 use edged_control::wire::{Request, Response};
-use edged_snapshots::{InstanceReuse, Manifest};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::build::{

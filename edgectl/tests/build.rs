@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use edged_snapshots::Manifest;
+use edged_artifacts::Manifest;
 use edged_testkit::guest;
 
 /// `edgectl ARGS` with its compile cache in `cache` (never the user's).

@@ -30,7 +30,7 @@ use tokio::sync::mpsc;
 
 use crate::deployments::{Applied, Deployments};
 use crate::events::{PeerNews, SyncStatusSource};
-use crate::origin::RegistryOrigin;
+use crate::registry_origin::RegistryOrigin;
 use peer_serving::PeerServing;
 use push::Pushes;
 

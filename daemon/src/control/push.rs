@@ -12,14 +12,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::{Result, anyhow};
+use edged_artifacts::{Partial, StoreError};
 use edged_control::signing::SignedManifest;
 use edged_control::wire::NeededBlob;
-use edged_snapshots::{Partial, StoreError};
 use tokio_util::sync::CancellationToken;
 
 use super::push_session::PushSessions;
 use crate::deployments::Deployments;
-use crate::events::Origin;
+use crate::events::DeploymentSource;
 use crate::lock::lock;
 
 /// Uploads ask the kernel to start writing back every this many bytes, so the fsync at the end
@@ -187,7 +187,7 @@ impl Pushes {
             .ready_to_commit(manifest_id, |hash| self.deployments.holds_blob(hash))?;
         let committed = self
             .deployments
-            .commit(&signed, Origin::Push, activate)
+            .commit(&signed, DeploymentSource::Push, activate)
             .await;
         // Forgotten whatever the outcome: a client that retries offers again.
         lock(&self.state).sessions.committed(manifest_id);

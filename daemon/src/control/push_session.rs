@@ -9,9 +9,9 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use edged_artifacts::BlobKind;
+use edged_artifacts::manifest::BlobRef;
 use edged_control::signing::SignedManifest;
-use edged_snapshots::BlobKind;
-use edged_snapshots::manifest::BlobRef;
 
 use crate::deployments::NeededBlobs;
 
@@ -167,7 +167,7 @@ impl PushSessions {
 mod tests {
     use std::collections::BTreeMap;
 
-    use edged_snapshots::Manifest;
+    use edged_artifacts::Manifest;
 
     use super::*;
 

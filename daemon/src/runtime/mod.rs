@@ -20,9 +20,9 @@ pub mod reused;
 pub mod setup;
 
 use anyhow::Result;
+use edged_artifacts::Prepared;
 use edged_compiler::GuestKind;
 use edged_node_config::InstancePolicy;
-use edged_snapshots::Prepared;
 use http::{Request, Response};
 use http_body_util::BodyExt;
 use tokio_util::task::TaskTracker;

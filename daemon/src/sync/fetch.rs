@@ -10,11 +10,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 use bytes::Bytes;
+use edged_artifacts::manifest::BlobRef;
+use edged_artifacts::{BlobKind, Partial, StoreError};
 use edged_control::transport::{read_frame, write_frame};
 use edged_control::verified::{VerifyError, open_partial, receive_slice};
 use edged_control::wire::{Request, Response};
-use edged_snapshots::manifest::BlobRef;
-use edged_snapshots::{BlobKind, Partial, StoreError};
 
 use super::policy::{Attempt, BlobFetch, NextHolders};
 use super::{REQUEST_TIMEOUT, Syncer, Transfer};

@@ -30,13 +30,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
+use edged_artifacts::BlobKind;
 use edged_control::identity::{NODE_SERVER_NAME, common_name, peer_certificates};
 use edged_control::pacing::Pacer;
 use edged_control::signing::SignedManifest;
 use edged_control::transport::{read_frame, write_frame};
 use edged_control::wire::{DeploymentSpread, Request, Response, SyncStatus, TransferStatus};
 use edged_node_config::SyncConfig;
-use edged_snapshots::BlobKind;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -44,10 +44,10 @@ use prometheus_client::registry::Registry;
 use tokio::sync::{Notify, Semaphore, broadcast, mpsc};
 
 use crate::deployments::Deployments;
-use crate::events::{DeploymentEvent, Origin, PeerNews, SyncStatusSource};
+use crate::events::{DeploymentEvent, DeploymentSource, PeerNews, SyncStatusSource};
 use crate::lock::lock;
 use crate::metrics::{OutcomeLabel, PeerLabel};
-use crate::origin::RegistryOrigin;
+use crate::registry_origin::RegistryOrigin;
 use policy::PeerTable;
 
 /// A peer that does not answer a request within this long is skipped for the round.
@@ -130,10 +130,10 @@ impl Syncer {
                         None => return,
                     },
                     event = events.recv() => match event {
-                        Ok(DeploymentEvent::Committed { origin: Origin::Push | Origin::Registry, .. })
+                        Ok(DeploymentEvent::Committed { source: DeploymentSource::Push | DeploymentSource::Registry, .. })
                         | Ok(DeploymentEvent::FleetRecordApplied { .. }) => listener.announce(),
                         // Sync announces what it stored itself, once it is activated.
-                        Ok(DeploymentEvent::Committed { origin: Origin::Sync, .. }) => {}
+                        Ok(DeploymentEvent::Committed { source: DeploymentSource::Sync, .. }) => {}
                         Err(broadcast::error::RecvError::Lagged(_)) => listener.announce(),
                         Err(broadcast::error::RecvError::Closed) => return,
                     },
@@ -296,7 +296,7 @@ impl Syncer {
         self.refresh_holdings().await;
         self.apply_fleet_records().await;
         let wanted = self.table().wanted(self.newest_seen(), |name| {
-            edged_snapshots::manifest::validate_name(name).is_ok()
+            edged_artifacts::manifest::validate_name(name).is_ok()
         });
         // Each name syncs in its own task, so a long transfer does not hold up the next round
         // (a newly pushed deployment of another name, a penalty, a new peer). The versions of
@@ -378,7 +378,7 @@ impl Syncer {
                 .put_published(name, version, text)?;
         }
         self.deployments
-            .commit(&signed, Origin::Sync, activate)
+            .commit(&signed, DeploymentSource::Sync, activate)
             .await?;
         tracing::info!(deployment = %id, "deployment synced and stored");
         self.announce();

@@ -4,11 +4,11 @@
 use std::num::NonZeroUsize;
 use std::sync::Arc;
 
-use edged_compiler::{CompileOptions, EngineSettings, InitPolicy, Target, compile};
-use edged_snapshots::{
+use edged_artifacts::{
     Linkers, LoadPath, Manifest, Prepared, RestoreError, Restorer, RuntimeSettings, Store,
     runtime_engine,
 };
+use edged_compiler::{CompileOptions, EngineSettings, InitPolicy, Target, compile};
 use edged_testkit::guest_bytes;
 use wasmtime_wasi::WasiCtxBuilder;
 use wasmtime_wasi::p1::WasiP1Ctx;

@@ -5,8 +5,8 @@
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use edged_artifacts::{ArtifactRef, BlobKind, BlobRef, Manifest, Store};
 use edged_compiler::Target;
-use edged_snapshots::{ArtifactRef, BlobKind, BlobRef, Manifest, Store};
 
 const CHILD_ENV: &str = "EDGED_CRASH_CHILD_STORE";
 

@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
+use edged_artifacts::{BlobKind, Manifest, Partial, Store, StoreError};
 use edged_compiler::{CompileOptions, Target, compile};
-use edged_snapshots::{BlobKind, Manifest, Partial, Store, StoreError};
 use edged_testkit::guest_bytes;
 
 /// Compiles the init-heavy guest and stores it as `name@version`.

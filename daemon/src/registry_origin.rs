@@ -7,7 +7,7 @@
 //! (trusted signer, newer version); the registry only maps its BLAKE3 names to OCI layers. Each
 //! blob is downloaded into the store's resumable partial file `tmp/registry-<blake3>` (an
 //! interrupted download continues with an HTTP Range request) and enters the store only through
-//! [`edged_snapshots::Store::adopt_blob_file`]: fsync, re-hash against its BLAKE3 name, rename.
+//! [`edged_artifacts::Store::adopt_blob_file`]: fsync, re-hash against its BLAKE3 name, rename.
 //! A blob that fails is refused with its name and its partial file removed; nothing of it is
 //! stored. Downloads run beside serving and never block it; a registry that is down or stalls
 //! is retried with backoff ([`Retry`], a sans-IO core) within [`RETRY_WINDOW`], and a later
@@ -20,6 +20,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
+use edged_artifacts::manifest::BlobRef;
+use edged_artifacts::{BlobKind, Partial, StoreError};
 use edged_control::pacing::Pacer;
 use edged_control::registry::{
     Access, Credentials, DeploymentLayers, RegistryClient, RegistryError, display_reference,
@@ -27,8 +29,6 @@ use edged_control::registry::{
 };
 use edged_control::signing::SignedManifest;
 use edged_node_config::RegistryConfig;
-use edged_snapshots::manifest::BlobRef;
-use edged_snapshots::{BlobKind, Partial, StoreError};
 use futures_util::StreamExt;
 use oci_client::Reference;
 use prometheus_client::metrics::counter::Counter;
@@ -37,7 +37,7 @@ use prometheus_client::registry::Registry;
 use tokio::io::AsyncWriteExt;
 
 use crate::deployments::Deployments;
-use crate::events::Origin;
+use crate::events::DeploymentSource;
 use crate::metrics::OutcomeLabel;
 
 /// How long one deploy (or one sync fetch) keeps retrying a registry that is down or stalls.
@@ -266,7 +266,7 @@ impl RegistryOrigin {
             &display_reference(&pinned),
         )?;
         self.deployments
-            .commit(signed, Origin::Registry, activate)
+            .commit(signed, DeploymentSource::Registry, activate)
             .await?;
         Ok(())
     }

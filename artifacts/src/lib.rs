@@ -1,4 +1,4 @@
-//! # edged-snapshots
+//! # edged-artifacts
 //!
 //! Owns a node's deployments at rest and their way back to life:
 //!
