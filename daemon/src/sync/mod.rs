@@ -22,6 +22,7 @@
 
 mod fetch;
 pub mod policy;
+pub mod swarm;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
