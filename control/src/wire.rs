@@ -96,6 +96,13 @@ pub enum Request {
         hash: String,
         start: u64,
     },
+    /// Sync: one verified piece of a blob the node holds whole or in part (see
+    /// [`crate::verified::piece_range`]), as the Bao slice of its byte range: answered by
+    /// `PieceSlice` then the slice's bytes, or `PieceRefused`.
+    FetchPiece {
+        hash: String,
+        index: u32,
+    },
     /// Sync: the sender holds something new (a push, or a finished sync); the receiver starts a
     /// sync round now instead of at its next interval.
     Announce {},
@@ -127,6 +134,7 @@ impl Request {
             Request::Holdings {}
             | Request::GetManifest { .. }
             | Request::FetchBlob { .. }
+            | Request::FetchPiece { .. }
             | Request::Announce {} => Role::Node,
         }
     }
@@ -193,7 +201,11 @@ impl Request {
             },
             Request::Holdings {},
             Request::GetManifest { name, version: 1 },
-            Request::FetchBlob { hash, start: 0 },
+            Request::FetchBlob {
+                hash: hash.clone(),
+                start: 0,
+            },
+            Request::FetchPiece { hash, index: 0 },
             Request::Announce {},
         ]
     }
@@ -222,6 +234,15 @@ pub struct Holding {
     /// registry: a peer that finds no node holding a blob pulls it from there.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub registry: Option<String>,
+}
+
+/// A blob a node holds some verified pieces of.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartialBlob {
+    pub hash: String,
+    pub size: u64,
+    /// The pieces held, a bit per piece (piece 0 in the lowest bit of the first byte), in hex.
+    pub pieces: String,
 }
 
 /// What a node's syncer knows: its peers, where each deployment is, transfers in progress.
@@ -366,6 +387,10 @@ pub enum Response {
         /// empty, so nodes from before fleet records still read the answer.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         activations: Vec<SignedActivation>,
+        /// Blobs this node holds in part: the pieces it verified so far, which it serves to
+        /// peers while it fetches the rest (the fleet swarms). Left out when empty.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        partial: Vec<PartialBlob>,
     },
     Manifest {
         signed: SignedManifest,
@@ -374,6 +399,15 @@ pub enum Response {
     BlobSlice {
         size: u64,
     },
+    /// One piece: the blob's full size and the length of the Bao slice that follows.
+    PieceSlice {
+        size: u64,
+        len: u64,
+    },
+    /// A piece request turned down, and why (the fetcher asks elsewhere or later).
+    PieceRefused {
+        why: PieceRefusal,
+    },
     /// Not refused, just not now: fetch from another holder or try again shortly.
     Busy {
         message: String,
@@ -381,6 +415,18 @@ pub enum Response {
     Error {
         message: String,
     },
+}
+
+/// Why a node did not send a piece.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PieceRefusal {
+    /// Every upload slot is taken: ask again shortly, or another holder.
+    Busy,
+    /// This node is the blob's origin and other nodes hold the piece: fetch it from them.
+    AskOthers,
+    /// It does not hold that piece (any more).
+    NotHeld,
 }
 
 /// `msg` as one frame.
@@ -531,6 +577,7 @@ mod tests {
                 Request::Holdings {} => Role::Node,
                 Request::GetManifest { .. } => Role::Node,
                 Request::FetchBlob { .. } => Role::Node,
+                Request::FetchPiece { .. } => Role::Node,
                 Request::Announce {} => Role::Node,
             };
             assert_eq!(request.required_role(), expected, "{request:?}");

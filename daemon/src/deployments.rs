@@ -516,6 +516,19 @@ impl Deployments {
         Ok(items)
     }
 
+    /// Whether `hash` is a blob of a deployment an operator pushed to this node: its blobs are
+    /// this node's to seed to the fleet (each piece uploaded about once).
+    pub fn pushed_here_holds(&self, hash: &str) -> bool {
+        let pushed_here = lock(&self.pushed_here).clone();
+        let store = self.store();
+        pushed_here.iter().any(|id| {
+            id.rsplit_once('@')
+                .and_then(|(name, version)| Some((name, version.parse::<u64>().ok()?)))
+                .and_then(|(name, version)| store.manifest(name, version).ok().flatten())
+                .is_some_and(|m| m.blob_hashes().any(|h| h == hash))
+        })
+    }
+
     /// The signed manifest of `name@version`, held or being fetched.
     pub fn signed_manifest(&self, name: &str, version: u64) -> Result<SignedManifest> {
         let id = format!("{name}@{version}");

@@ -20,7 +20,7 @@ use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 
-use crate::control::{ControlIdentity, ControlServer};
+use crate::control::{ControlIdentity, ControlServer, PeerLinks};
 use crate::deployments::Deployments;
 use crate::epoch::EpochTicker;
 use crate::events::SyncStatusSource;
@@ -28,8 +28,10 @@ use crate::housekeeping;
 use crate::ingress::{AcceptBackoff, Ingress};
 use crate::metrics::{self, OutcomeLabel};
 use crate::notify;
+use crate::piece_exchange::PieceExchange;
 use crate::registry_origin::RegistryOrigin;
 use crate::serving::Serving;
+use crate::swarm::UploadConfig;
 use crate::sync::Syncer;
 
 /// Blobs served to peers at once when the node has no `[sync]` table (it still serves peers
@@ -155,6 +157,14 @@ fn start_control(
     let origin = oci
         .map(|oci| RegistryOrigin::new(deployments.clone(), oci, registry))
         .transpose()?;
+    // Pieces are 256 KiB where a whole-blob slot is a whole blob: three piece uploads per
+    // `max_uploads` keep a node's links busy while bounding what it has in flight to peers.
+    let max_serving = sync.map_or(DEFAULT_MAX_SERVING, |s| s.max_uploads);
+    let exchange = PieceExchange::new(UploadConfig {
+        max_uploads: 3 * max_serving,
+        ..UploadConfig::default()
+    });
+    tokio::spawn(exchange.clone().run());
     let syncer = match sync {
         Some(sync) => Some(Syncer::new(
             deployments.clone(),
@@ -162,6 +172,7 @@ fn start_control(
             identity.client_config()?,
             sync.clone(),
             origin.clone(),
+            exchange.clone(),
             registry,
         )),
         None => None,
@@ -169,9 +180,12 @@ fn start_control(
     let server = ControlServer::new(
         deployments,
         identity.node_name.clone(),
-        sync.map_or(DEFAULT_MAX_SERVING, |s| s.max_uploads),
-        news,
-        syncer.clone().map(|s| s as Arc<dyn SyncStatusSource>),
+        max_serving,
+        PeerLinks {
+            news,
+            sync_status: syncer.clone().map(|s| s as Arc<dyn SyncStatusSource>),
+            exchange,
+        },
         origin,
         registry,
     );

@@ -14,7 +14,9 @@ const LAYERS: &[&[&str]] = &[
     &["ingress", "control", "sync", "housekeeping", "notify"],
     // The registry origin: control (deploy) and sync (last resort) both pull through it; the
     // pieces of a blob being fetched, which sync keeps and control serves to peers.
-    &["registry_origin", "pieces"],
+    // The node's side of the piece exchange (what it holds in part, what peers hold, upload
+    // slots): sync feeds it, control serves from it.
+    &["registry_origin", "pieces", "piece_exchange"],
     &["deployments"],
     &["serving"],
     // preflight (`edged check-config`) may use what functions and hosts use, nothing above.
@@ -25,7 +27,15 @@ const LAYERS: &[&[&str]] = &[
     &["sandbox", "metrics", "events"],
     // Bodies, the epoch clock, locking, sizing the engine's pool and the log guests write to
     // use no module.
-    &["body", "epoch", "lock", "guest_output", "pool_sizing"],
+    // The piece exchange's decisions (sans IO) too.
+    &[
+        "body",
+        "epoch",
+        "lock",
+        "guest_output",
+        "pool_sizing",
+        "swarm",
+    ],
 ];
 
 /// The pictures inside directory modules, highest first: `mod` is the directory's `mod.rs`
@@ -38,7 +48,7 @@ const SUB_LAYERS: &[(&str, &[&[&str]])] = &[
             // The tokio shell: `fetch.rs` is more of `Syncer`'s methods.
             &["mod", "fetch"],
             // Sans-IO cores: fed `now` and answers, touching no socket, clock or file.
-            &["policy", "swarm"],
+            &["policy"],
         ],
     ),
     (

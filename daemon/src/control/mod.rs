@@ -30,6 +30,7 @@ use tokio::sync::mpsc;
 
 use crate::deployments::{Applied, Deployments};
 use crate::events::{PeerNews, SyncStatusSource};
+use crate::piece_exchange::PieceExchange;
 use crate::registry_origin::RegistryOrigin;
 use peer_serving::PeerServing;
 use push::Pushes;
@@ -84,24 +85,44 @@ pub struct ControlServer {
     news: mpsc::UnboundedSender<PeerNews>,
     sync_status: Option<Arc<dyn SyncStatusSource>>,
     origin: Option<Arc<RegistryOrigin>>,
+    exchange: Arc<PieceExchange>,
+}
+
+/// What the control server shares with sync.
+pub struct PeerLinks {
+    /// Where news of peers goes (sync, when it runs).
+    pub news: mpsc::UnboundedSender<PeerNews>,
+    /// What `edgectl status` shows of sync.
+    pub sync_status: Option<Arc<dyn SyncStatusSource>>,
+    /// The piece exchange: sync feeds it, the server serves pieces from it.
+    pub exchange: Arc<PieceExchange>,
 }
 
 impl ControlServer {
-    /// `max_serving` caps blobs served to peers at once; `news` goes to sync (when it runs),
-    /// and `sync_status` is what `edgectl status` shows of it; `origin` (with `[registry]`)
-    /// answers deploys from an OCI registry.
+    /// `max_serving` caps blobs served to peers at once; `peers` is how the server and sync
+    /// talk; `origin` (with `[registry]`) answers deploys from an OCI registry.
     pub fn new(
         deployments: Arc<Deployments>,
         node_name: String,
         max_serving: usize,
-        news: mpsc::UnboundedSender<PeerNews>,
-        sync_status: Option<Arc<dyn SyncStatusSource>>,
+        peers: PeerLinks,
         origin: Option<Arc<RegistryOrigin>>,
         registry: &mut Registry,
     ) -> Arc<ControlServer> {
+        let PeerLinks {
+            news,
+            sync_status,
+            exchange,
+        } = peers;
         Arc::new(ControlServer {
             pushes: Pushes::new(deployments.clone()),
-            peer_serving: PeerServing::new(deployments.clone(), max_serving, registry),
+            peer_serving: PeerServing::new(
+                deployments.clone(),
+                exchange.clone(),
+                max_serving,
+                registry,
+            ),
+            exchange,
             deployments,
             node_name,
             news,
@@ -201,6 +222,16 @@ impl ControlServer {
                         Some(answer) => answer,
                     }
                 }
+                Request::FetchPiece { hash, index } => {
+                    match self
+                        .peer_serving
+                        .serve_piece(&hash, index, peer, &mut send)
+                        .await
+                    {
+                        None => return Ok(()),
+                        Some(answer) => answer,
+                    }
+                }
                 request => self
                     .handle(request, &mut recv, peer)
                     .await
@@ -272,6 +303,7 @@ impl ControlServer {
             Request::Holdings {} => Response::Holdings {
                 items: deployments.holdings()?,
                 activations: deployments.fleet_records()?,
+                partial: self.exchange.partial_blobs(),
             },
             Request::ActivateFleet { record } => {
                 let id = record.payload.id();
@@ -293,7 +325,9 @@ impl ControlServer {
             Request::GetManifest { name, version } => Response::Manifest {
                 signed: deployments.signed_manifest(&name, version)?,
             },
-            Request::FetchBlob { .. } => bail!("blob fetches are answered on their stream"),
+            Request::FetchBlob { .. } | Request::FetchPiece { .. } => {
+                bail!("blob and piece fetches are answered on their stream")
+            }
             Request::Announce {} => {
                 let _ = self.news.send(PeerNews::Announced);
                 Response::Done {

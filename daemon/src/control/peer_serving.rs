@@ -1,6 +1,8 @@
-//! Serving peers that sync from this node: what it holds, signed manifests, and blobs as Bao
-//! slices. The [`ServeSlots`] core decides who gets a blob (each blob to one peer at a time,
-//! within a cap on blobs served at once); the rest is the tokio shell that streams.
+//! Serving peers that sync from this node: what it holds, signed manifests, blobs as Bao
+//! slices, and pieces of blobs (held whole or still being fetched) for the piece exchange. The
+//! [`ServeSlots`] core decides who gets a whole blob (each blob to one peer at a time, within a
+//! cap on blobs served at once); [`crate::piece_exchange`] who gets a piece; the rest is the
+//! tokio shell that streams.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -8,20 +10,32 @@ use std::time::Duration;
 
 use anyhow::{Result, anyhow, bail};
 use edged_control::transport::write_frame;
-use edged_control::verified::SliceSource;
-use edged_control::wire::Response;
+use edged_control::verified::{PieceSource, SliceSource, piece_count};
+use edged_control::wire::{PieceRefusal, Response};
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
 use crate::deployments::Deployments;
 use crate::lock::lock;
+use crate::metrics::PeerLabel;
+use crate::piece_exchange::PieceExchange;
+use crate::pieces::PieceFiles;
+use crate::swarm::PieceSet;
 
 /// A peer that stops reading for this long loses its slot.
 const SERVE_STALL: Duration = Duration::from_secs(15);
 /// How long the last bytes of a blob (at most one send window) may take to be acknowledged:
 /// 8 MiB at 1 Mbit/s is ~67 s, so a slow but live peer keeps its slot.
 const DELIVERY_WAIT: Duration = Duration::from_secs(120);
+/// How long one piece (256 KiB and its tree nodes) may take to be acknowledged: 30 s is
+/// 70 kbit/s, so only a dead or hopeless peer loses the slot to it.
+const PIECE_DELIVERY_WAIT: Duration = Duration::from_secs(30);
+/// Whole blobs whose Bao tree is kept for serving pieces: building a tree reads the blob once,
+/// and a swarm asks for every piece of the few blobs of a new deployment. Each tree is 1/16 of
+/// its blob; the blob itself is a mapping of the stored file, not heap.
+const PIECE_SOURCES: usize = 4;
 
 /// Which peer each blob is being served to, sans-IO.
 pub struct ServeSlots {
@@ -82,7 +96,16 @@ impl ServeSlots {
 pub struct PeerServing {
     deployments: Arc<Deployments>,
     slots: Arc<Mutex<SlotState>>,
+    exchange: Arc<PieceExchange>,
+    /// Most recently used first.
+    piece_sources: Mutex<Vec<(String, Arc<PieceSource<memmap2::Mmap>>)>>,
     metrics: PeerServingMetrics,
+}
+
+/// Where a piece's slice comes from.
+enum PieceOrigin {
+    Whole(Arc<PieceSource<memmap2::Mmap>>),
+    Partial(PieceFiles),
 }
 
 struct SlotState {
@@ -109,11 +132,14 @@ impl Drop for Slot {
 impl PeerServing {
     pub fn new(
         deployments: Arc<Deployments>,
+        exchange: Arc<PieceExchange>,
         max_serving: usize,
         registry: &mut Registry,
     ) -> PeerServing {
         PeerServing {
             deployments,
+            exchange,
+            piece_sources: Mutex::new(Vec::new()),
             slots: Arc::new(Mutex::new(SlotState {
                 slots: ServeSlots::new(max_serving),
                 cancels: HashMap::new(),
@@ -148,6 +174,122 @@ impl PeerServing {
                 })
             }
         }
+    }
+
+    /// Answers a `FetchPiece`: sends the piece's slice and returns `None`, or returns the
+    /// answer to send instead (refused: busy, ask others, not held; or an error).
+    pub async fn serve_piece(
+        &self,
+        hash: &str,
+        index: u32,
+        peer: &str,
+        send: &mut quinn::SendStream,
+    ) -> Option<Response> {
+        match self.send_piece(hash, index, peer, send).await {
+            Ok(None) => None,
+            Ok(Some(why)) => Some(Response::PieceRefused { why }),
+            Err(e) => Some(Response::Error {
+                message: format!("{e:#}"),
+            }),
+        }
+    }
+
+    async fn send_piece(
+        &self,
+        hash: &str,
+        index: u32,
+        peer: &str,
+        send: &mut quinn::SendStream,
+    ) -> Result<Option<PieceRefusal>> {
+        let store = self.deployments.store();
+        let (size, held, origin) = match store.blob_meta(hash)? {
+            Some(meta) => {
+                if self.deployments.pushed_here_holds(hash) {
+                    self.exchange.seed(hash, meta.size);
+                }
+                let source = self.piece_source(hash).await?;
+                (
+                    meta.size,
+                    PieceSet::full(piece_count(meta.size)),
+                    PieceOrigin::Whole(source),
+                )
+            }
+            None => match self.exchange.held(hash) {
+                Some((size, held)) => match PieceFiles::existing(store, hash, size) {
+                    Some(files) => (size, held, PieceOrigin::Partial(files)),
+                    None => return Ok(Some(PieceRefusal::NotHeld)),
+                },
+                None => return Ok(Some(PieceRefusal::NotHeld)),
+            },
+        };
+        let slot = match self.exchange.admit(peer, hash, size, index, &held).await {
+            Ok(slot) => slot,
+            Err(why) => return Ok(Some(why)),
+        };
+        let slice = match origin {
+            PieceOrigin::Whole(source) => {
+                tokio::task::spawn_blocking(move || source.piece_slice(index)).await??
+            }
+            PieceOrigin::Partial(files) => {
+                tokio::task::spawn_blocking(move || files.slice(index)).await??
+            }
+        };
+        write_frame(
+            send,
+            &Response::PieceSlice {
+                size,
+                len: slice.len() as u64,
+            },
+        )
+        .await?;
+        tokio::time::timeout(SERVE_STALL, send.write_all(&slice))
+            .await
+            .map_err(|_| anyhow!("peer stopped reading piece {index} of blob {hash}"))??;
+        send.finish()?;
+        // The slot is held until the peer has the piece (see `stream_slice`).
+        match tokio::time::timeout(PIECE_DELIVERY_WAIT, send.stopped()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => bail!("delivering piece {index} of blob {hash}: {e}"),
+            Err(_) => bail!(
+                "peer acknowledged nothing of piece {index} of blob {hash} for \
+                 {PIECE_DELIVERY_WAIT:?}"
+            ),
+        }
+        self.metrics.served_bytes.inc_by(slice.len() as u64);
+        self.metrics.pieces_served(peer).inc();
+        slot.delivered(slice.len() as u64);
+        Ok(None)
+    }
+
+    /// The Bao tree of a whole stored blob for serving its pieces, built once (the blob is
+    /// hashed while it is built, so a copy damaged on this disk is refused, not served).
+    async fn piece_source(&self, hash: &str) -> Result<Arc<PieceSource<memmap2::Mmap>>> {
+        {
+            let mut sources = lock(&self.piece_sources);
+            if let Some(at) = sources.iter().position(|(h, _)| h == hash) {
+                let entry = sources.remove(at);
+                let source = entry.1.clone();
+                sources.insert(0, entry);
+                return Ok(source);
+            }
+        }
+        let store = self.deployments.store().clone();
+        let expected = hash.to_string();
+        let source = tokio::task::spawn_blocking(move || {
+            let (map, _) = store.map_blob(&expected)?;
+            anyhow::Ok(PieceSource::checked(map, &expected)?)
+        })
+        .await?
+        .map_err(|e| {
+            tracing::error!(blob = %hash, error = %format!("{e:#}"), "stored blob is damaged; not serving it");
+            anyhow!("this node's copy of blob {hash} is damaged; fetch it elsewhere")
+        })?;
+        let source = Arc::new(source);
+        let mut sources = lock(&self.piece_sources);
+        sources.retain(|(h, _)| h != hash);
+        sources.insert(0, (hash.to_string(), source.clone()));
+        sources.truncate(PIECE_SOURCES);
+        Ok(source)
     }
 
     /// Answers a `FetchBlob`: streams the slice and returns `None`, or returns the answer to
@@ -283,6 +425,7 @@ impl PeerServing {
 struct PeerServingMetrics {
     blobs_served: Counter,
     served_bytes: Counter,
+    pieces_served: Family<PeerLabel, Counter>,
 }
 
 impl PeerServingMetrics {
@@ -290,7 +433,13 @@ impl PeerServingMetrics {
         let metrics = PeerServingMetrics {
             blobs_served: Counter::default(),
             served_bytes: Counter::default(),
+            pieces_served: Family::default(),
         };
+        registry.register(
+            "sync_pieces_served",
+            "Pieces served to peers (verified, acknowledged), by the peer's node name",
+            metrics.pieces_served.clone(),
+        );
         registry.register(
             "sync_uploads",
             "Blobs served to peers in full",
@@ -302,6 +451,14 @@ impl PeerServingMetrics {
             metrics.served_bytes.clone(),
         );
         metrics
+    }
+
+    fn pieces_served(&self, peer: &str) -> Counter {
+        self.pieces_served
+            .get_or_create(&PeerLabel {
+                peer: peer.to_string(),
+            })
+            .clone()
     }
 }
 

@@ -1,31 +1,51 @@
-//! Fetching one blob from peers: the holder loop (driven by [`BlobFetch`]'s choices) and one
-//! attempt with one peer, a Bao slice verified chunk by chunk into the store's resumable partial
-//! file ([`Partial::PeerFetch`]). A partial download only ever holds verified bytes: after a
-//! peer dies, or this daemon restarts, it resumes from there with any peer.
+//! Fetching one blob from peers as verified pieces: the piece exchange's fetching shell. The
+//! decisions — which piece from which peer, when a request stalled, whom to penalise — are
+//! [`BlobSwarm`]'s; this loop feeds it who holds which pieces (holdings answers, refreshed every
+//! second while pieces move) and how each request ended, and does what it says. Pieces come
+//! from different holders at once, rarest first, and a peer still fetching the blob serves the
+//! pieces it verified, so the origin uploads each piece about once.
+//!
+//! A piece counts only after its Bao slice verified against the signed BLAKE3 hash; it is kept
+//! as its own file ([`PieceFiles`]) and served to peers from then on. A restart finds the pieces
+//! again (each verified once more) and fetches only the rest. The blob is assembled — and
+//! hashed whole once more — when every piece is in. When no peer has any piece and the
+//! deployment is published, the registry is the holder of last resort.
 
-use std::io::{self, Read};
+use std::collections::{HashMap, HashSet};
+use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Result, bail};
-use bytes::Bytes;
+use edged_artifacts::BlobKind;
 use edged_artifacts::manifest::BlobRef;
-use edged_artifacts::{BlobKind, Partial, StoreError};
 use edged_control::transport::{read_frame, write_frame};
-use edged_control::verified::{VerifyError, open_partial, receive_slice};
-use edged_control::wire::{Request, Response};
+use edged_control::verified::{PIECE, piece_count, piece_range};
+use edged_control::wire::{PieceRefusal, Request, Response};
+use tokio::task::{AbortHandle, JoinSet};
 
-use super::policy::{Attempt, BlobFetch, NextHolders};
-use super::{REQUEST_TIMEOUT, Syncer, Transfer};
+use super::policy::{BUSY_GIVE_UP, ORIGIN_PATIENCE};
+use super::{REQUEST_TIMEOUT, SWARM_REFRESH, Syncer, Transfer};
 use crate::deployments::FetchMark;
 use crate::lock::lock;
+use crate::pieces::{PieceError, PieceFiles};
+use crate::swarm::{Action, BlobSwarm, PieceSet, Refusal, SwarmConfig};
 
-/// A transfer that makes no progress for this long is abandoned for another holder (a dead peer
-/// would otherwise hold it until QUIC's 30 s idle timeout).
-const STALL_TIMEOUT: Duration = Duration::from_secs(5);
-/// Pause before asking again when every holder of a blob is busy.
-const BUSY_PAUSE: Duration = Duration::from_millis(200);
+/// The most a piece's slice may take on the wire: its content and the tree nodes that verify
+/// it (64 bytes of parents per 1 KiB chunk, and the path to the root). A peer announcing more
+/// is not read.
+const MAX_SLICE: u64 = PIECE + PIECE / 8 + 8192;
+
+/// How one piece request ended.
+enum PieceOutcome {
+    /// Verified and on disk: its content bytes.
+    Verified(u64),
+    /// Failed verification, or a size the manifest contradicts.
+    BadData(String),
+    /// Turned down, or the stream failed.
+    Refused(Refusal, String),
+}
 
 impl Syncer {
     fn blob_lock(&self, hash: &str) -> Arc<tokio::sync::Mutex<()>> {
@@ -34,19 +54,15 @@ impl Syncer {
         locks.entry(hash.to_string()).or_default().clone()
     }
 
-    fn peer_slots(&self, addr: &str) -> Arc<tokio::sync::Semaphore> {
-        lock(&self.peer_slots)
-            .entry(addr.to_string())
-            .or_insert_with(|| {
-                Arc::new(tokio::sync::Semaphore::new(
-                    self.config.max_transfers_per_peer,
-                ))
-            })
-            .clone()
+    /// This node's own tie-breaks between equal pieces and peers (fetchers spread out).
+    fn swarm_seed(&self) -> u64 {
+        let mut hasher = DefaultHasher::new();
+        self.endpoint.local_addr().ok().hash(&mut hasher);
+        hasher.finish()
     }
 
-    /// Fetches one blob into the store from whichever holder can serve it, resuming the verified
-    /// partial download across holders.
+    /// Fetches one blob into the store, as pieces from whichever peers hold them, resuming from
+    /// the pieces already on disk.
     pub(super) async fn fetch_blob(
         self: &Arc<Self>,
         id: &str,
@@ -57,177 +73,252 @@ impl Syncer {
         let hash = &blob.blake3;
         let lock = self.blob_lock(hash);
         let _one_fetch_per_blob = lock.lock().await;
-        if self.deployments.store().blob_meta(hash)?.is_some() {
+        let store = self.deployments.store().clone();
+        if store.blob_meta(hash)?.is_some() {
             return Ok(());
         }
         let _transfer = self.transfers.acquire().await?;
-        let mut plan = BlobFetch::new(hash, Instant::now());
-        loop {
-            let next = plan.next_source(&self.table(), published.is_some(), Instant::now());
-            let holders = match next {
-                NextHolders::Ask(holders) => holders,
-                NextHolders::Registry => {
-                    let (Some(origin), Some(pinned)) = (&self.origin, published) else {
-                        unreachable!("the registry is offered only for a published deployment")
-                    };
+        let files = Arc::new(PieceFiles::open(&store, hash, blob.size)?);
+        let pieces = piece_count(blob.size);
+        let mut held = PieceSet::empty(pieces);
+        let on_disk = {
+            let files = files.clone();
+            tokio::task::spawn_blocking(move || files.verified_on_disk()).await?
+        };
+        for &index in &on_disk {
+            held.insert(index);
+        }
+        let held_bytes: u64 = held.iter().map(|i| piece_range(blob.size, i).1).sum();
+        if !on_disk.is_empty() {
+            tracing::info!(blob = %hash, deployment = %id, pieces = on_disk.len(), of = pieces, bytes = held_bytes, "resuming a partial download");
+        }
+        self.exchange.fetching(hash, blob.size, held.clone());
+        let _partial = PartialHere {
+            syncer: self,
+            hash: hash.clone(),
+        };
+        let have = Arc::new(AtomicU64::new(held_bytes));
+        let _progress = self.track(hash, id, "peers", blob.size, have.clone());
+
+        // `max_transfers_per_peer` caps the pieces asked of one peer at once.
+        let config = SwarmConfig {
+            per_peer: self.config.max_transfers_per_peer.max(1) as u32,
+            ..SwarmConfig::default()
+        };
+        let mut swarm = BlobSwarm::new(blob.size, held, self.swarm_seed(), config);
+        let mut requests: JoinSet<(String, u32, PieceOutcome)> = JoinSet::new();
+        let mut running: HashMap<(String, u32), AbortHandle> = HashMap::new();
+        let mut known: HashSet<String> = HashSet::new();
+        let mut sources: HashMap<String, u32> = HashMap::new();
+        let started = Instant::now();
+        let mut last_progress = Instant::now();
+        let mut holders_seen = false;
+        let mut registry_tried = false;
+        while !swarm.is_complete() {
+            let now = Instant::now();
+            let holders = self.table().piece_holders(hash, blob.size, now);
+            holders_seen |= !holders.is_empty();
+            let current: HashSet<String> = holders.iter().map(|h| h.addr.clone()).collect();
+            for gone in known.difference(&current) {
+                swarm.peer_lost(gone);
+            }
+            for holder in holders {
+                if let Err(e) =
+                    swarm.peer_holdings(holder.addr.clone(), holder.pieces, holder.origin)
+                {
+                    tracing::debug!(peer = %holder.addr, blob = %hash, "holdings not taken: {e}");
+                }
+            }
+            known = current;
+            for action in swarm.poll(now) {
+                match action {
+                    Action::Request { peer, piece } => {
+                        let (syncer, hash, files) = (self.clone(), hash.clone(), files.clone());
+                        let size = blob.size;
+                        let key = (peer.clone(), piece);
+                        let handle = requests.spawn(async move {
+                            let outcome =
+                                syncer.fetch_piece(&peer, &hash, size, piece, files).await;
+                            (peer, piece, outcome)
+                        });
+                        running.insert(key, handle);
+                    }
+                    Action::Cancel { peer, piece, why } => {
+                        if let Some(handle) = running.remove(&(peer.clone(), piece)) {
+                            tracing::debug!(%peer, blob = %hash, piece, ?why, "piece request cancelled");
+                            handle.abort();
+                        }
+                    }
+                    Action::Penalise { peer, reason } => {
+                        self.metrics.fetch("bad_data");
+                        self.penalise(&peer, &reason);
+                    }
+                }
+            }
+            if requests.is_empty() {
+                // Nobody to ask right now: the registry when no peer has any of it (for a
+                // published deployment), else wait for holders, within limits.
+                if let (Some(origin), Some(pinned)) = (&self.origin, published)
+                    && !registry_tried
+                    && (!holders_seen || last_progress.elapsed() >= ORIGIN_PATIENCE)
+                    && started.elapsed() >= ORIGIN_PATIENCE.min(SWARM_REFRESH * 3)
+                {
                     match origin.fetch_blob(pinned, id, blob, kind.clone()).await {
                         Ok(()) => {
                             self.metrics.fetch("ok");
                             return Ok(());
                         }
                         Err(e) => {
-                            tracing::warn!(blob = %hash, deployment = %id, "no peer holds this blob and the registry could not deliver it: {e}");
-                            plan.record_registry_failure();
-                            continue;
+                            registry_tried = true;
+                            tracing::warn!(blob = %hash, deployment = %id, "no peer could serve this blob and the registry could not deliver it: {e}");
                         }
                     }
                 }
-                NextHolders::Nobody => bail!(
-                    "no reachable peer holds blob {hash} of {id} (failed: {:?})",
-                    plan.failed()
-                ),
-            };
-            for addr in &holders {
-                let Ok(_peer_slot) = self.peer_slots(addr).try_acquire_owned() else {
-                    continue;
-                };
-                let attempt = match self.fetch_from(addr, id, blob, &kind).await {
-                    Ok(()) => {
-                        self.metrics.fetch("ok");
-                        return Ok(());
-                    }
-                    Err(attempt) => attempt,
-                };
-                match &attempt {
-                    Attempt::Busy => self.metrics.fetch("busy"),
-                    Attempt::BadData(reason) => {
-                        self.metrics.fetch("bad_data");
-                        self.report_penalty(addr, reason);
-                    }
-                    Attempt::Failed(reason) => {
-                        self.metrics.fetch("failed");
-                        tracing::info!(peer = %addr, blob = %hash, "fetch failed: {reason}; trying another holder");
+                if last_progress.elapsed() >= BUSY_GIVE_UP {
+                    bail!(
+                        "no peer served any piece of blob {hash} of {id} for {BUSY_GIVE_UP:?} \
+                         ({} of {pieces} pieces held; holders known: {})",
+                        swarm.held().count(),
+                        known.len()
+                    );
+                }
+            }
+            let wake = swarm
+                .next_wakeup()
+                .map_or(now + SWARM_REFRESH, |at| at.min(now + SWARM_REFRESH));
+            tokio::select! {
+                Some(joined) = requests.join_next() => {
+                    let Ok((peer, piece, outcome)) = joined else {
+                        continue; // cancelled
+                    };
+                    running.remove(&(peer.clone(), piece));
+                    let now = Instant::now();
+                    match outcome {
+                        PieceOutcome::Verified(bytes) => {
+                            if swarm.piece_verified(now, &peer, piece) {
+                                self.exchange.verified(hash, piece);
+                                have.fetch_add(bytes, Ordering::Relaxed);
+                                *sources.entry(peer).or_default() += 1;
+                                self.metrics.fetch("ok_piece");
+                            }
+                            last_progress = now;
+                        }
+                        PieceOutcome::BadData(reason) => swarm.piece_failed(&peer, piece, reason),
+                        PieceOutcome::Refused(why, reason) => {
+                            if why == Refusal::Failed {
+                                self.metrics.fetch("failed");
+                                tracing::info!(%peer, blob = %hash, piece, "piece fetch failed: {reason}; asking elsewhere");
+                            } else {
+                                self.metrics.fetch("busy");
+                            }
+                            swarm.refused(now, &peer, piece, why);
+                        }
                     }
                 }
-                // Penalties and failures go into the peer table through the plan.
-                plan.record(&mut self.table(), addr, &attempt, Instant::now());
+                () = tokio::time::sleep_until(wake.into()) => {}
             }
-            if plan.gave_up(Instant::now()) {
-                bail!(
-                    "every holder of blob {hash} stayed busy for {:?}",
-                    super::policy::BUSY_GIVE_UP
-                );
-            }
-            tokio::time::sleep(BUSY_PAUSE).await;
-            // Holders change as other nodes finish: ask again.
-            self.refresh_holdings().await;
+            let syncer = self.clone();
+            tokio::spawn(async move { syncer.refresh_holdings_soon().await });
         }
+        requests.shutdown().await;
+        drop(running);
+        let files = Arc::into_inner(files).expect("every piece request ended");
+        let assembled = {
+            let (store, kind) = (store.clone(), kind.clone());
+            tokio::task::spawn_blocking(move || files.assemble(&store, kind)).await?
+        };
+        if let Err(e) = assembled {
+            bail!("assembling blob {hash} from its verified pieces: {e}");
+        }
+        let from: Vec<String> = sources.iter().map(|(p, n)| format!("{p}:{n}")).collect();
+        tracing::info!(blob = %hash, deployment = %id, bytes = blob.size - held_bytes, pieces, from = %from.join(","), "blob fetched and verified");
+        self.metrics.fetch("ok");
+        Ok(())
     }
 
-    /// One attempt to fetch `blob` from `addr`, from the end of the verified partial download.
-    async fn fetch_from(
+    /// One piece from `addr`: asked, read (at most [`MAX_SLICE`]), verified and kept on disk.
+    async fn fetch_piece(
         &self,
         addr: &str,
-        id: &str,
-        blob: &BlobRef,
-        kind: &BlobKind,
-    ) -> std::result::Result<(), Attempt> {
-        let failed = |e: anyhow::Error| Attempt::Failed(format!("{e:#}"));
-        let hash = blob.blake3.clone();
-        let store = self.deployments.store().clone();
-        let partial = store.partial_path(Partial::PeerFetch(&hash));
-        let conn = self.connection(addr).await.map_err(failed)?;
-        let (file, start) = open_partial(&partial)
-            .map_err(|e| Attempt::Failed(format!("partial download {}: {e}", partial.display())))?;
-        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| failed(e.into()))?;
-        let request = Request::FetchBlob {
-            hash: hash.clone(),
-            start,
+        hash: &str,
+        size: u64,
+        index: u32,
+        files: Arc<PieceFiles>,
+    ) -> PieceOutcome {
+        let failed = |reason: String| PieceOutcome::Refused(Refusal::Failed, reason);
+        let conn = match self.connection(addr).await {
+            Ok(conn) => conn,
+            Err(e) => return failed(format!("{e:#}")),
+        };
+        let (mut send, mut recv) = match conn.open_bi().await {
+            Ok(streams) => streams,
+            Err(e) => return failed(e.to_string()),
+        };
+        let request = Request::FetchPiece {
+            hash: hash.to_string(),
+            index,
         };
         let answer = tokio::time::timeout(REQUEST_TIMEOUT, async {
             write_frame(&mut send, &request).await?;
             send.finish()?;
             anyhow::Ok(read_frame::<Response>(&mut recv).await?)
         })
-        .await
-        .map_err(|_| Attempt::Failed(format!("{addr} did not answer within {REQUEST_TIMEOUT:?}")))?
-        .map_err(failed)?;
-        match answer {
-            Response::BlobSlice { size } if size == blob.size => {}
-            Response::BlobSlice { size } => {
-                return Err(Attempt::BadData(format!(
-                    "says blob {hash} has {size} bytes; the signed manifest says {}",
-                    blob.size
-                )));
+        .await;
+        // A queued request may wait for a slot a little longer than a plain answer takes.
+        let answer = match answer {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(e)) => return failed(format!("{e:#}")),
+            Err(_) => {
+                return PieceOutcome::Refused(
+                    Refusal::Busy,
+                    format!("{addr} did not answer within {REQUEST_TIMEOUT:?}"),
+                );
             }
-            Response::Busy { .. } => return Err(Attempt::Busy),
-            Response::Error { message } => return Err(Attempt::Failed(message)),
-            other => return Err(Attempt::Failed(format!("unexpected answer {other:?}"))),
-        }
-        if start > 0 {
-            tracing::info!(peer = %addr, blob = %hash, start, "resuming a partial download");
-        }
-        let have = Arc::new(AtomicU64::new(start));
-        let _progress = self.track(&hash, id, addr, blob.size, have.clone());
-
-        // The network side stays async (stall detection, pacing); verification and disk writes
-        // run on a blocking thread fed through a channel.
-        let (chunks_tx, chunks_rx) = tokio::sync::mpsc::channel::<io::Result<Bytes>>(16);
-        let verifier = {
-            let (hash, size, kind) = (hash.clone(), blob.size, kind.clone());
-            let have = have.clone();
-            tokio::task::spawn_blocking(move || -> std::result::Result<(), FetchError> {
-                let mut file = file;
-                let reader = ChannelReader {
-                    chunks: chunks_rx,
-                    current: Bytes::new(),
-                };
-                receive_slice(reader, &hash, size, start, &mut file, |n| {
-                    have.fetch_add(n, Ordering::Relaxed);
-                })?;
-                file.sync_all()?;
-                drop(file);
-                // Hash and kind are checked once more as the file is renamed into the store.
-                store.adopt_blob_file(&partial, kind, &hash)?;
-                Ok(())
-            })
         };
-        let fetched_bytes = self.metrics.fetched_from(addr);
-        loop {
-            let chunk =
-                match tokio::time::timeout(STALL_TIMEOUT, recv.read_chunk(256 << 10, true)).await {
-                    Err(_) => Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        format!("{addr} sent nothing for {STALL_TIMEOUT:?}"),
-                    )),
-                    Ok(Ok(Some(chunk))) => Ok(chunk.bytes),
-                    Ok(Ok(None)) => break,
-                    Ok(Err(e)) => Err(io::Error::other(e)),
+        let len = match answer {
+            Response::PieceSlice { size: said, len } if said == size && len <= MAX_SLICE => len,
+            Response::PieceSlice { size: said, .. } if said != size => {
+                return PieceOutcome::BadData(format!(
+                    "says blob {hash} has {said} bytes; the signed manifest says {size}"
+                ));
+            }
+            Response::PieceSlice { len, .. } => {
+                return PieceOutcome::BadData(format!(
+                    "announces a {len}-byte slice for piece {index} of blob {hash}; a piece's \
+                     slice is at most {MAX_SLICE}"
+                ));
+            }
+            Response::PieceRefused { why } => {
+                let why = match why {
+                    PieceRefusal::Busy => Refusal::Busy,
+                    PieceRefusal::AskOthers => Refusal::AskOthers,
+                    PieceRefusal::NotHeld => Refusal::NotHeld,
                 };
-            let ended = chunk.is_err();
-            if let Ok(bytes) = &chunk {
-                fetched_bytes.inc_by(bytes.len() as u64);
-                self.fetched_bytes
-                    .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-                self.pacer.moved_async(bytes.len() as u64).await;
+                return PieceOutcome::Refused(why, format!("{why:?}"));
             }
-            if chunks_tx.send(chunk).await.is_err() || ended {
-                break; // the verifier stopped (bad data), or the stream failed
-            }
+            Response::Busy { message } => return PieceOutcome::Refused(Refusal::Busy, message),
+            Response::Error { message } => return failed(message),
+            other => return failed(format!("unexpected answer {other:?}")),
+        };
+        // The swarm cancels a request that stalls (this task is aborted): no timeout here.
+        let slice = match recv.read_to_end(len as usize).await {
+            Ok(slice) => slice,
+            Err(e) => return failed(format!("reading piece {index} of blob {hash}: {e}")),
+        };
+        let got = slice.len() as u64;
+        self.metrics.fetched_from(addr).inc_by(got);
+        self.fetched_bytes.fetch_add(got, Ordering::Relaxed);
+        self.pacer.moved_async(got).await;
+        if got != len {
+            return failed(format!(
+                "piece {index} of blob {hash} ended after {got} of {len} bytes"
+            ));
         }
-        drop(chunks_tx);
-        let verified = verifier
-            .await
-            .map_err(|e| Attempt::Failed(format!("verifier task: {e}")))?;
-        match verified {
-            Ok(()) => {
-                tracing::info!(peer = %addr, blob = %hash, bytes = blob.size - start, "blob fetched and verified");
-                Ok(())
-            }
-            Err(e @ FetchError::Verify(VerifyError::BadChunk { .. })) => {
-                Err(Attempt::BadData(e.to_string()))
-            }
-            Err(e) => Err(Attempt::Failed(e.to_string())),
+        match tokio::task::spawn_blocking(move || files.put(index, &slice)).await {
+            Ok(Ok(bytes)) => PieceOutcome::Verified(bytes),
+            Ok(Err(PieceError::Verify(e))) => PieceOutcome::BadData(e.to_string()),
+            Ok(Err(e)) => failed(format!("keeping piece {index} of blob {hash}: {e}")),
+            Err(e) => failed(format!("verifier task: {e}")),
         }
     }
 
@@ -236,7 +327,7 @@ impl Syncer {
         &self,
         hash: &str,
         id: &str,
-        addr: &str,
+        from: &str,
         size: u64,
         have: Arc<AtomicU64>,
     ) -> TransferGuard<'_> {
@@ -244,7 +335,7 @@ impl Syncer {
             hash.to_string(),
             Transfer {
                 deployment: id.to_string(),
-                peer: addr.to_string(),
+                peer: from.to_string(),
                 have,
                 size,
             },
@@ -258,6 +349,18 @@ impl Syncer {
     }
 }
 
+/// This node holds pieces of the blob while the guard lives: the exchange offers them to peers.
+struct PartialHere<'a> {
+    syncer: &'a Syncer,
+    hash: String,
+}
+
+impl Drop for PartialHere<'_> {
+    fn drop(&mut self) {
+        self.syncer.exchange.finished(&self.hash);
+    }
+}
+
 struct TransferGuard<'a> {
     syncer: &'a Syncer,
     hash: String,
@@ -268,36 +371,5 @@ impl Drop for TransferGuard<'_> {
     fn drop(&mut self) {
         lock(&self.syncer.in_progress).remove(&self.hash);
         self.syncer.metrics.transfers.dec();
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-enum FetchError {
-    #[error(transparent)]
-    Verify(#[from] VerifyError),
-    #[error("partial download: {0}")]
-    Io(#[from] io::Error),
-    #[error(transparent)]
-    Store(#[from] StoreError),
-}
-
-/// The fetched stream as a blocking reader for the Bao decoder.
-struct ChannelReader {
-    chunks: tokio::sync::mpsc::Receiver<io::Result<Bytes>>,
-    current: Bytes,
-}
-
-impl Read for ChannelReader {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        while self.current.is_empty() {
-            match self.chunks.blocking_recv() {
-                Some(chunk) => self.current = chunk?,
-                None => return Ok(0),
-            }
-        }
-        let n = buf.len().min(self.current.len());
-        buf[..n].copy_from_slice(&self.current[..n]);
-        self.current = self.current.slice(n..);
-        Ok(n)
     }
 }

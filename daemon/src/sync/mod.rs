@@ -22,7 +22,6 @@
 
 mod fetch;
 pub mod policy;
-pub mod swarm;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
@@ -36,7 +35,10 @@ use edged_control::identity::{NODE_SERVER_NAME, common_name, peer_certificates};
 use edged_control::pacing::Pacer;
 use edged_control::signing::SignedManifest;
 use edged_control::transport::{read_frame, write_frame};
-use edged_control::wire::{DeploymentSpread, Request, Response, SyncStatus, TransferStatus};
+use edged_control::verified::piece_count;
+use edged_control::wire::{
+    DeploymentSpread, PartialBlob, Request, Response, SyncStatus, TransferStatus,
+};
 use edged_node_config::SyncConfig;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -48,13 +50,18 @@ use crate::deployments::Deployments;
 use crate::events::{DeploymentEvent, DeploymentSource, PeerNews, SyncStatusSource};
 use crate::lock::lock;
 use crate::metrics::{OutcomeLabel, PeerLabel};
+use crate::piece_exchange::PieceExchange;
 use crate::registry_origin::RegistryOrigin;
+use crate::swarm::PieceSet;
 use policy::PeerTable;
 
 /// A peer that does not answer a request within this long is skipped for the round.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a round waits for slower peers' holdings once one peer has answered.
 const HOLDINGS_PATIENCE: Duration = Duration::from_secs(1);
+/// While a blob is fetched piecewise, holdings (who has which pieces) are asked for at most
+/// this often.
+const SWARM_REFRESH: Duration = Duration::from_secs(1);
 
 pub struct Syncer {
     deployments: Arc<Deployments>,
@@ -64,8 +71,6 @@ pub struct Syncer {
     table: Mutex<PeerTable>,
     /// Live connections by peer address.
     conns: Mutex<HashMap<String, quinn::Connection>>,
-    /// Fetches from each peer at once, by peer address.
-    peer_slots: Mutex<HashMap<String, Arc<Semaphore>>>,
     wake: Notify,
     transfers: Semaphore,
     pacer: Pacer,
@@ -79,6 +84,10 @@ pub struct Syncer {
     metrics: SyncMetrics,
     /// The `[registry]` this node pulls from, if any.
     origin: Option<Arc<RegistryOrigin>>,
+    /// What this node holds in part and what its peers hold (shared with the control server).
+    exchange: Arc<PieceExchange>,
+    /// When holdings were last asked for by [`Syncer::refresh_holdings_soon`].
+    holdings_refreshed: Mutex<Option<Instant>>,
 }
 
 struct Transfer {
@@ -95,6 +104,7 @@ impl Syncer {
         client_config: quinn::ClientConfig,
         config: SyncConfig,
         origin: Option<Arc<RegistryOrigin>>,
+        exchange: Arc<PieceExchange>,
         registry: &mut Registry,
     ) -> Arc<Syncer> {
         Arc::new(Syncer {
@@ -106,7 +116,6 @@ impl Syncer {
             client_config,
             config,
             conns: Mutex::default(),
-            peer_slots: Mutex::default(),
             wake: Notify::new(),
             blob_locks: Mutex::default(),
             in_progress: Mutex::default(),
@@ -114,6 +123,8 @@ impl Syncer {
             fetched_bytes: AtomicU64::new(0),
             metrics: SyncMetrics::register(registry),
             origin,
+            exchange,
+            holdings_refreshed: Mutex::new(None),
         })
     }
 
@@ -138,6 +149,19 @@ impl Syncer {
                         Err(broadcast::error::RecvError::Lagged(_)) => listener.announce(),
                         Err(broadcast::error::RecvError::Closed) => return,
                     },
+                }
+            }
+        });
+        // While pieces move (this node fetching, or serving peers), holdings are refreshed
+        // every `SWARM_REFRESH`, so fetchers see each other's new pieces and an origin sees
+        // who holds what it seeds.
+        let swarm = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(SWARM_REFRESH).await;
+                let busy = !lock(&swarm.in_progress).is_empty() || swarm.exchange.load().0 > 0;
+                if busy {
+                    swarm.refresh_holdings_soon().await;
                 }
             }
         });
@@ -249,13 +273,27 @@ impl Syncer {
                 let (syncer, round_moved_on) = (self.clone(), round_moved_on.clone());
                 tokio::spawn(async move {
                     let answer = match syncer.call(&addr, &Request::Holdings {}).await {
-                        Ok(Response::Holdings { items, activations }) => {
-                            syncer.table().record_activations(&addr, activations);
+                        Ok(Response::Holdings {
+                            items,
+                            activations,
+                            partial,
+                        }) => {
+                            syncer.learn_pieces(&addr, &items, &partial);
+                            let mut table = syncer.table();
+                            table.record_activations(&addr, activations);
+                            table.record_partial(&addr, partial);
                             Ok(items)
                         }
                         Ok(other) => Err(format!("unexpected answer to holdings: {other:?}")),
                         Err(e) => Err(format!("{e:#}")),
                     };
+                    if answer.is_err() {
+                        let mut table = syncer.table();
+                        table.record_partial(&addr, Vec::new());
+                        if let Some(node) = table.node_name(&addr) {
+                            syncer.exchange.peer_lost(node);
+                        }
+                    }
                     let outcome = {
                         let mut table = syncer.table();
                         let outcome = table.record_holdings(
@@ -288,6 +326,45 @@ impl Syncer {
             }
         }
         round_moved_on.store(true, Ordering::SeqCst);
+    }
+
+    /// Tells the piece exchange what a peer holds of the blobs this node serves (whole or in
+    /// part): the origin's super-seeding sends a piece elsewhere when another node has it.
+    fn learn_pieces(
+        &self,
+        addr: &str,
+        items: &[edged_control::wire::Holding],
+        partial: &[PartialBlob],
+    ) {
+        let Some(node) = self.table().node_name(addr).map(str::to_string) else {
+            return;
+        };
+        let store = self.deployments.store();
+        for blob in partial {
+            if let Ok(set) = PieceSet::from_hex(piece_count(blob.size), &blob.pieces) {
+                self.exchange.peer_holdings(&blob.hash, &node, &set);
+            }
+        }
+        let whole: HashSet<&String> = items.iter().flat_map(|h| &h.blobs).collect();
+        for hash in whole {
+            if let Ok(Some(meta)) = store.blob_meta(hash) {
+                let full = PieceSet::full(piece_count(meta.size));
+                self.exchange.peer_holdings(hash, &node, &full);
+            }
+        }
+    }
+
+    /// Refreshes holdings unless that happened within `SWARM_REFRESH`: while pieces move,
+    /// fetchers learn each other's new pieces this often.
+    async fn refresh_holdings_soon(self: &Arc<Self>) {
+        {
+            let mut at = lock(&self.holdings_refreshed);
+            if at.is_some_and(|at| at.elapsed() < SWARM_REFRESH) {
+                return;
+            }
+            *at = Some(Instant::now());
+        }
+        self.refresh_holdings().await;
     }
 
     /// One anti-entropy round: learn what every peer holds, apply newer fleet activation

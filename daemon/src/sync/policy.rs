@@ -22,7 +22,10 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::time::{Duration, Instant};
 
 use edged_control::signing::SignedActivation;
-use edged_control::wire::{Holding, PeerStatus};
+use edged_control::verified::piece_count;
+use edged_control::wire::{Holding, PartialBlob, PeerStatus};
+
+use crate::swarm::PieceSet;
 
 /// How long a peer that served bad data is not fetched from.
 pub const PENALTY: Duration = Duration::from_secs(600);
@@ -61,6 +64,8 @@ struct PeerState {
     penalised_until: Option<Instant>,
     /// Its last holdings answer (empty while unreachable).
     holdings: Vec<Holding>,
+    /// The blobs it holds in part, from the same answer.
+    partial: Vec<PartialBlob>,
     /// The fleet activation records it applied, from the same answer.
     activations: Vec<SignedActivation>,
     /// Unanswered holdings requests in a row.
@@ -371,6 +376,67 @@ impl PeerTable {
         }
         spread
     }
+
+    /// The blobs a peer holds in part, from its last holdings answer (none when it failed).
+    pub fn record_partial(&mut self, addr: &str, partial: Vec<PartialBlob>) {
+        if let Some(peer) = self.peers.get_mut(addr) {
+            peer.partial = partial;
+        }
+    }
+
+    /// Every peer (not penalised) with pieces of blob `hash` (`size` bytes, as the signed
+    /// manifest says), for the piece exchange: whole holders with every piece, those still
+    /// fetching with the pieces they verified. A piece set of the wrong length (another size
+    /// than the manifest's) is not believed.
+    pub fn piece_holders(&self, hash: &str, size: u64, now: Instant) -> Vec<PieceHolder> {
+        let pieces = piece_count(size);
+        let mut holders: Vec<PieceHolder> = self
+            .holders_of(hash, now)
+            .into_iter()
+            .map(|(addr, origin)| PieceHolder {
+                node_name: self.peers.get(&addr).and_then(|p| p.node_name.clone()),
+                addr,
+                origin,
+                pieces: PieceSet::full(pieces),
+            })
+            .collect();
+        for (addr, peer) in self.peers.iter().filter(|(_, p)| !p.is_penalised(now)) {
+            if holders.iter().any(|h| &h.addr == addr) {
+                continue;
+            }
+            let Some(partial) = peer
+                .partial
+                .iter()
+                .find(|b| b.hash == hash && b.size == size)
+            else {
+                continue;
+            };
+            if let Ok(set) = PieceSet::from_hex(pieces, &partial.pieces) {
+                holders.push(PieceHolder {
+                    addr: addr.clone(),
+                    node_name: peer.node_name.clone(),
+                    origin: false,
+                    pieces: set,
+                });
+            }
+        }
+        holders
+    }
+
+    /// The node name of the peer at `addr`, once it connected.
+    pub fn node_name(&self, addr: &str) -> Option<&str> {
+        self.peers.get(addr).and_then(|p| p.node_name.as_deref())
+    }
+}
+
+/// A peer with pieces of a blob, from [`PeerTable::piece_holders`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct PieceHolder {
+    pub addr: String,
+    pub node_name: Option<String>,
+    /// The node an operator pushed the blob to.
+    pub origin: bool,
+    pub pieces: PieceSet,
 }
 
 /// The holder choice for fetching one blob, across attempts.

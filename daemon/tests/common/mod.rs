@@ -140,11 +140,22 @@ impl Edged {
 
     /// Bytes in the store's `tmp/` files named `<prefix>…` (partial uploads or downloads).
     pub fn partial_bytes(&self, prefix: &str) -> u64 {
+        // A partial is a file (an upload, a registry pull) or a directory of verified pieces
+        // (a blob fetched from peers piecewise).
+        fn size_of(path: &std::path::Path) -> u64 {
+            match std::fs::metadata(path) {
+                Ok(m) if m.is_dir() => std::fs::read_dir(path)
+                    .map(|dir| dir.flatten().map(|e| size_of(&e.path())).sum())
+                    .unwrap_or(0),
+                Ok(m) => m.len(),
+                Err(_) => 0,
+            }
+        }
         std::fs::read_dir(self.dir.path().join("state/tmp"))
             .map(|dir| {
                 dir.flatten()
                     .filter(|e| e.file_name().to_string_lossy().starts_with(prefix))
-                    .map(|e| e.metadata().map(|m| m.len()).unwrap_or(0))
+                    .map(|e| size_of(&e.path()))
                     .sum()
             })
             .unwrap_or(0)
