@@ -263,6 +263,60 @@ async fn a_fetch_resumes_after_a_crash_and_finishes_from_another_peer_when_its_s
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_node_serves_the_pieces_it_verified_while_it_still_fetches_the_rest() {
+    let fleet = new_fleet();
+    let work = tempfile::tempdir().unwrap();
+    let big = work.path().join("big.wasm");
+    std::fs::write(&big, big_module(24 << 20, 11)).unwrap();
+    let a = node(&fleet, "node-a", &[], "", "");
+    push(&fleet, &a, &big, "big");
+
+    // f fetches at 2 MB/s: it holds part of the blob for about ten seconds.
+    let f = node(&fleet, "node-f", &[&a], "max_rate_mb = 2", "");
+    wait_for(
+        "f to hold some pieces",
+        Duration::from_secs(60),
+        &[&a, &f],
+        || async { partial_sync_bytes(&f) >= 4 << 20 },
+    )
+    .await;
+    // g syncs from a (the origin) and f: the pieces f has verified it takes from f.
+    let g = node(&fleet, "node-g", &[&a, &f], "", "");
+    let served_to_g = "edged_sync_pieces_served_total{peer=\"node-g\"}";
+    wait_for(
+        "f to serve g pieces while f is still fetching",
+        Duration::from_secs(60),
+        &[&a, &f, &g],
+        || async {
+            // Read in this order: f still holds partials after it served, so it served them
+            // before it had the whole blob.
+            metric(&f, served_to_g).await.unwrap_or(0.0) > 0.0 && partial_sync_bytes(&f) > 0
+        },
+    )
+    .await;
+    assert!(body_of(&f, "/big").await.is_none(), "f was still fetching");
+    wait_for(
+        "f and g to serve big",
+        Duration::from_secs(120),
+        &[&a, &f, &g],
+        || async { body_of(&f, "/big").await.is_some() && body_of(&g, "/big").await.is_some() },
+    )
+    .await;
+    let from_f = metric(
+        &g,
+        &format!(
+            "edged_sync_fetched_bytes_total{{peer=\"{}\"}}",
+            f.control.unwrap()
+        ),
+    )
+    .await
+    .unwrap_or(0.0);
+    assert!(from_f > 0.0, "g counted bytes from f: {from_f}");
+    assert_eq!(partial_sync_bytes(&f), 0);
+    assert_eq!(partial_sync_bytes(&g), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_peer_that_flips_bytes_is_caught_at_the_bad_chunk_and_penalised() {
     let fleet = new_fleet();
     let work = tempfile::tempdir().unwrap();
