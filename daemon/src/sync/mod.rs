@@ -53,7 +53,7 @@ use crate::metrics::{OutcomeLabel, PeerLabel};
 use crate::piece_exchange::PieceExchange;
 use crate::registry_origin::RegistryOrigin;
 use crate::swarm::PieceSet;
-use policy::PeerTable;
+use policy::{AfterRefusal, BlobPlan, PeerTable};
 
 /// A peer that does not answer a request within this long is skipped for the round.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -259,7 +259,7 @@ impl Syncer {
     }
 
     /// Asks every peer for its holdings (concurrently) and records the answers. Waits for all of
-    /// them, but once one has answered, for at most [`HOLDINGS_PATIENCE`] more: a peer that
+    /// them, but once one has answered, for at most [`policy::HOLDINGS_PATIENCE`] more: a peer that
     /// stopped answering must not hold every round up for the full request timeout. Its answer,
     /// if it still comes, is recorded, and starts a round if it holds something new.
     async fn refresh_holdings(self: &Arc<Self>) {
@@ -315,11 +315,8 @@ impl Syncer {
         let started = Instant::now();
         let mut any_answered = false;
         loop {
-            let patience = if any_answered {
-                HOLDINGS_PATIENCE.saturating_sub(started.elapsed())
-            } else {
-                REQUEST_TIMEOUT * 2
-            };
+            let patience =
+                policy::holdings_wait(any_answered, started, Instant::now(), REQUEST_TIMEOUT);
             match tokio::time::timeout(patience, answers.next()).await {
                 Ok(Some(answered)) => any_answered |= answered.unwrap_or(false),
                 Ok(None) | Err(_) => break,
@@ -379,10 +376,8 @@ impl Syncer {
         // Each name syncs in its own task, so a long transfer does not hold up the next round
         // (a newly pushed deployment of another name, a penalty, a new peer). The versions of
         // one name go in order, oldest first, so each passes the "newer than seen" check.
-        for (name, versions) in wanted {
-            if !lock(&self.names_in_sync).insert(name.clone()) {
-                continue; // already being synced
-            }
+        let to_start = policy::names_to_sync(wanted, &mut lock(&self.names_in_sync));
+        for (name, versions) in to_start {
             let syncer = self.clone();
             tokio::spawn(async move {
                 let mut progressed = false;
@@ -448,7 +443,7 @@ impl Syncer {
         // active here (a push that spreads), or when the name's fleet record names it (`commit`).
         let active_at_peer = self.table().active_at_a_peer(name, version);
         let active_here = self.deployments.store().active_version(name)?;
-        let activate = active_at_peer && active_here.is_none_or(|v| v < version);
+        let activate = policy::activate_synced(active_at_peer, active_here, version);
         if let Some((_, text)) = &published {
             // Passed on: this node's peers may need the registry too.
             self.deployments
@@ -489,22 +484,20 @@ impl Syncer {
                     continue;
                 }
             };
-            if signed.payload.name != name || signed.payload.version != version {
-                let reason = format!(
-                    "sent {} when asked for {name}@{version}",
-                    signed.payload.id()
-                );
+            if let Some(reason) = policy::wrong_manifest(name, version, &signed) {
                 self.penalise(&addr, &reason);
                 continue;
             }
-            match self.deployments.admit(&signed) {
+            let refusal = match self.deployments.admit(&signed) {
                 Ok(()) => return Ok((signed, addr)),
-                Err(refusal) if refusal.is_forgery() => {
+                Err(refusal) => refusal,
+            };
+            match policy::after_refusal(refusal.is_forgery()) {
+                AfterRefusal::PenaliseAndTryNext => {
                     self.penalise(&addr, &refusal.to_string());
                     last_error = refusal.into();
                 }
-                // Untrusted signer or an old version: the same answer from every peer.
-                Err(refusal) => {
+                AfterRefusal::GiveUp => {
                     self.metrics.deployment("refused");
                     return Err(anyhow::Error::from(refusal)
                         .context(format!("manifest of {name}@{version} from {addr} refused")));
@@ -553,29 +546,35 @@ impl Syncer {
         let results = futures_util::future::join_all(needed.into_values().map(|(blob, kind)| {
             let id = id.clone();
             async move {
-                if let BlobKind::Artifact { target, .. } = &kind
-                    && published.is_none()
-                    && self
-                        .table()
-                        .holders_of(&blob.blake3, Instant::now())
-                        .is_empty()
-                {
-                    if *target == serving.target() {
+                let plan = self.table().plan_blob(
+                    &blob.blake3,
+                    &kind,
+                    serving.target(),
+                    published.is_some(),
+                    Instant::now(),
+                );
+                match plan {
+                    BlobPlan::Fetch => {}
+                    BlobPlan::CompileHere => {
                         tracing::info!(
                             deployment = %id,
                             artifact = %blob.blake3,
                             "no peer holds this node's artifact; it will be compiled from the \
                              verified source"
                         );
-                    } else {
-                        tracing::info!(
-                            deployment = %id,
-                            artifact = %blob.blake3,
-                            %target,
-                            "no peer holds this artifact to relay; skipped"
-                        );
+                        return Ok(());
                     }
-                    return Ok(());
+                    BlobPlan::SkipRelay => {
+                        if let BlobKind::Artifact { target, .. } = &kind {
+                            tracing::info!(
+                                deployment = %id,
+                                artifact = %blob.blake3,
+                                %target,
+                                "no peer holds this artifact to relay; skipped"
+                            );
+                        }
+                        return Ok(());
+                    }
                 }
                 self.fetch_blob(&id, &blob, kind, published.map(|(pinned, _)| pinned))
                     .await

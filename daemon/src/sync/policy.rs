@@ -21,7 +21,9 @@
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::time::{Duration, Instant};
 
-use edged_control::signing::SignedActivation;
+use edged_artifacts::BlobKind;
+use edged_compiler::Target;
+use edged_control::signing::{SignedActivation, SignedManifest};
 use edged_control::verified::piece_count;
 use edged_control::wire::{Holding, PartialBlob, PeerStatus};
 
@@ -35,6 +37,8 @@ pub const ORIGIN_PATIENCE: Duration = Duration::from_secs(10);
 pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// How long one blob may wait for a free holder within one round.
 pub const BUSY_GIVE_UP: Duration = Duration::from_secs(60);
+/// How long a round waits for slower peers' holdings once one peer has answered.
+pub const HOLDINGS_PATIENCE: Duration = Duration::from_secs(1);
 
 /// How long to wait before asking a peer again after `failures` unanswered requests in a row.
 pub fn backoff(failures: u32) -> Duration {
@@ -549,6 +553,102 @@ impl BlobFetch {
     }
 }
 
+/// How long a holdings round waits for its next answer: `request_timeout * 2` until some peer
+/// has answered, then only what is left of [`HOLDINGS_PATIENCE`] since the round `started`, so a
+/// peer that stopped answering does not hold every round up for the full request timeout.
+pub fn holdings_wait(
+    any_answered: bool,
+    started: Instant,
+    now: Instant,
+    request_timeout: Duration,
+) -> Duration {
+    if any_answered {
+        HOLDINGS_PATIENCE.saturating_sub(now.saturating_duration_since(started))
+    } else {
+        request_timeout * 2
+    }
+}
+
+/// Names of `wanted` that no task is syncing yet, marked in `in_sync` as being synced now (one
+/// task per name, so the versions of a name go in order, oldest first).
+pub fn names_to_sync(
+    wanted: BTreeMap<String, BTreeSet<u64>>,
+    in_sync: &mut HashSet<String>,
+) -> Vec<(String, BTreeSet<u64>)> {
+    wanted
+        .into_iter()
+        .filter(|(name, _)| in_sync.insert(name.clone()))
+        .collect()
+}
+
+/// Why a manifest a peer sent for `name@version` is not the one asked for, if it is not: the
+/// peer is penalised for it.
+pub fn wrong_manifest(name: &str, version: u64, sent: &SignedManifest) -> Option<String> {
+    (sent.payload.name != name || sent.payload.version != version)
+        .then(|| format!("sent {} when asked for {name}@{version}", sent.payload.id()))
+}
+
+/// What to do when admitting something a peer sent was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterRefusal {
+    /// Forged or tampered: the peer lied. Penalise it and try another peer.
+    PenaliseAndTryNext,
+    /// An untrusted signer or an old version: every peer would send the same, so stop asking.
+    GiveUp,
+}
+
+/// The action on a refusal, by whether it proves a forgery.
+pub fn after_refusal(is_forgery: bool) -> AfterRefusal {
+    if is_forgery {
+        AfterRefusal::PenaliseAndTryNext
+    } else {
+        AfterRefusal::GiveUp
+    }
+}
+
+/// A synced `version` is activated when some peer serves it as active and it is newer than the
+/// version active here (a push that spreads).
+pub fn activate_synced(active_at_a_peer: bool, active_here: Option<u64>, version: u64) -> bool {
+    active_at_a_peer && active_here.is_none_or(|v| v < version)
+}
+
+/// Whether one blob of a deployment being synced is fetched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlobPlan {
+    /// Fetched from peers (and the registry, for a published deployment).
+    Fetch,
+    /// This node's own artifact, held by no peer: compiled here from the verified source.
+    CompileHere,
+    /// Another target's artifact, held by no peer: there is nothing to relay.
+    SkipRelay,
+}
+
+impl PeerTable {
+    /// Whether blob `hash` of `kind` is fetched. A source always is; an artifact only when some
+    /// usable peer holds it or the deployment is `published` in this node's registry.
+    pub fn plan_blob(
+        &self,
+        hash: &str,
+        kind: &BlobKind,
+        own_target: Target,
+        published: bool,
+        now: Instant,
+    ) -> BlobPlan {
+        match kind {
+            BlobKind::Artifact { target, .. }
+                if !published && self.holders_of(hash, now).is_empty() =>
+            {
+                if *target == own_target {
+                    BlobPlan::CompileHere
+                } else {
+                    BlobPlan::SkipRelay
+                }
+            }
+            _ => BlobPlan::Fetch,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -950,5 +1050,93 @@ mod tests {
         assert!(outcome.answered && !outcome.news);
         assert!(table.active_at_a_peer("app", 2));
         assert!(!table.active_at_a_peer("app", 3));
+    }
+
+    #[test]
+    fn holdings_wait_long_until_one_answers_then_only_the_patience_left() {
+        let t0 = Instant::now();
+        let timeout = Duration::from_secs(5);
+        assert_eq!(
+            holdings_wait(false, t0, t0 + Duration::from_secs(3), timeout),
+            timeout * 2
+        );
+        let later = t0 + Duration::from_millis(400);
+        assert_eq!(
+            holdings_wait(true, t0, later, timeout),
+            Duration::from_millis(600)
+        );
+        let past = t0 + HOLDINGS_PATIENCE * 3;
+        assert_eq!(holdings_wait(true, t0, past, timeout), Duration::ZERO);
+    }
+
+    #[test]
+    fn a_name_already_syncing_is_not_started_again_and_new_ones_are_marked() {
+        let wanted: BTreeMap<String, BTreeSet<u64>> = [
+            ("app".to_string(), BTreeSet::from([2, 3])),
+            ("web".to_string(), BTreeSet::from([1])),
+        ]
+        .into();
+        let mut in_sync = HashSet::from(["app".to_string()]);
+        let started = names_to_sync(wanted, &mut in_sync);
+        assert_eq!(started, vec![("web".to_string(), BTreeSet::from([1]))]);
+        assert!(in_sync.contains("web") && in_sync.contains("app"));
+    }
+
+    #[test]
+    fn a_forgery_tries_the_next_peer_any_other_refusal_stops_asking() {
+        assert_eq!(after_refusal(true), AfterRefusal::PenaliseAndTryNext);
+        assert_eq!(after_refusal(false), AfterRefusal::GiveUp);
+    }
+
+    #[test]
+    fn a_synced_version_is_activated_only_if_active_at_a_peer_and_newer_than_here() {
+        assert!(activate_synced(true, None, 3));
+        assert!(activate_synced(true, Some(2), 3));
+        assert!(!activate_synced(true, Some(3), 3));
+        assert!(!activate_synced(true, Some(4), 3));
+        assert!(!activate_synced(false, None, 3));
+    }
+
+    fn artifact(target: Target) -> BlobKind {
+        BlobKind::Artifact {
+            target,
+            fingerprint: "f".into(),
+        }
+    }
+
+    #[test]
+    fn an_artifact_no_peer_holds_is_compiled_here_or_skipped_unless_published() {
+        let t0 = Instant::now();
+        let table = table(&[("b", vec![])], t0);
+        let own = Target::X86_64Linux;
+        let plan = |kind: &BlobKind, published| table.plan_blob(BLOB, kind, own, published, t0);
+        assert_eq!(plan(&artifact(own), false), BlobPlan::CompileHere);
+        assert_eq!(
+            plan(&artifact(Target::Aarch64Linux), false),
+            BlobPlan::SkipRelay
+        );
+        assert_eq!(plan(&artifact(own), true), BlobPlan::Fetch);
+        assert_eq!(plan(&BlobKind::Source, false), BlobPlan::Fetch);
+    }
+
+    #[test]
+    fn an_artifact_held_only_by_a_penalised_peer_is_not_fetched() {
+        let t0 = Instant::now();
+        let mut table = table(&[("b", vec![holding("app", 1)])], t0);
+        let own = Target::X86_64Linux;
+        assert_eq!(
+            table.plan_blob(BLOB, &artifact(own), own, false, t0),
+            BlobPlan::Fetch
+        );
+        table.penalise("b", "bad data", t0);
+        assert_eq!(
+            table.plan_blob(BLOB, &artifact(own), own, false, t0),
+            BlobPlan::CompileHere
+        );
+        let later = t0 + PENALTY + Duration::from_secs(1);
+        assert_eq!(
+            table.plan_blob(BLOB, &artifact(own), own, false, later),
+            BlobPlan::Fetch
+        );
     }
 }
