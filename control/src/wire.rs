@@ -292,6 +292,20 @@ pub struct TransferStatus {
     /// Verified bytes on disk so far, of `size`.
     pub have: u64,
     pub size: u64,
+    /// For a blob fetched as pieces: how many are held, and from whom they came.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pieces: Option<PieceProgress>,
+}
+
+/// A piecewise fetch's progress, for `edgectl status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PieceProgress {
+    pub held: u32,
+    pub total: u32,
+    /// Pieces received in this fetch, by peer address.
+    pub from: Vec<(String, u32)>,
+    /// Verified bytes per second since the fetch started.
+    pub rate: u64,
 }
 
 /// A blob the node still needs, and how many bytes of it already arrived earlier.

@@ -295,6 +295,12 @@ async fn a_node_serves_the_pieces_it_verified_while_it_still_fetches_the_rest() 
     )
     .await;
     assert!(body_of(&f, "/big").await.is_none(), "f was still fetching");
+    // An operator sees the piecewise progress.
+    let status = ok(edgectl(&fleet.operator, &f, &["status"]));
+    assert!(
+        status.contains("fetching big@1 blob") && status.contains("pieces"),
+        "{status}"
+    );
     wait_for(
         "f and g to serve big",
         Duration::from_secs(120),

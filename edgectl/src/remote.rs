@@ -477,15 +477,35 @@ fn print_sync(sync: &edged_control::wire::SyncStatus) {
         );
     }
     for t in &sync.transfers {
-        println!(
-            "  fetching {} blob {}… from {}: {} of {} bytes ({:.0}%)",
-            t.deployment,
-            &t.blob[..12.min(t.blob.len())],
-            t.peer,
-            t.have,
-            t.size,
-            100.0 * t.have as f64 / t.size.max(1) as f64
-        );
+        let blob = &t.blob[..12.min(t.blob.len())];
+        let percent = 100.0 * t.have as f64 / t.size.max(1) as f64;
+        match &t.pieces {
+            Some(p) => {
+                let from: Vec<String> = p
+                    .from
+                    .iter()
+                    .map(|(peer, n)| format!("{peer} {n}"))
+                    .collect();
+                println!(
+                    "  fetching {} blob {blob}…: {} of {} pieces, {} of {} bytes ({percent:.0}%) at {:.2} MB/s; from {}",
+                    t.deployment,
+                    p.held,
+                    p.total,
+                    t.have,
+                    t.size,
+                    p.rate as f64 / 1e6,
+                    if from.is_empty() {
+                        "nobody yet".to_string()
+                    } else {
+                        from.join(", ")
+                    }
+                );
+            }
+            None => println!(
+                "  fetching {} blob {blob}… from {}: {} of {} bytes ({percent:.0}%)",
+                t.deployment, t.peer, t.have, t.size
+            ),
+        }
     }
 }
 

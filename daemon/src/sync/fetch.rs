@@ -11,7 +11,7 @@
 //! hashed whole once more — when every piece is in. When no peer has any piece and the
 //! deployment is published, the registry is the holder of last resort.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -71,8 +71,8 @@ impl Syncer {
         published: Option<&oci_client::Reference>,
     ) -> Result<()> {
         let hash = &blob.blake3;
-        let lock = self.blob_lock(hash);
-        let _one_fetch_per_blob = lock.lock().await;
+        let blob_lock = self.blob_lock(hash);
+        let _one_fetch_per_blob = blob_lock.lock().await;
         let store = self.deployments.store().clone();
         if store.blob_meta(hash)?.is_some() {
             return Ok(());
@@ -98,7 +98,8 @@ impl Syncer {
             hash: hash.clone(),
         };
         let have = Arc::new(AtomicU64::new(held_bytes));
-        let _progress = self.track(hash, id, "peers", blob.size, have.clone());
+        let sources: Arc<std::sync::Mutex<BTreeMap<String, u32>>> = Arc::default();
+        let _progress = self.track(hash, id, blob.size, have.clone(), sources.clone());
 
         // `max_transfers_per_peer` caps the pieces asked of one peer at once.
         let config = SwarmConfig {
@@ -109,7 +110,6 @@ impl Syncer {
         let mut requests: JoinSet<(String, u32, PieceOutcome)> = JoinSet::new();
         let mut running: HashMap<(String, u32), AbortHandle> = HashMap::new();
         let mut known: HashSet<String> = HashSet::new();
-        let mut sources: HashMap<String, u32> = HashMap::new();
         let started = Instant::now();
         let mut last_progress = Instant::now();
         let mut holders_seen = false;
@@ -198,7 +198,8 @@ impl Syncer {
                             if swarm.piece_verified(now, &peer, piece) {
                                 self.exchange.verified(hash, piece);
                                 have.fetch_add(bytes, Ordering::Relaxed);
-                                *sources.entry(peer).or_default() += 1;
+                                self.metrics.piece_fetched(&peer);
+                                *lock(&sources).entry(peer).or_default() += 1;
                                 self.metrics.fetch("ok_piece");
                             }
                             last_progress = now;
@@ -230,7 +231,10 @@ impl Syncer {
         if let Err(e) = assembled {
             bail!("assembling blob {hash} from its verified pieces: {e}");
         }
-        let from: Vec<String> = sources.iter().map(|(p, n)| format!("{p}:{n}")).collect();
+        let from: Vec<String> = lock(&sources)
+            .iter()
+            .map(|(p, n)| format!("{p}:{n}"))
+            .collect();
         tracing::info!(blob = %hash, deployment = %id, bytes = blob.size - held_bytes, pieces, from = %from.join(","), "blob fetched and verified");
         self.metrics.fetch("ok");
         Ok(())
@@ -327,17 +331,21 @@ impl Syncer {
         &self,
         hash: &str,
         id: &str,
-        from: &str,
         size: u64,
         have: Arc<AtomicU64>,
+        sources: Arc<std::sync::Mutex<BTreeMap<String, u32>>>,
     ) -> TransferGuard<'_> {
+        let held_at_start = have.load(Ordering::Relaxed);
         lock(&self.in_progress).insert(
             hash.to_string(),
             Transfer {
                 deployment: id.to_string(),
-                peer: from.to_string(),
+                peer: "peers (pieces)".to_string(),
                 have,
                 size,
+                sources,
+                started: Instant::now(),
+                held_at_start,
             },
         );
         self.metrics.transfers.inc();

@@ -37,7 +37,7 @@ use edged_control::signing::SignedManifest;
 use edged_control::transport::{read_frame, write_frame};
 use edged_control::verified::piece_count;
 use edged_control::wire::{
-    DeploymentSpread, PartialBlob, Request, Response, SyncStatus, TransferStatus,
+    DeploymentSpread, PartialBlob, PieceProgress, Request, Response, SyncStatus, TransferStatus,
 };
 use edged_node_config::SyncConfig;
 use prometheus_client::metrics::counter::Counter;
@@ -55,10 +55,17 @@ use crate::registry_origin::RegistryOrigin;
 use crate::swarm::PieceSet;
 use policy::{AfterRefusal, BlobPlan, PeerTable};
 
+/// Whole pieces in `have` verified bytes of a `size`-byte blob (only the last piece is short).
+fn piece_count_of(size: u64, have: u64) -> u32 {
+    if have >= size {
+        piece_count(size)
+    } else {
+        (have / edged_control::verified::PIECE) as u32
+    }
+}
+
 /// A peer that does not answer a request within this long is skipped for the round.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long a round waits for slower peers' holdings once one peer has answered.
-const HOLDINGS_PATIENCE: Duration = Duration::from_secs(1);
 /// While a blob is fetched piecewise, holdings (who has which pieces) are asked for at most
 /// this often.
 const SWARM_REFRESH: Duration = Duration::from_secs(1);
@@ -95,6 +102,10 @@ struct Transfer {
     peer: String,
     have: Arc<AtomicU64>,
     size: u64,
+    /// Pieces received so far by peer, and when the fetch started (the piece exchange).
+    sources: Arc<Mutex<BTreeMap<String, u32>>>,
+    started: Instant,
+    held_at_start: u64,
 }
 
 impl Syncer {
@@ -634,12 +645,26 @@ impl SyncStatusSource for Syncer {
                 .collect(),
             transfers: lock(&self.in_progress)
                 .iter()
-                .map(|(hash, t)| TransferStatus {
-                    deployment: t.deployment.clone(),
-                    blob: hash.clone(),
-                    peer: t.peer.clone(),
-                    have: t.have.load(Ordering::Relaxed),
-                    size: t.size,
+                .map(|(hash, t)| {
+                    let have = t.have.load(Ordering::Relaxed);
+                    let from: Vec<(String, u32)> = lock(&t.sources)
+                        .iter()
+                        .map(|(peer, n)| (peer.clone(), *n))
+                        .collect();
+                    let secs = t.started.elapsed().as_secs_f64().max(0.001);
+                    TransferStatus {
+                        deployment: t.deployment.clone(),
+                        blob: hash.clone(),
+                        peer: t.peer.clone(),
+                        have,
+                        size: t.size,
+                        pieces: Some(PieceProgress {
+                            held: piece_count_of(t.size, have),
+                            total: piece_count(t.size),
+                            from,
+                            rate: ((have - t.held_at_start.min(have)) as f64 / secs) as u64,
+                        }),
+                    }
                 })
                 .collect(),
             fetched_bytes: self.fetched_bytes.load(Ordering::Relaxed),
@@ -655,6 +680,7 @@ struct SyncMetrics {
     fetches: Family<OutcomeLabel, Counter>,
     fetched_bytes: Family<PeerLabel, Counter>,
     penalties: Family<PeerLabel, Counter>,
+    pieces_fetched: Family<PeerLabel, Counter>,
     transfers: Gauge,
     peers_reachable: Gauge,
 }
@@ -667,6 +693,7 @@ impl SyncMetrics {
             fetches: Family::default(),
             fetched_bytes: Family::default(),
             penalties: Family::default(),
+            pieces_fetched: Family::default(),
             transfers: Gauge::default(),
             peers_reachable: Gauge::default(),
         };
@@ -689,6 +716,11 @@ impl SyncMetrics {
             "sync_fetched_bytes",
             "Verified blob bytes fetched, by peer",
             metrics.fetched_bytes.clone(),
+        );
+        registry.register(
+            "sync_pieces_fetched",
+            "Pieces fetched from peers and verified, by peer address",
+            metrics.pieces_fetched.clone(),
         );
         registry.register(
             "sync_penalties",
@@ -726,6 +758,14 @@ impl SyncMetrics {
                 peer: peer.to_string(),
             })
             .clone()
+    }
+
+    fn piece_fetched(&self, peer: &str) {
+        self.pieces_fetched
+            .get_or_create(&PeerLabel {
+                peer: peer.to_string(),
+            })
+            .inc();
     }
 
     fn penalised(&self, peer: &str) {
