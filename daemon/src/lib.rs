@@ -17,8 +17,9 @@
 //!   │                            (control's deploy and sync's last resort both use it); a
 //!   │                            blob fetched piecewise on disk (sync keeps, control serves)
 //!   ▼
-//! deployments                    admission, needed blobs, commit, activate/rollback/remove,
-//!   │                            holdings; emits events
+//! deployments                    needed blobs, commit, activate/rollback/remove, holdings;
+//!   │                            emits events (shell) ─► rules (admission, fleet-record
+//!   │                            sequencing, activation; sans-IO core)
 //!   ▼
 //! serving                        engine, live function set, admission, request metrics:
 //!   │                            admits a request, hands it to the function's runtime

@@ -1,12 +1,15 @@
-//! The deployments core: what this node holds of the fleet's signed deployments, and the only
+//! The deployments shell: what this node holds of the fleet's signed deployments, and the only
 //! place that changes it.
 //!
-//! It owns admission of a signed manifest ([`Deployments::admit`], the same rules for an
+//! It runs admission of a signed manifest ([`Deployments::admit`], the same rules for an
 //! operator's push and for a manifest a peer relays, with a typed [`Refusal`] so callers can
-//! branch on the reason), which blobs this node needs for it, committing it, activation,
-//! rollback and removal, and the holdings peers are told about. It knows nothing of QUIC or
-//! HTTP: the control server and sync call it, and it tells them what changed through
-//! [`DeploymentEvent`]s.
+//! branch on the reason) and of fleet records, works out which blobs this node needs, commits,
+//! activates, rolls back and removes, and answers with the holdings peers are told about. The
+//! rules themselves are in [`rules`], fed plain data: this file gathers that data from the store
+//! and serving and acts on the decision. It knows nothing of QUIC or HTTP: the control server
+//! and sync call it, and it tells them what changed through [`DeploymentEvent`]s.
+
+pub mod rules;
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -15,94 +18,15 @@ use anyhow::{Context, Result, anyhow};
 use edged_artifacts::manifest::BlobRef;
 use edged_artifacts::{BlobKind, Manifest, Store, StoreError};
 use edged_control::TrustedKeys;
-use edged_control::signing::{SignError, SignedActivation, SignedManifest};
+use edged_control::signing::{SignedActivation, SignedManifest};
 use edged_control::wire::{ChainPartInfo, DeploymentInfo, FleetRecordInfo, Holding};
 use tokio::sync::broadcast;
 
 use crate::events::{DeploymentEvent, DeploymentSource};
-use crate::functions::pushed_route;
 use crate::lock::lock;
 use crate::serving::Serving;
-
-/// Why a signed manifest is not admitted.
-#[derive(Debug, thiserror::Error)]
-pub enum Refusal {
-    /// Unsigned, signed by a key this node does not trust, or a signature that does not match.
-    #[error(transparent)]
-    Signature(#[from] SignError),
-    #[error("{id}: {reason}")]
-    BadName { id: String, reason: String },
-    #[error("{id} is already stored with different content")]
-    Conflict { id: String },
-    #[error("{id}: {reason}")]
-    BadRoute { id: String, reason: String },
-    #[error("{id}: route `{route}` is already served by function `{by}`")]
-    RouteTaken {
-        id: String,
-        route: String,
-        by: String,
-    },
-    #[error(
-        "{id} is not newer than version {newest} already seen for `{name}`: refused (an older \
-         signed manifest replayed would roll the function back; use `edgectl activate` to go \
-         back to a version the node holds)"
-    )]
-    NotNewer {
-        id: String,
-        name: String,
-        newest: u64,
-    },
-    #[error("reading the store: {0}")]
-    Store(#[from] StoreError),
-}
-
-/// Why a fleet activation record is not applied.
-#[derive(Debug, thiserror::Error)]
-pub enum RecordRefusal {
-    #[error(transparent)]
-    Signature(#[from] SignError),
-    #[error("fleet record {id}: {reason}")]
-    BadName { id: String, reason: String },
-    #[error(
-        "fleet record {id} is not newer than record #{current} already applied for `{name}`: \
-         refused (a replayed older record would roll the fleet back)"
-    )]
-    NotNewer {
-        id: String,
-        name: String,
-        current: u64,
-    },
-    #[error("reading the store: {0}")]
-    Store(#[from] StoreError),
-}
-
-impl RecordRefusal {
-    /// Altered after signing: whoever relayed it is lying.
-    pub fn is_forgery(&self) -> bool {
-        matches!(self, RecordRefusal::Signature(SignError::BadSignature(_)))
-    }
-}
-
-/// What applying a fleet activation record did here.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Applied {
-    /// The version it names is now active.
-    Activated,
-    /// This node does not hold the version yet: it is activated when it arrives by sync.
-    Pending,
-    /// The same record was applied before.
-    AlreadyApplied,
-    /// Recorded (and spread), but this node cannot serve the version; the one it served stays.
-    NotServable(String),
-}
-
-impl Refusal {
-    /// The manifest was altered after signing: whoever relayed it is lying. (An untrusted
-    /// signer or an old version would get the same answer from every peer.)
-    pub fn is_forgery(&self) -> bool {
-        matches!(self, Refusal::Signature(SignError::BadSignature(_)))
-    }
-}
+pub use rules::{Applied, RecordRefusal, Refusal};
+use rules::{HeldRoute, NameState, RecordDecision, RecordEffect};
 
 /// The blobs of a deployment this node still needs, by hash.
 pub type NeededBlobs = BTreeMap<String, (BlobRef, BlobKind)>;
@@ -150,65 +74,53 @@ impl Deployments {
     }
 
     /// The checks every manifest passes before anything it names is stored, whether it comes
-    /// from an operator's push or from a peer: trusted signature, valid name, and a version newer
-    /// than any seen for the name (or exactly the one stored).
+    /// from an operator's push or from a peer ([`rules::admit`]), fed what the store holds of
+    /// the name and the routes the node's functions serve.
     pub fn admit(&self, signed: &SignedManifest) -> Result<(), Refusal> {
-        signed.verify(&self.trusted)?;
         let manifest = &signed.payload;
-        let id = manifest.id();
-        edged_artifacts::manifest::validate_name(&manifest.name).map_err(|reason| {
-            Refusal::BadName {
-                id: id.clone(),
-                reason,
-            }
-        })?;
-        self.check_route(manifest)?;
         let store = self.store();
-        match store.manifest(&manifest.name, manifest.version)? {
-            Some(stored) if &stored == manifest => Ok(()),
-            Some(_) => Err(Refusal::Conflict { id }),
-            None => {
-                let newest = store.newest_version_seen(&manifest.name)?;
-                if manifest.version <= newest {
-                    return Err(Refusal::NotNewer {
-                        id,
-                        name: manifest.name.clone(),
-                        newest,
-                    });
+        // Read only for a valid name (the store keys its entries by it); the rule refuses
+        // another anyway.
+        let (stored, newest_seen) =
+            if edged_artifacts::manifest::validate_name(&manifest.name).is_ok() {
+                match store.manifest(&manifest.name, manifest.version)? {
+                    Some(stored) => (Some(stored), 0),
+                    None => (None, store.newest_version_seen(&manifest.name)?),
                 }
-                Ok(())
-            }
-        }
+            } else {
+                (None, 0)
+            };
+        let state = NameState {
+            newest_seen,
+            stored: stored.as_ref(),
+        };
+        rules::admit(signed, &self.trusted, &self.held_routes(), state)?;
+        Ok(())
     }
 
-    /// A pushed deployment's route follows the rules of a config route, and no other function
-    /// (declared in the config or pushed under another name) serves it already.
-    fn check_route(&self, manifest: &Manifest) -> Result<(), Refusal> {
-        let id = manifest.id();
-        let route = pushed_route(manifest);
-        edged_node_config::check_route(&route).map_err(|reason| Refusal::BadRoute {
-            id: id.clone(),
-            reason,
-        })?;
+    /// The routes this node's functions serve (config-declared and pushed, not those of a
+    /// host's own table), by function name, for the route rule.
+    fn held_routes(&self) -> Vec<HeldRoute> {
         let config = self.serving.config();
         let declared = config
             .functions
             .iter()
             .filter(|f| f.host.is_none())
-            .map(|f| (f.name.clone(), f.route.clone()));
+            .map(|f| HeldRoute {
+                name: f.name.clone(),
+                route: f.route.clone(),
+            });
         let served = self
             .serving
             .functions()
             .iter()
             .filter(|f| f.config.host.is_none())
-            .map(|f| (f.config.name.clone(), f.config.route.clone()))
+            .map(|f| HeldRoute {
+                name: f.config.name.clone(),
+                route: f.config.route.clone(),
+            })
             .collect::<Vec<_>>();
-        match declared.chain(served).find(|(name, other)| {
-            *name != manifest.name && edged_node_config::same_route(other, &route)
-        }) {
-            Some((by, _)) => Err(Refusal::RouteTaken { id, route, by }),
-            None => Ok(()),
-        }
+        declared.chain(served).collect()
     }
 
     /// The blobs of `manifest` this node stores and does not have yet (or holds damaged): its
@@ -293,11 +205,18 @@ impl Deployments {
         tracing::info!(deployment = %id, ?source, "deployment stored");
         // A synced version that the name's fleet record names is activated on arrival (the
         // record was applied before the version got here).
-        let activate = activate
-            || (source == DeploymentSource::Sync
-                && self
-                    .fleet_record(&manifest.name)?
-                    .is_some_and(|r| r.payload.version == manifest.version));
+        let record_version = match source {
+            DeploymentSource::Sync => self
+                .fleet_record(&manifest.name)?
+                .map(|r| r.payload.version),
+            _ => None,
+        };
+        let activate = rules::activate_on_arrival(
+            activate,
+            source == DeploymentSource::Sync,
+            manifest.version,
+            record_version,
+        );
         if activate {
             self.activate(&manifest.name, manifest.version).await?;
         }
@@ -381,26 +300,16 @@ impl Deployments {
         &self,
         signed: &SignedActivation,
     ) -> std::result::Result<Applied, RecordRefusal> {
-        signed.verify(&self.trusted)?;
         let record = &signed.payload;
         let id = record.id();
-        edged_artifacts::manifest::validate_name(&record.name).map_err(|reason| {
-            RecordRefusal::BadName {
-                id: id.clone(),
-                reason,
-            }
-        })?;
-        if let Some(current) = self.fleet_record(&record.name)? {
-            if &current == signed {
-                return Ok(Applied::AlreadyApplied);
-            }
-            if record.sequence <= current.payload.sequence {
-                return Err(RecordRefusal::NotNewer {
-                    id,
-                    name: record.name.clone(),
-                    current: current.payload.sequence,
-                });
-            }
+        let current = match edged_artifacts::manifest::validate_name(&record.name) {
+            Ok(()) => self.fleet_record(&record.name)?,
+            Err(_) => None,
+        };
+        if rules::check_record(signed, &self.trusted, current.as_ref())?
+            == RecordDecision::AlreadyApplied
+        {
+            return Ok(Applied::AlreadyApplied);
         }
         let bytes = serde_json::to_vec(signed).expect("records serialize");
         self.store().put_activation(&record.name, &bytes)?;
@@ -408,13 +317,17 @@ impl Deployments {
             .events
             .send(DeploymentEvent::FleetRecordApplied { id: id.clone() });
         let store = self.store();
-        if store.manifest(&record.name, record.version)?.is_none() {
-            tracing::info!(record = %id, "fleet record applied; its version is not here yet");
-            return Ok(Applied::Pending);
-        }
-        if store.active_version(&record.name)? == Some(record.version) {
-            tracing::info!(record = %id, "fleet record applied; its version was already active");
-            return Ok(Applied::Activated);
+        let held = store.manifest(&record.name, record.version)?.is_some();
+        match rules::record_effect(record.version, held, store.active_version(&record.name)?) {
+            RecordEffect::Pending => {
+                tracing::info!(record = %id, "fleet record applied; its version is not here yet");
+                return Ok(Applied::Pending);
+            }
+            RecordEffect::AlreadyActive => {
+                tracing::info!(record = %id, "fleet record applied; its version was already active");
+                return Ok(Applied::Activated);
+            }
+            RecordEffect::Activate => {}
         }
         match self.activate(&record.name, record.version).await {
             Ok(()) => {

@@ -1,0 +1,474 @@
+//! The deployments rules, fed plain data: whether a signed manifest is admitted, whether a fleet
+//! activation record is applied, and what applying one (or a version arriving) does to the
+//! name's active version.
+//!
+//! Nothing here reads the store or touches serving: the shell (`mod.rs`) gathers what a rule
+//! needs (what the name holds and has seen, the routes other functions serve, the record the
+//! name follows), calls the rule, and acts on the decision. So every rule is unit-tested with
+//! made-up data.
+
+use edged_artifacts::{Manifest, StoreError};
+use edged_control::TrustedKeys;
+use edged_control::signing::{SignError, SignedActivation, SignedManifest};
+
+use crate::functions::pushed_route;
+
+/// Why a signed manifest is not admitted.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    /// Unsigned, signed by a key this node does not trust, or a signature that does not match.
+    #[error(transparent)]
+    Signature(#[from] SignError),
+    #[error("{id}: {reason}")]
+    BadName { id: String, reason: String },
+    #[error("{id} is already stored with different content")]
+    Conflict { id: String },
+    #[error("{id}: {reason}")]
+    BadRoute { id: String, reason: String },
+    #[error("{id}: route `{route}` is already served by function `{by}`")]
+    RouteTaken {
+        id: String,
+        route: String,
+        by: String,
+    },
+    #[error(
+        "{id} is not newer than version {newest} already seen for `{name}`: refused (an older \
+         signed manifest replayed would roll the function back; use `edgectl activate` to go \
+         back to a version the node holds)"
+    )]
+    NotNewer {
+        id: String,
+        name: String,
+        newest: u64,
+    },
+    #[error("reading the store: {0}")]
+    Store(#[from] StoreError),
+}
+
+impl Refusal {
+    /// The manifest was altered after signing: whoever relayed it is lying. (An untrusted
+    /// signer or an old version would get the same answer from every peer.)
+    pub fn is_forgery(&self) -> bool {
+        matches!(self, Refusal::Signature(SignError::BadSignature(_)))
+    }
+}
+
+/// Why a fleet activation record is not applied.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordRefusal {
+    #[error(transparent)]
+    Signature(#[from] SignError),
+    #[error("fleet record {id}: {reason}")]
+    BadName { id: String, reason: String },
+    #[error(
+        "fleet record {id} is not newer than record #{current} already applied for `{name}`: \
+         refused (a replayed older record would roll the fleet back)"
+    )]
+    NotNewer {
+        id: String,
+        name: String,
+        current: u64,
+    },
+    #[error("reading the store: {0}")]
+    Store(#[from] StoreError),
+}
+
+impl RecordRefusal {
+    /// Altered after signing: whoever relayed it is lying.
+    pub fn is_forgery(&self) -> bool {
+        matches!(self, RecordRefusal::Signature(SignError::BadSignature(_)))
+    }
+}
+
+/// What applying a fleet activation record did here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Applied {
+    /// The version it names is now active.
+    Activated,
+    /// This node does not hold the version yet: it is activated when it arrives by sync.
+    Pending,
+    /// The same record was applied before.
+    AlreadyApplied,
+    /// Recorded (and spread), but this node cannot serve the version; the one it served stays.
+    NotServable(String),
+}
+
+/// What this node holds of the name a manifest deploys, as admission needs it.
+#[derive(Debug, Clone, Copy)]
+pub struct NameState<'a> {
+    /// The newest version of the name this node has ever seen (0 for none): admission only
+    /// goes forward, even past versions since removed. Only read when nothing is `stored`.
+    pub newest_seen: u64,
+    /// The manifest stored for exactly the version offered, if any.
+    pub stored: Option<&'a Manifest>,
+}
+
+/// The route a function serves, by name: config-declared and pushed functions alike.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeldRoute {
+    pub name: String,
+    pub route: String,
+}
+
+/// An admitted manifest: what the shell does next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admit {
+    /// A version newer than any seen for the name: store what it names.
+    New,
+    /// Exactly the manifest stored for this version (a re-push or a peer's relay): nothing new
+    /// to store, but its blobs may still be missing or damaged, so the push goes on.
+    AlreadyStored,
+}
+
+/// The checks every manifest passes before anything it names is stored, whether it comes from
+/// an operator's push or from a peer: trusted signature, valid name, a route no other function
+/// serves, and a version newer than any seen for the name (or exactly the one stored).
+pub fn admit(
+    signed: &SignedManifest,
+    trusted: &TrustedKeys,
+    routes: &[HeldRoute],
+    state: NameState<'_>,
+) -> Result<Admit, Refusal> {
+    signed.verify(trusted)?;
+    let manifest = &signed.payload;
+    let id = manifest.id();
+    edged_artifacts::manifest::validate_name(&manifest.name).map_err(|reason| {
+        Refusal::BadName {
+            id: id.clone(),
+            reason,
+        }
+    })?;
+    check_route(manifest, routes)?;
+    match state.stored {
+        Some(stored) if stored == manifest => Ok(Admit::AlreadyStored),
+        Some(_) => Err(Refusal::Conflict { id }),
+        None if manifest.version <= state.newest_seen => Err(Refusal::NotNewer {
+            id,
+            name: manifest.name.clone(),
+            newest: state.newest_seen,
+        }),
+        None => Ok(Admit::New),
+    }
+}
+
+/// A pushed deployment's route follows the rules of a config route, and no function of another
+/// name serves it already (the name's own versions may: a new version takes over its route).
+fn check_route(manifest: &Manifest, routes: &[HeldRoute]) -> Result<(), Refusal> {
+    let id = manifest.id();
+    let route = pushed_route(manifest);
+    edged_node_config::check_route(&route).map_err(|reason| Refusal::BadRoute {
+        id: id.clone(),
+        reason,
+    })?;
+    match routes.iter().find(|held| {
+        held.name != manifest.name && edged_node_config::same_route(&held.route, &route)
+    }) {
+        Some(held) => Err(Refusal::RouteTaken {
+            id,
+            route,
+            by: held.name.clone(),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// A fleet record that passed its checks: what the shell does next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordDecision {
+    /// Exactly the record the name follows: nothing to do.
+    AlreadyApplied,
+    /// Store it (so it spreads), then act on [`record_effect`].
+    Apply,
+}
+
+/// Whether a fleet activation record is applied, given the record the name follows here
+/// (`current`): checked like a manifest (trusted signer, valid name) and applied only if newer
+/// than the current one, so a replayed older record cannot roll the fleet back.
+pub fn check_record(
+    signed: &SignedActivation,
+    trusted: &TrustedKeys,
+    current: Option<&SignedActivation>,
+) -> Result<RecordDecision, RecordRefusal> {
+    signed.verify(trusted)?;
+    let record = &signed.payload;
+    let id = record.id();
+    edged_artifacts::manifest::validate_name(&record.name).map_err(|reason| {
+        RecordRefusal::BadName {
+            id: id.clone(),
+            reason,
+        }
+    })?;
+    let Some(current) = current else {
+        return Ok(RecordDecision::Apply);
+    };
+    if current == signed {
+        return Ok(RecordDecision::AlreadyApplied);
+    }
+    if record.sequence <= current.payload.sequence {
+        return Err(RecordRefusal::NotNewer {
+            id,
+            name: record.name.clone(),
+            current: current.payload.sequence,
+        });
+    }
+    Ok(RecordDecision::Apply)
+}
+
+/// What an applied record does to the name here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordEffect {
+    /// The version is not here yet: it is activated when it arrives ([`activate_on_arrival`]).
+    Pending,
+    /// The version is already the active one.
+    AlreadyActive,
+    /// Activate the version (if the node can serve it).
+    Activate,
+}
+
+/// What applying a record for `version` does, given whether this node holds that version and
+/// which version of the name is active.
+pub fn record_effect(version: u64, held: bool, active: Option<u64>) -> RecordEffect {
+    if !held {
+        RecordEffect::Pending
+    } else if active == Some(version) {
+        RecordEffect::AlreadyActive
+    } else {
+        RecordEffect::Activate
+    }
+}
+
+/// Whether a version just committed is activated: when asked to, or when it came by sync and
+/// the name's fleet record (`record_version`: the version it names) names it — the record was
+/// applied before the version got here.
+pub fn activate_on_arrival(
+    asked: bool,
+    synced: bool,
+    version: u64,
+    record_version: Option<u64>,
+) -> bool {
+    asked || (synced && record_version == Some(version))
+}
+
+#[cfg(test)]
+mod tests {
+    use edged_control::signing::{ActivationRecord, Signed, signing_key_from_hex};
+
+    use super::*;
+
+    const OPERATOR: u8 = 7;
+    const STRANGER: u8 = 9;
+
+    fn trusted() -> TrustedKeys {
+        let mut keys = TrustedKeys::default();
+        keys.add(
+            signing_key_from_hex(&hex(OPERATOR))
+                .unwrap()
+                .verifying_key(),
+        );
+        keys
+    }
+
+    fn hex(byte: u8) -> String {
+        format!("{byte:02x}").repeat(32)
+    }
+
+    fn signed(name: &str, version: u64, by: u8) -> SignedManifest {
+        let key = signing_key_from_hex(&hex(by)).unwrap();
+        Signed::sign(Manifest::sample(name, version), &key)
+    }
+
+    fn record(name: &str, version: u64, sequence: u64, by: u8) -> SignedActivation {
+        let key = signing_key_from_hex(&hex(by)).unwrap();
+        let record = ActivationRecord {
+            name: name.into(),
+            version,
+            sequence,
+            created_at: 0,
+        };
+        Signed::sign(record, &key)
+    }
+
+    fn seen(newest_seen: u64) -> NameState<'static> {
+        NameState {
+            newest_seen,
+            stored: None,
+        }
+    }
+
+    fn route(name: &str, route: &str) -> HeldRoute {
+        HeldRoute {
+            name: name.into(),
+            route: route.into(),
+        }
+    }
+
+    #[test]
+    fn a_version_newer_than_any_seen_is_admitted() {
+        let offer = signed("app", 3, OPERATOR);
+        assert_eq!(admit(&offer, &trusted(), &[], seen(2)).unwrap(), Admit::New);
+        assert_eq!(admit(&offer, &trusted(), &[], seen(0)).unwrap(), Admit::New);
+    }
+
+    #[test]
+    fn the_stored_manifest_offered_again_is_admitted_as_stored() {
+        let offer = signed("app", 3, OPERATOR);
+        let state = NameState {
+            newest_seen: 3,
+            stored: Some(&offer.payload),
+        };
+        assert_eq!(
+            admit(&offer, &trusted(), &[], state).unwrap(),
+            Admit::AlreadyStored
+        );
+    }
+
+    #[test]
+    fn other_content_under_a_stored_version_is_a_conflict() {
+        let offer = signed("app", 3, OPERATOR);
+        let mut other = offer.payload.clone();
+        other.created_at = 99;
+        let state = NameState {
+            newest_seen: 3,
+            stored: Some(&other),
+        };
+        let refusal = admit(&offer, &trusted(), &[], state).unwrap_err();
+        assert!(matches!(refusal, Refusal::Conflict { .. }), "{refusal}");
+    }
+
+    #[test]
+    fn a_version_not_newer_than_the_newest_seen_is_refused() {
+        for version in [2, 3] {
+            let offer = signed("app", version, OPERATOR);
+            match admit(&offer, &trusted(), &[], seen(3)) {
+                Err(Refusal::NotNewer { newest, name, .. }) => {
+                    assert_eq!((newest, name.as_str()), (3, "app"))
+                }
+                other => panic!("{version}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn an_untrusted_signer_is_refused_but_is_no_forgery() {
+        let offer = signed("app", 1, STRANGER);
+        let refusal = admit(&offer, &trusted(), &[], seen(0)).unwrap_err();
+        assert!(matches!(
+            refusal,
+            Refusal::Signature(SignError::UnknownKey { .. })
+        ));
+        assert!(!refusal.is_forgery());
+    }
+
+    #[test]
+    fn a_manifest_altered_after_signing_is_a_forgery() {
+        let mut offer = signed("app", 1, OPERATOR);
+        offer.payload.version = 2;
+        let refusal = admit(&offer, &trusted(), &[], seen(0)).unwrap_err();
+        assert!(refusal.is_forgery(), "{refusal}");
+    }
+
+    #[test]
+    fn a_bad_name_is_refused() {
+        let offer = signed("no/slashes", 1, OPERATOR);
+        let refusal = admit(&offer, &trusted(), &[], seen(0)).unwrap_err();
+        assert!(matches!(refusal, Refusal::BadName { .. }), "{refusal}");
+    }
+
+    #[test]
+    fn a_route_another_name_serves_is_refused() {
+        let offer = signed("app", 1, OPERATOR);
+        // `/app/` and `/app` are one route.
+        let routes = [route("api", "/api"), route("other", "/app/")];
+        match admit(&offer, &trusted(), &routes, seen(0)) {
+            Err(Refusal::RouteTaken { route, by, .. }) => {
+                assert_eq!((route.as_str(), by.as_str()), ("/app", "other"))
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_route_the_same_name_serves_is_taken_over() {
+        let offer = signed("app", 2, OPERATOR);
+        let routes = [route("app", "/app"), route("api", "/api")];
+        assert_eq!(
+            admit(&offer, &trusted(), &routes, seen(1)).unwrap(),
+            Admit::New
+        );
+    }
+
+    #[test]
+    fn a_route_that_is_no_route_is_refused() {
+        let mut manifest = Manifest::sample("app", 1);
+        manifest.route = Some("no-slash".into());
+        let key = signing_key_from_hex(&hex(OPERATOR)).unwrap();
+        let offer = Signed::sign(manifest, &key);
+        let refusal = admit(&offer, &trusted(), &[], seen(0)).unwrap_err();
+        assert!(matches!(refusal, Refusal::BadRoute { .. }), "{refusal}");
+    }
+
+    #[test]
+    fn a_first_record_and_a_newer_sequence_are_applied() {
+        let first = record("app", 1, 1, OPERATOR);
+        assert_eq!(
+            check_record(&first, &trusted(), None).unwrap(),
+            RecordDecision::Apply
+        );
+        let next = record("app", 2, 2, OPERATOR);
+        assert_eq!(
+            check_record(&next, &trusted(), Some(&first)).unwrap(),
+            RecordDecision::Apply
+        );
+    }
+
+    #[test]
+    fn the_record_followed_is_already_applied() {
+        let current = record("app", 1, 4, OPERATOR);
+        assert_eq!(
+            check_record(&current.clone(), &trusted(), Some(&current)).unwrap(),
+            RecordDecision::AlreadyApplied
+        );
+    }
+
+    #[test]
+    fn an_older_or_equal_sequence_is_refused() {
+        let current = record("app", 2, 4, OPERATOR);
+        for (version, sequence) in [(1, 3), (1, 4)] {
+            let replay = record("app", version, sequence, OPERATOR);
+            match check_record(&replay, &trusted(), Some(&current)) {
+                Err(RecordRefusal::NotNewer { current, .. }) => assert_eq!(current, 4),
+                other => panic!("#{sequence}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_forged_record_is_a_forgery_and_an_untrusted_one_is_not() {
+        let mut forged = record("app", 1, 2, OPERATOR);
+        forged.payload.version = 9;
+        let refusal = check_record(&forged, &trusted(), None).unwrap_err();
+        assert!(refusal.is_forgery(), "{refusal}");
+        let stranger = record("app", 1, 2, STRANGER);
+        let refusal = check_record(&stranger, &trusted(), None).unwrap_err();
+        assert!(matches!(refusal, RecordRefusal::Signature(_)) && !refusal.is_forgery());
+    }
+
+    #[test]
+    fn a_record_for_a_version_not_held_is_pending_until_it_arrives() {
+        // Applied before version 3 got here: pending, nothing activated.
+        assert_eq!(record_effect(3, false, Some(2)), RecordEffect::Pending);
+        // Version 3 arrives by sync: activated on arrival; another version is not.
+        assert!(activate_on_arrival(false, true, 3, Some(3)));
+        assert!(!activate_on_arrival(false, true, 4, Some(3)));
+        // A push of the version the record names is activated only if asked.
+        assert!(!activate_on_arrival(false, false, 3, Some(3)));
+        assert!(activate_on_arrival(true, false, 3, None));
+    }
+
+    #[test]
+    fn a_record_for_a_held_version_activates_it_unless_active() {
+        assert_eq!(record_effect(3, true, Some(2)), RecordEffect::Activate);
+        assert_eq!(record_effect(3, true, None), RecordEffect::Activate);
+        assert_eq!(record_effect(3, true, Some(3)), RecordEffect::AlreadyActive);
+    }
+}
