@@ -24,7 +24,7 @@ use std::process::Stdio;
 
 use anyhow::{Context, Result};
 
-use crate::http::{ROUNDS, load_with};
+use crate::load::{ROUNDS, load_with};
 use crate::process::EdgedProcess;
 use crate::report::{Figure, Ratio};
 use crate::stats::{Summary, summarize};
@@ -136,7 +136,7 @@ pub async fn run(params: &Params, work: &Path) -> Result<(Vec<Summary>, Vec<Rati
             )
             .await?;
         }
-        // The rows take turns, a slice of each row's requests at a time (see `http::ROUNDS`).
+        // The rows take turns, a slice of each row's requests at a time (see `load::ROUNDS`).
         let mut pooled: Vec<(Vec<std::time::Duration>, f64)> =
             vec![Default::default(); targets.len()];
         for _ in 0..ROUNDS {

@@ -38,7 +38,7 @@ use wasmtime_wasi_http::WasiHttpView;
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 
-use crate::http::{ServeState, component_linker, serve_per_request};
+use crate::floors::{ServeState, component_linker, serve_per_request};
 use crate::report::{Figure, Ratio};
 use crate::stats::{Summary, summarize};
 
@@ -379,8 +379,8 @@ pub async fn run(params: &Params, work: &Path) -> Result<(Vec<Summary>, Vec<Rati
             // Latency on one connection (the request's own cost, no queueing behind others on
             // two cores), then throughput with `connections` in parallel.
             let name = format!("large {} http: {label}, 1 connection", p.guest.name);
-            crate::http::load(addr, &path, 1, 20).await?;
-            let (samples, _) = crate::http::load(addr, &path, 1, params.requests / 2).await?;
+            crate::load::load(addr, &path, 1, 20).await?;
+            let (samples, _) = crate::load::load(addr, &path, 1, params.requests / 2).await?;
             let summary = summarize(&name, &samples);
             p50[i] = summary.p50_us;
             phases.push(summary);
@@ -388,9 +388,9 @@ pub async fn run(params: &Params, work: &Path) -> Result<(Vec<Summary>, Vec<Rati
                 "large {} http: {label}, {} connections",
                 p.guest.name, params.connections
             );
-            crate::http::load(addr, &path, params.connections, params.connections * 10).await?;
+            crate::load::load(addr, &path, params.connections, params.connections * 10).await?;
             let (samples, rps) =
-                crate::http::load(addr, &path, params.connections, params.requests).await?;
+                crate::load::load(addr, &path, params.connections, params.requests).await?;
             phases.push(summarize(&name, &samples));
             figures.push(Figure {
                 name: format!("{name}: requests/s"),

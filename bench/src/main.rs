@@ -25,8 +25,10 @@
 mod chain;
 mod coldstart;
 mod fleet;
+mod floors;
 mod http;
 mod large;
+mod load;
 mod process;
 mod registry_fleet;
 mod report;
@@ -124,7 +126,7 @@ async fn load_only(url: &str, connections: usize, requests: usize) -> Result<()>
         .next()
         .with_context(|| format!("--load {url}: {authority} does not resolve"))?;
     let path = uri.path_and_query().map_or("/", |p| p.as_str());
-    let (samples, rps) = http::load(addr, path, connections, requests).await?;
+    let (samples, rps) = load::load(addr, path, connections, requests).await?;
     let summary = stats::summarize(url, &samples);
     println!(
         "{url} ×{connections}: p50 {} p99 {} {rps:.0} req/s",

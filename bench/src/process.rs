@@ -1,5 +1,6 @@
 //! A real `edged` process for the bench's phases: started (optionally under an emulator) on a
-//! config file, its addresses read from the stable lines it prints on stdout, killed on drop.
+//! config file, its addresses read from the stable lines it prints on stdout, killed on drop;
+//! and the resident set size of a process, as phases report it.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -93,4 +94,17 @@ pub fn command(emulator: &[String], binary: &Path) -> Command {
         }
         None => Command::new(binary),
     }
+}
+
+/// Resident set size of process `pid`, in KiB.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches(" kB")
+        .trim()
+        .parse()
+        .ok()
 }

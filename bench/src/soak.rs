@@ -150,7 +150,7 @@ async fn client(
 }
 
 fn rss_mib(pid: u32) -> Option<f64> {
-    crate::http::rss_kib(pid).map(|kib| kib as f64 / 1024.0)
+    crate::process::rss_kib(pid).map(|kib| kib as f64 / 1024.0)
 }
 
 pub async fn run(params: &Params, work: &Path) -> Result<(Vec<Summary>, Vec<Ratio>, Vec<Figure>)> {
