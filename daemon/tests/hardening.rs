@@ -399,3 +399,33 @@ route = "/hello"
         "{log}"
     );
 }
+
+/// GHSA-f8mm-ggr3-89wh (empty body writes → unbounded heap with HTTP/2, fixed in wasmtime
+/// 48.0.9) needs an HTTP/2 connection. Until the pin moves (docs/advisories.md) ingress must stay
+/// HTTP/1 only: a client speaking HTTP/2 with prior knowledge gets no HTTP/2 SETTINGS frame back,
+/// and the node goes on serving.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_http2_client_is_not_served_http2() {
+    let functions = format!(
+        "[[function]]\nname = \"hello\"\nwasm = {}\nroute = \"/hello\"\n",
+        guest("hello-http.wasm")
+    );
+    let node = Edged::start(&functions);
+    // The connection preface, then an empty SETTINGS frame (length 0, type 4, no flags, stream 0).
+    let mut preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    preface.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+    let answer = raw_exchange(&node, &preface, Duration::from_secs(5));
+    // An HTTP/2 server's first bytes are its SETTINGS frame: a 3-byte length, then type 4.
+    let bytes = answer.as_bytes();
+    let settings_frame = bytes.len() >= 9 && bytes[3] == 4;
+    assert!(
+        !settings_frame && (answer.is_empty() || answer.starts_with("HTTP/1.")),
+        "ingress answered an HTTP/2 preface with {answer:?}"
+    );
+    let answer = raw_exchange(
+        &node,
+        b"GET /hello HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    );
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
