@@ -1,0 +1,65 @@
+//! Resumable partial blob files in `tmp/` ([`Partial`]): where each lives, how much of it is
+//! on disk, and expiring the abandoned ones.
+
+use std::fs;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::{Store, StoreError, io_err};
+
+/// A resumable partial blob in `tmp/`, by the blob's BLAKE3 name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Partial<'a> {
+    /// Being received from an operator's push.
+    PushUpload(&'a str),
+    /// Being fetched from peers, verified chunk by chunk.
+    PeerFetch(&'a str),
+    /// Being downloaded from an OCI registry (HTTP Range resumes it). Unverified until whole:
+    /// it is hashed as it is adopted, and removed if it does not match.
+    RegistryFetch(&'a str),
+}
+
+impl Store {
+    /// Where the resumable partial file `partial` lives. Callers write it, then hand it to
+    /// [`Store::adopt_blob_file`].
+    pub fn partial_path(&self, partial: Partial<'_>) -> PathBuf {
+        let name = match partial {
+            Partial::PushUpload(hash) => format!("upload-{hash}"),
+            Partial::PeerFetch(hash) => format!("sync-{hash}"),
+            Partial::RegistryFetch(hash) => format!("registry-{hash}"),
+        };
+        self.root.join("tmp").join(name)
+    }
+
+    /// How many bytes of `partial` are on disk (0 when there is none).
+    pub fn partial_len(&self, partial: Partial<'_>) -> u64 {
+        fs::metadata(self.partial_path(partial))
+            .map(|m| m.len())
+            .unwrap_or(0)
+    }
+
+    /// Removes partial uploads (`tmp/` files other than in-progress puts) untouched for
+    /// `max_age`: a push abandoned for that long will not resume, and an edge box's disk is
+    /// small. Returns how many files and bytes were removed.
+    pub fn expire_partials(&self, max_age: Duration) -> Result<(usize, u64), StoreError> {
+        let tmp = self.root.join("tmp");
+        let (mut files, mut bytes) = (0, 0);
+        for entry in fs::read_dir(&tmp).map_err(io_err("list", &tmp))? {
+            let entry = entry.map_err(io_err("list", &tmp))?;
+            if entry.file_name().to_string_lossy().starts_with("put-") {
+                continue;
+            }
+            let Ok(meta) = entry.metadata() else { continue };
+            let idle = meta
+                .modified()
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .unwrap_or_default();
+            if meta.is_file() && idle >= max_age && fs::remove_file(entry.path()).is_ok() {
+                files += 1;
+                bytes += meta.len();
+            }
+        }
+        Ok((files, bytes))
+    }
+}
