@@ -68,6 +68,9 @@ pub struct Emulator {
     /// Source MAC → the port it was last seen on.
     learned: HashMap<[u8; 6], usize>,
     rng: SplitMix64,
+    /// Bytes before the Ethernet header in every frame, carried through untouched (the
+    /// switch's `virtio_net_hdr`).
+    prefix: usize,
 }
 
 /// Ethernet's minimum header: destination, source, type.
@@ -87,7 +90,14 @@ impl Emulator {
                 .collect(),
             learned: HashMap::new(),
             rng: SplitMix64::new(seed),
+            prefix: 0,
         }
+    }
+
+    /// Frames carry `prefix` bytes before their Ethernet header, which are forwarded with them.
+    pub fn with_prefix(mut self, prefix: usize) -> Emulator {
+        self.prefix = prefix;
+        self
     }
 
     /// A frame received from `port`'s host at `now`: learns where its source lives and queues it
@@ -96,11 +106,12 @@ impl Emulator {
     /// may be lost; broadcast and multicast (ARP, here) are not, so neighbour discovery never adds
     /// its own seconds of retry timeouts to a measured figure. Runts are ignored.
     pub fn receive(&mut self, now: Instant, port: usize, frame: &[u8]) {
-        if frame.len() < ETH_HEADER || port >= self.ports.len() {
+        if frame.len() < self.prefix + ETH_HEADER || port >= self.ports.len() {
             return;
         }
-        let dst: [u8; 6] = frame[0..6].try_into().expect("6 bytes");
-        let src: [u8; 6] = frame[6..12].try_into().expect("6 bytes");
+        let eth = &frame[self.prefix..];
+        let dst: [u8; 6] = eth[0..6].try_into().expect("6 bytes");
+        let src: [u8; 6] = eth[6..12].try_into().expect("6 bytes");
         // A multicast source is not a host; never learn it.
         if src[0] & 1 == 0 {
             self.learned.insert(src, port);
@@ -268,6 +279,20 @@ mod tests {
         let delivered = std::iter::from_fn(|| emu.pop_due(t0)).count() as u64;
         // Port 0 got B's broadcast; port 1 got every broadcast and the unicast frames not lost.
         assert_eq!(delivered, 1 + n + (n - counters[1].lost_frames));
+    }
+
+    #[test]
+    fn a_prefix_is_skipped_for_the_addresses_and_forwarded_with_the_frame() {
+        let mut emu = lossless(&[0, 0]).with_prefix(2);
+        let t0 = Instant::now();
+        let with_prefix = |f: Vec<u8>| [vec![0xee, 0xee], f].concat();
+        emu.receive(t0, 1, &with_prefix(frame(BROADCAST, B, 0)));
+        let _ = emu.pop_due(t0);
+        emu.receive(t0, 0, &with_prefix(frame(B, A, 7)));
+        let (port, out) = emu.pop_due(t0).expect("learned B on port 1");
+        assert_eq!((port, &out[..2], out[16]), (1, &[0xee, 0xee][..], 7));
+        emu.receive(t0, 0, &[0u8; 15]); // 14 bytes of header after the prefix: too short
+        assert_eq!(emu.next_due(), None);
     }
 
     #[test]

@@ -7,6 +7,7 @@
 
 pub mod emulator;
 pub mod netns;
+pub mod switch;
 
 use std::net::Ipv4Addr;
 
