@@ -55,11 +55,56 @@ impl Store {
                 .ok()
                 .and_then(|t| t.elapsed().ok())
                 .unwrap_or_default();
-            if meta.is_file() && idle >= max_age && fs::remove_file(entry.path()).is_ok() {
+            if idle < max_age {
+                continue;
+            }
+            if meta.is_file() && fs::remove_file(entry.path()).is_ok() {
                 files += 1;
                 bytes += meta.len();
+            } else if meta.is_dir() {
+                // A blob fetched piecewise (`sync-<hash>.pieces/`): the directory's time is
+                // that of its newest piece, so it is idle only when no piece arrived for that
+                // long.
+                let (n, size) = dir_usage(&entry.path());
+                if fs::remove_dir_all(entry.path()).is_ok() {
+                    files += n;
+                    bytes += size;
+                }
             }
         }
         Ok((files, bytes))
+    }
+}
+
+/// Files and bytes under `dir` (one level: piece directories hold only files).
+fn dir_usage(dir: &std::path::Path) -> (usize, u64) {
+    fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| e.metadata().ok())
+                .filter(|m| m.is_file())
+                .fold((0, 0), |(n, b), m| (n + 1, b + m.len()))
+        })
+        .unwrap_or((0, 0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_idle_piece_directory_expires_with_its_pieces() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let pieces = dir.path().join("tmp").join("sync-ab.pieces");
+        fs::create_dir_all(&pieces).unwrap();
+        fs::write(pieces.join("0"), vec![1u8; 1000]).unwrap();
+        fs::write(pieces.join("1"), vec![1u8; 24]).unwrap();
+        // Not idle long enough: kept.
+        assert_eq!(store.expire_partials(Duration::from_secs(3600)).unwrap(), (0, 0));
+        assert!(pieces.exists());
+        assert_eq!(store.expire_partials(Duration::ZERO).unwrap(), (2, 1024));
+        assert!(!pieces.exists());
     }
 }
