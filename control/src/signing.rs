@@ -179,8 +179,10 @@ impl<'de, T: Signable> Deserialize<'de> for Signed<T> {
 }
 
 /// A fleet-wide activation: every node that holds `name@version` serves it. Records of a name
-/// are ordered by `sequence`; a node applies one only if it is newer than the last it applied,
-/// so a replayed older record cannot roll the fleet back.
+/// are ordered by `(epoch, sequence)`; a node applies one only if it is newer than the last it
+/// applied, so a replayed older record cannot roll the fleet back. A new `epoch` is the
+/// operator's signed way out of a sequence that went wrong (`edgectl activate --fleet
+/// --reset`): its sequence starts again from scratch.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ActivationRecord {
@@ -189,12 +191,34 @@ pub struct ActivationRecord {
     pub sequence: u64,
     /// Seconds since the Unix epoch, for operators reading it.
     pub created_at: u64,
+    /// How many times the name's sequence was reset. Left out of the encoding while 0, so a
+    /// record signed before resets existed keeps its canonical bytes (and its signature).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub epoch: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl ActivationRecord {
-    /// `name@version #sequence`, for logs and errors.
+    /// `name@version #sequence` (`#sequence/epoch` after a reset), for logs and errors.
     pub fn id(&self) -> String {
-        format!("{}@{} #{}", self.name, self.version, self.sequence)
+        format!(
+            "{}@{} #{}",
+            self.name,
+            self.version,
+            sequence_label(self.epoch, self.sequence)
+        )
+    }
+}
+
+/// A record's place in its name's order as operators read it: `5`, or `5/1` in epoch 1.
+pub fn sequence_label(epoch: u64, sequence: u64) -> String {
+    if epoch == 0 {
+        sequence.to_string()
+    } else {
+        format!("{sequence}/{epoch}")
     }
 }
 
@@ -284,6 +308,7 @@ mod tests {
             version: 1,
             sequence: 3,
             created_at: 9,
+            epoch: 0,
         };
         let signed = SignedActivation::sign(record.clone(), &key);
         assert_eq!(signed.verify(&trusted), Ok(()));

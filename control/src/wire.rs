@@ -179,6 +179,7 @@ impl Request {
                         version: 1,
                         sequence: 1,
                         created_at: 0,
+                        epoch: 0,
                     },
                     signer: String::new(),
                     signature: String::new(),
@@ -320,6 +321,9 @@ pub struct NeededBlob {
 pub struct FleetRecordInfo {
     pub sequence: u64,
     pub version: u64,
+    /// The record's epoch (0 until the name's sequence was reset); absent from older nodes.
+    #[serde(default)]
+    pub epoch: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -107,3 +107,63 @@ async fn a_fleet_rollback_reaches_every_node_including_one_that_was_down() {
     assert_eq!(serving(&a).await, Some(2));
     assert_eq!(serving(&b).await, Some(2));
 }
+
+/// Issue 27 item 5: a record at the end of the sequence range is refused (it would leave no
+/// record to follow it), edgectl never wraps a sequence, and `--fleet --reset` starts a name's
+/// sequence again, after which records go on in the new epoch.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sequence_cannot_lock_a_name_and_a_reset_starts_it_again() {
+    let fleet = new_fleet();
+    let a = node(&fleet, "a", &[]);
+    let op = fleet.operator.clone();
+    push_x86_64(&op, &a, &edged_testkit::guest("hello-http.wasm"), "app");
+    push_x86_64(
+        &op,
+        &a,
+        &edged_testkit::guest("init-heavy-http.wasm"),
+        "app",
+    );
+    ok(edgectl(
+        &op,
+        &a,
+        &["activate", "app@2", "--fleet", "--sequence", "5"],
+    ));
+    let max = u64::MAX.to_string();
+    let err = refused(edgectl(
+        &op,
+        &a,
+        &["activate", "app@1", "--fleet", "--sequence", &max],
+    ));
+    assert!(
+        err.contains("jumps implausibly far past record #5"),
+        "{err}"
+    );
+    assert_eq!(serving(&a).await, Some(2));
+
+    // The operator resets the name's sequence: epoch 1, sequence 1, applied after #5.
+    let out = ok(edgectl(
+        &op,
+        &a,
+        &["activate", "app@1", "--fleet", "--reset"],
+    ));
+    assert!(out.contains("fleet record app@1 #1/1 applied"), "{out}");
+    assert_eq!(serving(&a).await, Some(1));
+    let out = ok(edgectl(&op, &a, &["activate", "app@2", "--fleet"]));
+    assert!(out.contains("#2/1 applied"), "{out}");
+    assert_eq!(serving(&a).await, Some(2));
+    let listing: serde_json::Value =
+        serde_json::from_str(&ok(edgectl(&op, &a, &["--json", "ls"]))).unwrap();
+    let record = &listing["items"][0]["fleet_record"];
+    assert_eq!(
+        (record["epoch"].as_u64(), record["sequence"].as_u64()),
+        (Some(1), Some(2))
+    );
+    // Within the new epoch, replays are refused as before.
+    let err = refused(edgectl(
+        &op,
+        &a,
+        &["activate", "app@1", "--fleet", "--sequence", "1"],
+    ));
+    assert!(err.contains("is not newer than record #2/1"), "{err}");
+    assert_eq!(serving(&a).await, Some(2));
+}

@@ -121,6 +121,11 @@ struct FleetArgs {
     /// With --fleet: the record's sequence number (default: one past the node's last record).
     #[arg(long, requires = "fleet")]
     sequence: Option<u64>,
+    /// With --fleet: start the name's record sequence again (the next epoch, sequence 1 or
+    /// --sequence), for a name whose last record went wrong (e.g. a sequence at the end of the
+    /// range). Signed like any record; nodes apply it after every record of the old epoch.
+    #[arg(long, requires = "fleet")]
+    reset: bool,
 }
 
 fn main() -> Result<()> {
@@ -165,13 +170,20 @@ fn main() -> Result<()> {
                     &name,
                     Some(version),
                     fleet.sequence,
+                    fleet.reset,
                 ));
             }
             runtime()?.block_on(remote::simple(&target, Request::Activate { name, version }))
         }
         Command::Rollback { name, fleet } => {
             if fleet.fleet {
-                return runtime()?.block_on(fleet::activate(&target, &name, None, fleet.sequence));
+                return runtime()?.block_on(fleet::activate(
+                    &target,
+                    &name,
+                    None,
+                    fleet.sequence,
+                    fleet.reset,
+                ));
             }
             runtime()?.block_on(remote::simple(&target, Request::Rollback { name }))
         }

@@ -11,7 +11,7 @@ use edged_artifacts::{InstanceReuse, Manifest};
 use edged_control::FleetIdentity;
 use edged_control::identity::NODE_SERVER_NAME;
 use edged_control::pacing::Pacer;
-use edged_control::signing::{SignedManifest, signing_key_from_hex};
+use edged_control::signing::{SignedManifest, sequence_label, signing_key_from_hex};
 use edged_control::transport::{read_frame, write_frame};
 use edged_control::wire::{Request, Response};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -376,7 +376,7 @@ pub async fn simple(target: &Target, request: Request) -> Result<()> {
                 // The fleet activation record the name follows: `#sequence -> version`.
                 let fleet = d
                     .fleet_record
-                    .map(|r| format!("#{} -> v{}", r.sequence, r.version))
+                    .map(|r| format!("#{} -> v{}", sequence_label(r.epoch, r.sequence), r.version))
                     .unwrap_or_default();
                 println!(
                     "{:<24} {:>8} {:<7} {:<15} {:<24} {:<18} {:<22} {}",
@@ -472,7 +472,11 @@ fn print_sync(sync: &edged_control::wire::SyncStatus) {
                 d.peers.join(", ")
             },
             d.fleet_record
-                .map(|r| format!("  follows fleet record #{} (v{})", r.sequence, r.version))
+                .map(|r| format!(
+                    "  follows fleet record #{} (v{})",
+                    sequence_label(r.epoch, r.sequence),
+                    r.version
+                ))
                 .unwrap_or_default()
         );
     }

@@ -280,6 +280,7 @@ impl Deployments {
         Ok(self.fleet_record(name)?.map(|r| FleetRecordInfo {
             sequence: r.payload.sequence,
             version: r.payload.version,
+            epoch: r.payload.epoch,
         }))
     }
 

@@ -9,7 +9,9 @@
 
 use edged_artifacts::{Manifest, StoreError};
 use edged_control::TrustedKeys;
-use edged_control::signing::{SignError, SignedActivation, SignedManifest};
+use edged_control::signing::{
+    ActivationRecord, SignError, SignedActivation, SignedManifest, sequence_label,
+};
 
 use crate::functions::pushed_route;
 
@@ -67,7 +69,19 @@ pub enum RecordRefusal {
     NotNewer {
         id: String,
         name: String,
-        current: u64,
+        /// The current record's sequence (with its epoch after a reset: `5/1`).
+        current: String,
+    },
+    #[error(
+        "fleet record {id} jumps implausibly far past record #{current} of `{name}` (more than \
+         2^32 ahead): refused, since a name whose sequence reaches the end of its range \
+         could never be activated fleet-wide again; sign a record with the next sequence, or \
+         `edgectl activate --fleet --reset` to start the name's sequence again"
+    )]
+    Implausible {
+        id: String,
+        name: String,
+        current: String,
     },
     #[error("reading the store: {0}")]
     Store(#[from] StoreError),
@@ -198,20 +212,58 @@ pub fn check_record(
             reason,
         }
     })?;
-    let Some(current) = current else {
-        return Ok(RecordDecision::Apply);
-    };
-    if current == signed {
+    if current == Some(signed) {
         return Ok(RecordDecision::AlreadyApplied);
     }
-    if record.sequence <= current.payload.sequence {
-        return Err(RecordRefusal::NotNewer {
-            id,
-            name: record.name.clone(),
-            current: current.payload.sequence,
-        });
+    let (epoch, sequence) = current.map_or((0, 0), |c| (c.payload.epoch, c.payload.sequence));
+    let current = sequence_label(epoch, sequence);
+    let name = record.name.clone();
+    match follows(record, epoch, sequence) {
+        Follows::Newer => Ok(RecordDecision::Apply),
+        Follows::NotNewer => Err(RecordRefusal::NotNewer { id, name, current }),
+        Follows::Implausible => Err(RecordRefusal::Implausible { id, name, current }),
     }
-    Ok(RecordDecision::Apply)
+}
+
+/// How far past the current record a record may jump, in sequence (within an epoch) or in
+/// epoch: 2^32. Far beyond any count of real activations (one a second for 136 years), yet a
+/// name can never be walked to the end of the `u64` range by accident: a record near
+/// `u64::MAX` would leave no next sequence, and end fleet activation of the name for good.
+pub const MAX_STEP: u64 = 1 << 32;
+
+/// Where a record stands against the one a name follows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Follows {
+    Newer,
+    /// Older or the same place: a replay.
+    NotNewer,
+    /// Newer, but further ahead than [`MAX_STEP`].
+    Implausible,
+}
+
+/// Whether `record` comes after the record at `(epoch, sequence)` (`(0, 0)` for none): a
+/// later epoch (at most [`MAX_STEP`] epochs on, its sequence starting again, at most
+/// [`MAX_STEP`]), or the same epoch and a later sequence at most [`MAX_STEP`] ahead. Sync
+/// asks it too, so a node only fetches records it would apply.
+pub fn follows(record: &ActivationRecord, epoch: u64, sequence: u64) -> Follows {
+    let within = |step: u64| {
+        if step <= MAX_STEP {
+            Follows::Newer
+        } else {
+            Follows::Implausible
+        }
+    };
+    match record.epoch.checked_sub(epoch) {
+        None => Follows::NotNewer,
+        Some(0) => match record.sequence.checked_sub(sequence) {
+            None | Some(0) => Follows::NotNewer,
+            Some(step) => within(step),
+        },
+        Some(epochs) => match (within(epochs), within(record.sequence)) {
+            (Follows::Newer, Follows::Newer) => Follows::Newer,
+            _ => Follows::Implausible,
+        },
+    }
 }
 
 /// What an applied record does to the name here.
@@ -284,6 +336,7 @@ mod tests {
             version,
             sequence,
             created_at: 0,
+            epoch: 0,
         };
         Signed::sign(record, &key)
     }
@@ -436,7 +489,7 @@ mod tests {
         for (version, sequence) in [(1, 3), (1, 4)] {
             let replay = record("app", version, sequence, OPERATOR);
             match check_record(&replay, &trusted(), Some(&current)) {
-                Err(RecordRefusal::NotNewer { current, .. }) => assert_eq!(current, 4),
+                Err(RecordRefusal::NotNewer { current, .. }) => assert_eq!(current, "4"),
                 other => panic!("#{sequence}: {other:?}"),
             }
         }
@@ -470,5 +523,84 @@ mod tests {
         assert_eq!(record_effect(3, true, Some(2)), RecordEffect::Activate);
         assert_eq!(record_effect(3, true, None), RecordEffect::Activate);
         assert_eq!(record_effect(3, true, Some(3)), RecordEffect::AlreadyActive);
+    }
+
+    fn in_epoch(name: &str, version: u64, sequence: u64, epoch: u64) -> SignedActivation {
+        let key = signing_key_from_hex(&hex(OPERATOR)).unwrap();
+        let mut signed = record(name, version, sequence, OPERATOR);
+        signed.payload.epoch = epoch;
+        Signed::sign(signed.payload, &key)
+    }
+
+    #[test]
+    fn a_sequence_implausibly_far_ahead_is_refused() {
+        // The end of the range, first record or not: it would leave no next sequence.
+        let end = record("app", 1, u64::MAX, OPERATOR);
+        let refusal = check_record(&end, &trusted(), None).unwrap_err();
+        assert!(
+            matches!(refusal, RecordRefusal::Implausible { .. }),
+            "{refusal}"
+        );
+        let current = record("app", 1, 17, OPERATOR);
+        let refusal = check_record(&end, &trusted(), Some(&current)).unwrap_err();
+        assert!(
+            matches!(refusal, RecordRefusal::Implausible { .. }),
+            "{refusal}"
+        );
+        // Exactly MAX_STEP ahead is still a plausible jump; one more is not.
+        let far = record("app", 1, 17 + MAX_STEP, OPERATOR);
+        assert_eq!(
+            check_record(&far, &trusted(), Some(&current)).unwrap(),
+            RecordDecision::Apply
+        );
+        let too_far = record("app", 1, 18 + MAX_STEP, OPERATOR);
+        assert!(check_record(&too_far, &trusted(), Some(&current)).is_err());
+    }
+
+    #[test]
+    fn a_name_stuck_at_the_end_of_the_range_is_recovered_by_a_reset() {
+        // A record at u64::MAX applied (by a node from before the bound): no sequence follows.
+        let stuck = record("app", 2, u64::MAX, OPERATOR);
+        let next = record("app", 1, 1, OPERATOR);
+        assert!(check_record(&next, &trusted(), Some(&stuck)).is_err());
+        assert_eq!(follows(&next.payload, 0, u64::MAX), Follows::NotNewer);
+        // A reset: the next epoch, its sequence from scratch.
+        let reset = in_epoch("app", 1, 1, 1);
+        assert_eq!(
+            check_record(&reset, &trusted(), Some(&stuck)).unwrap(),
+            RecordDecision::Apply
+        );
+        // After it, records of epoch 1 go on; the old epoch's records are replays.
+        let after = in_epoch("app", 2, 2, 1);
+        assert_eq!(
+            check_record(&after, &trusted(), Some(&reset)).unwrap(),
+            RecordDecision::Apply
+        );
+        match check_record(&stuck, &trusted(), Some(&after)) {
+            Err(RecordRefusal::NotNewer { current, .. }) => assert_eq!(current, "2/1"),
+            other => panic!("{other:?}"),
+        }
+        assert!(check_record(&reset, &trusted(), Some(&after)).is_err());
+    }
+
+    #[test]
+    fn a_reset_is_bounded_like_a_sequence() {
+        let current = record("app", 1, 5, OPERATOR);
+        for (epoch, sequence) in [(u64::MAX, 1), (1, u64::MAX), (MAX_STEP + 1, 1)] {
+            let reset = in_epoch("app", 1, sequence, epoch);
+            let refusal = check_record(&reset, &trusted(), Some(&current)).unwrap_err();
+            assert!(
+                matches!(refusal, RecordRefusal::Implausible { .. }),
+                "{epoch}/{sequence}: {refusal}"
+            );
+        }
+        // A reset whose signature does not hold is a forgery like any record.
+        let mut forged = in_epoch("app", 1, 1, 1);
+        forged.payload.epoch = 2;
+        assert!(
+            check_record(&forged, &trusted(), Some(&current))
+                .unwrap_err()
+                .is_forgery()
+        );
     }
 }

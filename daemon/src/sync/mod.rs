@@ -423,7 +423,7 @@ impl Syncer {
                 .fleet_record(name)
                 .ok()
                 .flatten()
-                .map_or(0, |r| r.payload.sequence)
+                .map_or((0, 0), |r| (r.payload.epoch, r.payload.sequence))
         };
         let newer = self.table().newer_records(current, Instant::now());
         for (addr, signed) in newer {

@@ -29,6 +29,8 @@ use edged_control::wire::{Holding, PartialBlob, PeerStatus};
 
 use crate::swarm::PieceSet;
 
+use crate::deployments::rules;
+
 /// How long a peer that served bad data is not fetched from.
 pub const PENALTY: Duration = Duration::from_secs(600);
 /// How long fetchers wait for other holders before pulling from the node that got the push.
@@ -204,24 +206,26 @@ impl PeerTable {
         }
     }
 
-    /// Per name, the newest fleet activation record a peer (not penalised) applied, where it is
-    /// newer than the one this node follows (`current`: its sequence, 0 for none), with the peer
-    /// it came from. Whether it is genuine is for the caller to check.
+    /// Per name, the newest fleet activation record a peer (not penalised) applied, where this
+    /// node would apply it after the one it follows (`current`: its epoch and sequence, `(0, 0)`
+    /// for none; [`rules::follows`]), with the peer it came from. Whether it is genuine is for
+    /// the caller to check.
     pub fn newer_records(
         &self,
-        current: impl Fn(&str) -> u64,
+        current: impl Fn(&str) -> (u64, u64),
         now: Instant,
     ) -> Vec<(String, SignedActivation)> {
         let mut newest: BTreeMap<&str, (&String, &SignedActivation)> = BTreeMap::new();
         for (addr, peer) in self.peers.iter().filter(|(_, p)| !p.is_penalised(now)) {
             for signed in &peer.activations {
                 let record = &signed.payload;
-                if record.sequence <= current(&record.name) {
+                let (epoch, sequence) = current(&record.name);
+                if rules::follows(record, epoch, sequence) != rules::Follows::Newer {
                     continue;
                 }
-                let better = newest
-                    .get(record.name.as_str())
-                    .is_none_or(|(_, best)| record.sequence > best.payload.sequence);
+                let better = newest.get(record.name.as_str()).is_none_or(|(_, best)| {
+                    (record.epoch, record.sequence) > (best.payload.epoch, best.payload.sequence)
+                });
                 if better {
                     newest.insert(&record.name, (addr, signed));
                 }
@@ -705,6 +709,7 @@ mod tests {
                 version,
                 sequence,
                 created_at: 0,
+                epoch: 0,
             },
             signer: "k".into(),
             signature: "s".into(),
@@ -719,7 +724,7 @@ mod tests {
         table.record_activations("c", vec![record("app", 2, 3)]);
         table.record_activations("liar", vec![record("app", 9, 99)]);
         table.penalise("liar", "forged record", t0);
-        let current = |name: &str| if name == "web" { 1 } else { 0 };
+        let current = |name: &str| if name == "web" { (0, 1) } else { (0, 0) };
         let newer = table.newer_records(current, t0);
         assert_eq!(
             newer.len(),
@@ -732,7 +737,28 @@ mod tests {
         fail(&mut table, "c", t0);
         let newer = table.newer_records(current, t0);
         assert_eq!((newer[0].0.as_str(), newer[0].1.payload.sequence), ("b", 2));
-        assert!(table.newer_records(|_| 5, t0).is_empty());
+        assert!(table.newer_records(|_| (0, 5), t0).is_empty());
+    }
+
+    #[test]
+    fn a_fleet_record_is_taken_only_where_this_node_would_apply_it() {
+        let t0 = Instant::now();
+        let mut table = table(&[("old", vec![]), ("reset", vec![])], t0);
+        // A peer from before the bound spreads a record at the end of the range; another
+        // follows the operator's reset (epoch 1).
+        let mut reset = record("app", 1, 1);
+        reset.payload.epoch = 1;
+        table.record_activations("old", vec![record("app", 2, u64::MAX)]);
+        table.record_activations("reset", vec![reset]);
+        // Following #17 of epoch 0: the implausible one is passed over, the reset taken.
+        let newer = table.newer_records(|_| (0, 17), t0);
+        assert_eq!(newer.len(), 1, "{newer:?}");
+        assert_eq!(newer[0].0, "reset");
+        // Stuck at u64::MAX: only the reset comes after it.
+        let newer = table.newer_records(|_| (0, u64::MAX), t0);
+        assert_eq!(newer[0].0, "reset");
+        // Once following the reset, neither is newer.
+        assert!(table.newer_records(|_| (1, 1), t0).is_empty());
     }
 
     #[test]
