@@ -30,6 +30,10 @@ pub enum Fault {
     /// The node's instance pool is full (every slot busy): an overload, not the guest's fault.
     #[error("instance pool exhausted: {0}")]
     Capacity(String),
+    /// The reused instance serving this request died of another request's fault (see
+    /// [`crate::runtime::lost`]): not this request's doing, and it may be retried.
+    #[error("instance lost to another request's fault: {0}")]
+    InstanceLost(String),
 }
 
 impl Fault {
@@ -44,14 +48,26 @@ impl Fault {
             Fault::NoResponse(_) => "no_response",
             Fault::Host(_) => "host",
             Fault::Capacity(_) => "capacity",
+            Fault::InstanceLost(_) => "instance_lost",
         }
     }
 
     pub fn status(&self) -> StatusCode {
         match self {
             Fault::Deadline(_) => StatusCode::GATEWAY_TIMEOUT,
-            Fault::Host(_) | Fault::Capacity(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Fault::Host(_) | Fault::Capacity(_) | Fault::InstanceLost(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             _ => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The body the client gets: the kind only (details stay in the log line), or, for a
+    /// request that lost its instance to another, that it was not its guest's doing.
+    pub fn answer(&self) -> String {
+        match self {
+            Fault::InstanceLost(_) => "instance lost to another request's fault\n".into(),
+            _ => format!("guest fault: {}\n", self.kind()),
         }
     }
 

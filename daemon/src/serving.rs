@@ -350,9 +350,7 @@ impl Serving {
                 &format!("reading request body: {e}\n"),
             ),
             // Details stay in the log line; the client learns the kind only.
-            Failure::Fault(fault) => {
-                text_response(fault.status(), &format!("guest fault: {}\n", fault.kind()))
-            }
+            Failure::Fault(fault) => text_response(fault.status(), &fault.answer()),
         }
     }
 

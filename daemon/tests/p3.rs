@@ -388,3 +388,71 @@ route = "/hello"
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// One request traps in an instance several requests share: it alone is answered 500 (trap).
+/// Its siblings lost their instance through no fault of their own: the idempotent ones (GETs
+/// whose body the instance never read) are run again once on a fresh instance and answered
+/// 200; a POST whose body the instance had consumed cannot be, and is answered 503. The node
+/// then serves on.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_trap_fails_only_its_own_request_in_a_shared_instance() {
+    let edged = Edged::start(&format!(
+        r#"
+[[function]]
+name = "shared"
+wasm = {probe}
+route = "/shared"
+limits = {{ max_concurrency = 32, timeout_ms = 10000 }}
+instances = {{ concurrent = 16 }}
+"#,
+        probe = guest("p3-probe.wasm"),
+    ));
+    const GETS: usize = 8;
+    let client = reqwest::Client::new();
+    // Each request arrives while the others wait on the host clock, so one instance takes all.
+    let mut gets = Vec::new();
+    for _ in 0..GETS {
+        let url = edged.url("/shared?sleep=1500");
+        gets.push(tokio::spawn(async move { get(&url).await }));
+        tokio::time::sleep(Duration::from_millis(60)).await;
+    }
+    let post = tokio::spawn({
+        let request = client
+            .post(edged.url("/shared?drain=1500"))
+            .body(vec![b'x'; 1000]);
+        async move {
+            let response = request.send().await.unwrap();
+            let status = response.status().as_u16();
+            (status, response.text().await.unwrap())
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (status, body) = get(&edged.url("/shared?trap")).await;
+    assert_eq!(
+        (status, body.as_str()),
+        (500, "guest fault: trap\n"),
+        "{}",
+        edged.log()
+    );
+    for get in gets {
+        let (status, body) = get.await.unwrap();
+        assert_eq!(status, 200, "{body}\n{}", edged.log());
+    }
+    assert_eq!(
+        post.await.unwrap(),
+        (503, "instance lost to another request's fault\n".into()),
+        "{}",
+        edged.log()
+    );
+    // All of them shared the instance that trapped, and only the GETs were run again.
+    let retried = edged.log().matches("run again on a fresh instance").count();
+    assert_eq!(retried, GETS, "{}", edged.log());
+    let discarded = metric(
+        &edged,
+        "edged_instances_discarded_total{function=\"shared\"}",
+    )
+    .await;
+    assert_eq!(discarded, Some(1.0), "{}", edged.log());
+    // The node serves on, from a fresh instance.
+    assert!(probe_count(&edged, "/shared").await >= 1);
+}

@@ -16,6 +16,7 @@
 
 pub mod command;
 pub mod fresh;
+pub mod lost;
 pub mod reused;
 pub mod setup;
 

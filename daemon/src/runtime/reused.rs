@@ -8,6 +8,9 @@
 //! - **never after a fault**: a request that traps, hits its deadline or its memory cap marks its
 //!   instance faulted, and a faulted instance accepts nothing more (it finishes what it has and is
 //!   dropped);
+//! - **one request's trap is its own**: a trap ends the whole instance, but only the request
+//!   whose task was running when it trapped gets the trap; the others lost their instance and
+//!   are run again once or answered 503 ([`super::lost`]);
 //! - **deadlines**: each request has the function's deadline to answer (504 after); a guest
 //!   still busy one deadline after its last answer, or busy-looping past it, has its instance
 //!   dropped (the epoch tick makes every guest yield, so the check runs even then);
@@ -39,6 +42,7 @@ use wasmtime_wasi_http::handler::{
     ShouldAccept, WorkerExpiration, WorkerState, WorkerStatus,
 };
 
+use super::lost::{self, Ended, Verdict};
 use super::setup::GuestSetup;
 use crate::body::{ResponseBody, read_prefix};
 use crate::epoch::EpochClock;
@@ -83,7 +87,10 @@ impl Instances {
     pub async fn instantiate_once(&self) -> Result<(), Fault> {
         let workers = self.handler.state();
         let mut store = workers
-            .new_store(BusyMark::new(workers.setup.env.epochs.clone()))
+            .new_store(
+                BusyMark::new(workers.setup.env.epochs.clone()),
+                RunningTask::default(),
+            )
             .map_err(|e| Fault::Host(format!("{e:#}")))?;
         workers
             .pre
@@ -94,12 +101,42 @@ impl Instances {
     }
 
     /// Runs `request` on an instance with room for it (a new one if none has). A response that
-    /// finishes at once goes out in one piece (see [`crate::body::read_prefix`]).
+    /// finishes at once goes out in one piece (see [`crate::body::read_prefix`]). A request
+    /// whose instance died of another request's fault is run again once, on a fresh instance,
+    /// when [`lost::replayable`] (its head is kept for that; its body is empty).
     pub async fn handle(
         &self,
         request: http::Request<wasmtime_wasi_http::WasiBody>,
     ) -> Result<Response<ResponseBody>, Fault> {
-        let response = self.run(request).await?;
+        use http_body_util::BodyExt;
+        use hyper::body::Body;
+        let (head, body) = request.into_parts();
+        let replay = lost::replayable(&head.method, body.is_end_stream()).then(|| head.clone());
+        let mut request = http::Request::from_parts(head, body);
+        let mut run_again_before = false;
+        let response = loop {
+            let ended = match self.run(request).await {
+                Ok(response) => break response,
+                Err(ended) => ended,
+            };
+            match lost::verdict(ended, replay.is_some(), run_again_before) {
+                Verdict::Answer(fault) => return Err(fault),
+                Verdict::RunAgain => {
+                    let head = replay
+                        .clone()
+                        .expect("only a replayable request runs again");
+                    tracing::info!(
+                        function = %self.handler.state().setup.config.name,
+                        "request run again on a fresh instance: its instance died of another request's fault"
+                    );
+                    run_again_before = true;
+                    let empty = http_body_util::Empty::new()
+                        .map_err(|never| match never {})
+                        .boxed_unsync();
+                    request = http::Request::from_parts(head, empty);
+                }
+            }
+        };
         let (parts, mut body) = response.into_parts();
         let prefix = read_prefix(&mut body, std::future::pending())
             .await
@@ -110,7 +147,7 @@ impl Instances {
     async fn run(
         &self,
         request: http::Request<wasmtime_wasi_http::WasiBody>,
-    ) -> Result<Response<wasmtime_wasi_http::WasiBody>, Fault> {
+    ) -> Result<Response<wasmtime_wasi_http::WasiBody>, Ended> {
         let timeout = self.handler.state().setup.config.limits.timeout;
         let outcome = Arc::new(RequestOutcome::queued(&self.handler.state().waiting));
         let result = self.handler.handle(outcome.clone(), request).await;
@@ -137,23 +174,48 @@ impl Instances {
             error.downcast_ref::<wasmtime_wasi_http::p3::bindings::http::types::ErrorCode>()
         {
             // The guest answered with an error: a fault for this request, not of the instance.
-            return Err(Fault::NoResponse(format!(
+            return Err(Ended::Own(Fault::NoResponse(format!(
                 "guest answered with error {code:?}"
-            )));
+            ))));
         } else if error.is::<wasmtime_wasi_http::handler::TrapOrPanicError>() {
-            // The instance died under several requests; its own error reaches the worker's
-            // drop hook just after the request's channel closes.
-            outcome
-                .settled(Duration::from_millis(100))
+            // The instance died under one or several requests; its error reaches the worker's
+            // drop hook just after the request's channel closes, and the hook tells each
+            // request whether it was the one running when it happened.
+            outcome.mark_instance_faulted();
+            return Err(outcome
+                .settled(Duration::from_millis(500))
                 .await
                 .unwrap_or_else(|| {
-                    Fault::Trap("the instance failed while serving this request".into())
-                })
+                    Ended::Own(Fault::Trap(
+                        "the instance failed while serving this request".into(),
+                    ))
+                }));
         } else {
             Fault::classify(error, timeout)
         };
         outcome.mark_instance_faulted();
-        Err(fault)
+        Err(Ended::Own(fault))
+    }
+}
+
+/// The guest task whose code runs in an instance right now (the root export task of the
+/// current call stack): set each time the host enters guest code, so when the instance traps
+/// it names the request whose call trapped.
+#[derive(Clone, Default)]
+struct RunningTask(Arc<Mutex<Option<GuestTaskId>>>);
+
+impl RunningTask {
+    fn entered(&self, store: &mut StoreContextMut<'_, GuestState>) {
+        // No current task (instantiation, a host-only call): leave what was there.
+        if let Ok(stack) = store.async_call_stack()
+            && let Some(root) = stack.last()
+        {
+            *lock(&self.0) = Some(root);
+        }
+    }
+
+    fn get(&self) -> Option<GuestTaskId> {
+        *lock(&self.0)
     }
 }
 
@@ -161,7 +223,7 @@ impl Instances {
 /// faulted, and lets the instance hand a request the fault that killed it.
 pub struct RequestOutcome {
     instance_faulted: Mutex<Option<Arc<AtomicBool>>>,
-    fault: Mutex<Option<Fault>>,
+    fault: Mutex<Option<Ended>>,
     fault_set: tokio::sync::Notify,
     /// Its function's count of waiting requests, until an instance takes it.
     waiting: Mutex<Option<Arc<AtomicUsize>>>,
@@ -192,12 +254,12 @@ impl RequestOutcome {
         }
     }
 
-    fn settle(&self, fault: Fault) {
-        lock(&self.fault).get_or_insert(fault);
+    fn settle(&self, ended: Ended) {
+        lock(&self.fault).get_or_insert(ended);
         self.fault_set.notify_one();
     }
 
-    async fn settled(&self, within: Duration) -> Option<Fault> {
+    async fn settled(&self, within: Duration) -> Option<Ended> {
         let wait = async {
             loop {
                 let notified = self.fault_set.notified();
@@ -235,17 +297,21 @@ impl Workers {
     /// such yield is noted in `busy`, with the guest's calls into the host counted by a call
     /// hook (not by the host's views of the store: wasmtime's event loop uses those between the
     /// guest's yields too, which made a spinning guest look busy serving).
-    fn new_store(&self, busy: BusyMark) -> anyhow::Result<Store<GuestState>> {
+    fn new_store(&self, busy: BusyMark, running: RunningTask) -> anyhow::Result<Store<GuestState>> {
         let setup = &self.setup;
         let limits = setup.config.limits;
         let ctx = component_wasi(&setup.config, &setup.output)?;
         let state = GuestState::component(ctx, setup.outbound.clone(), limits.memory_bytes);
         let mut store = Store::new(&setup.engine, state);
         store.limiter(|s| &mut s.limits);
-        store.call_hook(|mut store, hook| {
-            if let CallHook::CallingHost = hook {
-                let state = store.data_mut();
-                state.host_calls = state.host_calls.wrapping_add(1);
+        store.call_hook(move |mut store, hook| {
+            match hook {
+                CallHook::CallingHost => {
+                    let state = store.data_mut();
+                    state.host_calls = state.host_calls.wrapping_add(1);
+                }
+                CallHook::CallingWasm | CallHook::ReturningFromHost => running.entered(&mut store),
+                CallHook::ReturningFromWasm => {}
             }
             Ok(())
         });
@@ -269,8 +335,9 @@ impl HandlerState for Workers {
     async fn instantiate(&self) -> wasmtime::Result<Instance<GuestState, Expiry, Worker>> {
         let started = Instant::now();
         let busy = BusyMark::new(self.setup.env.epochs.clone());
+        let running = RunningTask::default();
         let mut store = self
-            .new_store(busy.clone())
+            .new_store(busy.clone(), running.clone())
             .map_err(wasmtime::Error::from_anyhow)?;
         let proxy = self.pre.instantiate_async(&mut store).await?;
         self.setup.instance_created(started.elapsed());
@@ -297,6 +364,7 @@ impl HandlerState for Workers {
                 busy,
                 discarded: self.setup.env.metrics.discarded.clone(),
                 requests: Mutex::new(Vec::new()),
+                running,
             },
         })
     }
@@ -310,8 +378,10 @@ struct Worker {
     faulted: Arc<AtomicBool>,
     /// Set by [`Expiry`] when it ends the instance for a guest still running past a deadline.
     timed_out: Arc<AtomicBool>,
-    /// Requests it took, to hand them the fault that ends it.
-    requests: Mutex<Vec<Weak<RequestOutcome>>>,
+    /// Requests it took, with their guest tasks, to hand them the fault that ends it.
+    requests: Mutex<Vec<(GuestTaskId, Weak<RequestOutcome>)>>,
+    /// Whose guest code ran last: the request a trap is charged to.
+    running: RunningTask,
     /// When its guest last held the CPU through an epoch tick.
     busy: BusyMark,
     discarded: Counter,
@@ -382,13 +452,13 @@ impl WorkerState for Worker {
         &self,
         _store: StoreContextMut<'_, GuestState>,
         outcome: Arc<RequestOutcome>,
-        _task: GuestTaskId,
+        task: GuestTaskId,
     ) -> Pin<Box<dyn Future<Output = ()> + Send + Sync>> {
         outcome.taken();
         *lock(&outcome.instance_faulted) = Some(self.faulted.clone());
         let mut requests = lock(&self.requests);
-        requests.retain(|r| r.strong_count() > 0);
-        requests.push(Arc::downgrade(&outcome));
+        requests.retain(|(_, r)| r.strong_count() > 0);
+        requests.push((task, Arc::downgrade(&outcome)));
         Box::pin(tokio::time::sleep(self.request_timeout))
     }
 
@@ -398,17 +468,33 @@ impl WorkerState for Worker {
             self.discarded.inc();
         }
         let Err(error) = result else { return };
-        let fault = if self.timed_out.load(Ordering::SeqCst) {
+        let timed_out = self.timed_out.load(Ordering::SeqCst);
+        let fault = if timed_out {
             Fault::Deadline(self.request_timeout)
         } else {
             Fault::classify(error, self.request_timeout)
         };
-        tracing::debug!(%fault, "instance dropped after a fault");
-        for request in lock(&self.requests).drain(..) {
+        // A guest cut at its deadline is charged to every request it still had (as before);
+        // a trap only to the request whose task was running, when that is known.
+        let culprit = if timed_out { None } else { self.running.get() };
+        tracing::debug!(%fault, ?culprit, "instance dropped after a fault");
+        for (task, request) in lock(&self.requests).drain(..) {
             if let Some(request) = request.upgrade() {
-                request.settle(fault.clone());
+                request.settle(charge(&fault, culprit, task));
             }
         }
+    }
+}
+
+/// How a request of an instance that ended with `fault` ended: the fault's own when its task
+/// is the culprit (or no culprit is known: then every request is charged, as nothing tells them
+/// apart), lost otherwise.
+fn charge<Task: PartialEq>(fault: &Fault, culprit: Option<Task>, task: Task) -> Ended {
+    match culprit {
+        Some(culprit) if culprit != task => Ended::Lost {
+            cause: Some(fault.clone()),
+        },
+        _ => Ended::Own(fault.clone()),
     }
 }
 
@@ -524,6 +610,7 @@ mod tests {
             faulted: Arc::new(AtomicBool::new(false)),
             timed_out: Arc::new(AtomicBool::new(false)),
             requests: Mutex::new(Vec::new()),
+            running: RunningTask::default(),
             busy: BusyMark::new(clock.clone()),
             discarded: Counter::default(),
         };
@@ -577,6 +664,23 @@ mod tests {
         clock.tick();
         clock.tick();
         assert_eq!(accepts(&worker, 0, 1), "yes");
+    }
+
+    #[test]
+    fn a_fault_is_charged_to_the_running_task_and_the_others_lost_their_instance() {
+        let trap = Fault::Trap("unreachable".into());
+        assert!(matches!(
+            charge(&trap, Some(1), 1),
+            Ended::Own(Fault::Trap(_))
+        ));
+        assert!(matches!(
+            charge(&trap, Some(1), 2),
+            Ended::Lost {
+                cause: Some(Fault::Trap(_))
+            }
+        ));
+        // Nobody known to be running: nothing tells the requests apart, all are charged.
+        assert!(matches!(charge(&trap, None, 2), Ended::Own(Fault::Trap(_))));
     }
 
     #[test]

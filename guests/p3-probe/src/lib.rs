@@ -10,10 +10,13 @@
 //! - `?linger`     answers, then keeps a task busy-looping after the answer
 //! - `?alloc=MIB`  touches MIB MiB of fresh memory, then answers (hits a memory cap)
 //! - `?sleep=MS`   waits MS ms on the host clock, then answers (concurrent requests interleave)
+//! - `?drain=MS`   reads the whole request body, then waits MS ms, then answers `read=BYTES`
+//!                 (a request whose body the instance has consumed)
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use wasip3::http::types::{ErrorCode, Fields, Request, Response};
+use wasip3::wit_bindgen::StreamResult;
 use wasip3::{wit_bindgen, wit_future, wit_stream};
 
 wasip3::http::service::export!(Probe);
@@ -71,6 +74,27 @@ impl wasip3::exports::http::handler::Guest for Probe {
                 }
                 let touched: usize = block.iter().step_by(4096).map(|&b| b as usize).sum();
                 return text_response(format!("requests={n} touched={touched}\n"));
+            }
+            "drain" => {
+                let ms: u64 = arg.parse().unwrap_or(0);
+                let (done_tx, done_rx) = wit_future::new(|| Ok(()));
+                let (mut body, _trailers) = Request::consume_body(request, done_rx);
+                let mut read = 0usize;
+                let mut chunk = Vec::with_capacity(16 << 10);
+                loop {
+                    let (status, buf) = body.read(chunk).await;
+                    chunk = buf;
+                    match status {
+                        StreamResult::Complete(_) => {
+                            read += chunk.len();
+                            chunk.clear();
+                        }
+                        StreamResult::Dropped | StreamResult::Cancelled => break,
+                    }
+                }
+                let _ = done_tx.write(Ok(())).await;
+                wasip3::clocks::monotonic_clock::wait_for(ms * 1_000_000).await;
+                return text_response(format!("requests={n} read={read}\n"));
             }
             "sleep" => {
                 let ms: u64 = arg.parse().unwrap_or(0);
