@@ -67,6 +67,8 @@ const SUB_LAYERS: &[(&str, &[&[&str]])] = &[
             &["mod"],
             // One module a kind of runtime.
             &["command", "fresh", "reused"],
+            // Who answers for a shared instance's fault (sans IO).
+            &["lost"],
             // What every kind makes its instances with.
             &["setup"],
         ],
