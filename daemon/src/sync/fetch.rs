@@ -223,7 +223,10 @@ impl Syncer {
         }
         requests.shutdown().await;
         drop(running);
-        let files = Arc::into_inner(files).expect("every piece request ended");
+        // A cancelled request's verifier may still hold its handle on the piece directory (a
+        // blocking task cannot be aborted): assemble through a handle of our own.
+        drop(files);
+        let files = PieceFiles::open(&store, hash, blob.size)?;
         let assembled = {
             let (store, kind) = (store.clone(), kind.clone());
             tokio::task::spawn_blocking(move || files.assemble(&store, kind)).await?
