@@ -102,7 +102,10 @@ mod tests {
         fs::write(pieces.join("0"), vec![1u8; 1000]).unwrap();
         fs::write(pieces.join("1"), vec![1u8; 24]).unwrap();
         // Not idle long enough: kept.
-        assert_eq!(store.expire_partials(Duration::from_secs(3600)).unwrap(), (0, 0));
+        assert_eq!(
+            store.expire_partials(Duration::from_secs(3600)).unwrap(),
+            (0, 0)
+        );
         assert!(pieces.exists());
         assert_eq!(store.expire_partials(Duration::ZERO).unwrap(), (2, 1024));
         assert!(!pieces.exists());
