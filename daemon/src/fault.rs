@@ -30,8 +30,9 @@ pub enum Fault {
     /// The node's instance pool is full (every slot busy): an overload, not the guest's fault.
     #[error("instance pool exhausted: {0}")]
     Capacity(String),
-    /// The reused instance serving this request died of another request's fault (see
-    /// [`crate::runtime::lost`]): not this request's doing, and it may be retried.
+    /// The reused instance serving this request died of another request's fault (the reused
+    /// runtime decides who answers for a shared instance's fault): not this request's doing,
+    /// and it may be retried.
     #[error("instance lost to another request's fault: {0}")]
     InstanceLost(String),
 }
