@@ -1,9 +1,10 @@
 //! A network lab of real namespaces for the WAN fleet phase: a hub namespace holding one veth
 //! end per host namespace, a `tbf` qdisc on both ends of every veth capping the host's rate each
 //! way, and (in [`emulator`], moved by a userspace switch in the hub) a one-way delay and loss
-//! per host. Every name starts with a prefix unique to the run; [`Lab`] removes its namespaces
-//! (and with them every interface and process inside) on drop, and [`Lab::create`] first removes
-//! leftovers of the lab prefix that a killed run left behind.
+//! per host. Every name starts with a prefix unique to the lab (`ewan-<pid>-<n>-`, so labs of
+//! concurrent tests or runs never meet); [`Lab`] removes its namespaces (and with them every
+//! interface and process inside) on drop, and [`Lab::create`] first removes the leftovers of
+//! labs whose process is gone (a killed run).
 
 pub mod emulator;
 pub mod netns;
@@ -15,8 +16,11 @@ use anyhow::Result;
 
 use netns::{Netns, output, run};
 
-/// What every lab namespace's name starts with; leftovers with it are removed at start.
+/// What every lab namespace's name starts with, before its lab's `<pid>-<n>-`.
 pub const PREFIX: &str = "ewan-";
+
+/// Labs this process made so far: the `<n>` of the next lab's prefix.
+static LABS_MADE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
 /// One host's link to the hub, as the lab sets it up.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -35,6 +39,8 @@ pub struct Host {
 }
 
 pub struct Lab {
+    /// `ewan-<pid>-<n>-`: what this lab's namespace names start with.
+    prefix: String,
     pub hub: Netns,
     pub hosts: Vec<Host>,
 }
@@ -69,13 +75,27 @@ fn tbf_args(dev: &str, rate_mbit: u32) -> Vec<String> {
     .collect()
 }
 
-/// The lab namespaces `ip netns list` shows: every name with [`PREFIX`].
-pub fn leftovers() -> Result<Vec<String>> {
+/// The namespaces `ip netns list` shows whose names start with `prefix`.
+pub fn namespaces_with(prefix: &str) -> Result<Vec<String>> {
     Ok(output("ip", &["netns", "list"])?
         .lines()
         .filter_map(|l| l.split_whitespace().next())
-        .filter(|n| n.starts_with(PREFIX))
+        .filter(|n| n.starts_with(prefix))
         .map(String::from)
+        .collect())
+}
+
+/// The process that made a lab namespace, read off its name (`ewan-<pid>-...`).
+fn maker_of(name: &str) -> Option<u32> {
+    name.strip_prefix(PREFIX)?.split('-').next()?.parse().ok()
+}
+
+/// Lab namespaces whose making process no longer runs: what a killed run left behind. A name
+/// without a pid (an older layout) counts as a leftover too.
+pub fn orphaned() -> Result<Vec<String>> {
+    Ok(namespaces_with(PREFIX)?
+        .into_iter()
+        .filter(|n| maker_of(n).is_none_or(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists()))
         .collect())
 }
 
@@ -85,17 +105,20 @@ impl Lab {
     /// off on both ends (`gso_max_segs 1`), so each frame the switch sees is one wire frame
     /// and loss hits segments, as on a real link.
     pub fn create(hosts: usize, shape: LinkShape) -> Result<Lab> {
-        for name in leftovers()? {
+        for name in orphaned()? {
             Netns::delete(&name)?;
         }
-        let hub = Netns::create(&format!("{PREFIX}hub"))?;
+        let n = LABS_MADE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let prefix = format!("{PREFIX}{}-{n}-", std::process::id());
+        let hub = Netns::create(&format!("{prefix}hub"))?;
         // From here a failure drops the lab, which removes what exists so far.
         let mut lab = Lab {
+            prefix,
             hub,
             hosts: Vec::with_capacity(hosts),
         };
         for i in 0..hosts {
-            let netns = Netns::create(&format!("{PREFIX}h{i}"))?;
+            let netns = Netns::create(&format!("{}h{i}", lab.prefix))?;
             let hub_dev = format!("h{i}");
             let addr = host_addr(i);
             let (ns, hubns) = (netns.name().to_string(), lab.hub.name().to_string());
@@ -149,6 +172,11 @@ impl Lab {
         }
         Ok(lab)
     }
+
+    /// This lab's namespaces that `ip netns list` shows.
+    pub fn namespaces(&self) -> Result<Vec<String>> {
+        namespaces_with(&self.prefix)
+    }
 }
 
 impl Drop for Lab {
@@ -190,6 +218,14 @@ mod tests {
         );
     }
 
+    #[test]
+    fn the_maker_is_read_off_a_lab_name() {
+        assert_eq!(maker_of("ewan-4242-0-hub"), Some(4242));
+        assert_eq!(maker_of("ewan-4242-3-h17"), Some(4242));
+        assert_eq!(maker_of("ewan-hub"), None);
+        assert_eq!(maker_of("other-1-hub"), None);
+    }
+
     /// Real namespaces: needs root (skipped, saying so, otherwise). Fails if the lab leaves any
     /// namespace of its prefix behind.
     #[test]
@@ -199,9 +235,12 @@ mod tests {
             println!("note: not root, the lab test is skipped");
             return;
         }
+        let prefix;
         {
             let lab = Lab::create(2, LinkShape { rate_mbit: 10 }).expect("lab");
-            assert_eq!(leftovers().unwrap().len(), 3);
+            prefix = lab.prefix.clone();
+            assert_eq!(lab.namespaces().unwrap().len(), 3);
+            assert!(orphaned().unwrap().iter().all(|n| !n.starts_with(&prefix)));
             let qdisc = output(
                 "ip",
                 &[
@@ -222,6 +261,6 @@ mod tests {
             let addr = output("ip", &["-n", lab.hosts[1].netns.name(), "-br", "addr"]).unwrap();
             assert!(addr.contains("10.77.0.2/16"), "{addr}");
         }
-        assert!(leftovers().unwrap().is_empty());
+        assert!(namespaces_with(&prefix).unwrap().is_empty());
     }
 }

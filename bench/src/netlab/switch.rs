@@ -292,7 +292,8 @@ mod tests {
             "1 MB took {transfer:?}"
         );
         assert!(counters[1].forwarded_bytes >= 1_000_000, "{counters:?}");
+        let prefix = lab.prefix.clone();
         drop(lab);
-        assert!(super::super::leftovers().unwrap().is_empty());
+        assert!(super::super::namespaces_with(&prefix).unwrap().is_empty());
     }
 }
