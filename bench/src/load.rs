@@ -1,10 +1,12 @@
 //! The load generator every request-latency phase uses: GETs over several keep-alive
-//! connections, one request in flight per connection, each request's latency recorded.
+//! connections, one request in flight per connection, each request's latency recorded. A
+//! server may close a keep-alive connection between requests (HTTP/1.1 allows it): the worker then opens a new one, the reconnect counted in that request's
+//! latency as a client would pay it, and says so on stderr.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
@@ -42,12 +44,9 @@ pub(crate) async fn load_with(
         let path = path.to_string();
         let headers = headers.clone();
         workers.push(tokio::spawn(async move {
-            let stream = tokio::net::TcpStream::connect(addr).await?;
-            stream.set_nodelay(true)?;
-            let (mut sender, conn) =
-                hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-            tokio::spawn(conn);
+            let mut sender = connect(addr).await?;
             let mut samples = Vec::with_capacity(per_connection);
+            let mut reconnects = 0usize;
             for _ in 0..per_connection {
                 let mut request =
                     http::Request::get(path.as_str()).header(http::header::HOST, "localhost");
@@ -56,7 +55,15 @@ pub(crate) async fn load_with(
                 }
                 let request = request.body(Empty::<Bytes>::new())?;
                 let start = Instant::now();
-                let response = sender.send_request(request).await?;
+                if sender.ready().await.is_err() {
+                    // Closed by the server since the last response: a new connection.
+                    sender = connect(addr).await?;
+                    reconnects += 1;
+                }
+                let response = sender
+                    .send_request(request)
+                    .await
+                    .with_context(|| format!("GET http://{addr}{path}"))?;
                 let status = response.status();
                 let body = response.into_body().collect().await?.to_bytes();
                 samples.push(start.elapsed());
@@ -67,6 +74,12 @@ pub(crate) async fn load_with(
                     );
                 }
             }
+            if reconnects > 0 {
+                eprintln!(
+                    "note: http://{addr}{path} closed {reconnects} of {per_connection} keep-alive \
+                     connections between requests; each was opened again"
+                );
+            }
             anyhow::Ok(samples)
         }));
     }
@@ -76,4 +89,15 @@ pub(crate) async fn load_with(
     }
     let rps = samples.len() as f64 / started.elapsed().as_secs_f64();
     Ok((samples, rps))
+}
+
+/// A fresh HTTP/1.1 connection to `addr`, its driver spawned.
+async fn connect(addr: SocketAddr) -> Result<hyper::client::conn::http1::SendRequest<Empty<Bytes>>> {
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("connecting to {addr}"))?;
+    stream.set_nodelay(true)?;
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    Ok(sender)
 }
