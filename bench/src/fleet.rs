@@ -18,6 +18,7 @@ use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -25,6 +26,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 
+use crate::netlab::netns::Netns;
 use crate::process::{self, EdgedProcess};
 use crate::registry_fleet::{self, RegistryRound};
 use crate::report::{Figure, Ratio};
@@ -53,22 +55,62 @@ const ORIGIN_EGRESS_GOAL: f64 = 1.1;
 
 /// One running `edged` of the fleet; killed on drop.
 pub(crate) struct Node {
-    _process: EdgedProcess,
+    process: EdgedProcess,
     pub(crate) info: NodeInfo,
+}
+
+impl Node {
+    pub(crate) fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+}
+
+/// Where a node runs: the address its control endpoint listens on and the network namespace
+/// it is started in (its HTTP port is on that namespace's loopback).
+#[derive(Clone)]
+pub(crate) struct Placement {
+    pub(crate) control_listen: String,
+    pub(crate) netns: Option<Arc<Netns>>,
+}
+
+impl Placement {
+    /// The bench's own loopback, ports chosen by the kernel.
+    pub(crate) fn loopback() -> Placement {
+        Placement {
+            control_listen: "127.0.0.1:0".into(),
+            netns: None,
+        }
+    }
 }
 
 /// Where a node answers and logs: what a probe task needs, without owning the process.
 #[derive(Clone)]
 pub(crate) struct NodeInfo {
-    name: String,
+    pub(crate) name: String,
     http: SocketAddr,
     pub(crate) control: SocketAddr,
     log: PathBuf,
+    /// The namespace it runs in, which its HTTP address belongs to.
+    netns: Option<Arc<Netns>>,
 }
 
 impl NodeInfo {
     fn log_tail(&self) -> String {
         tail(&self.log, 40)
+    }
+
+    /// One HTTP/1.1 GET of `path` on a fresh connection (made inside the node's namespace):
+    /// status and body.
+    pub(crate) async fn get(&self, path: &str) -> Result<(u16, Bytes)> {
+        let stream = match &self.netns {
+            None => tokio::net::TcpStream::connect(self.http).await?,
+            Some(netns) => {
+                let netns = netns.clone();
+                let socket = tokio::task::spawn_blocking(move || netns.tcp_socket()).await??;
+                socket.connect(self.http).await?
+            }
+        };
+        get_on(stream, self.http, path).await
     }
 }
 
@@ -84,8 +126,21 @@ fn tail(path: &Path, lines: usize) -> String {
 /// Runs `edgectl --identity <operator> args...` to completion; its stdout, or an error with
 /// its stderr.
 pub(crate) async fn edgectl(params: &Params, operator: &Path, args: &[&str]) -> Result<String> {
-    let mut command =
-        tokio::process::Command::from(process::command(&params.emulator, &params.edgectl));
+    edgectl_in(params, operator, args, None).await
+}
+
+/// [`edgectl`], inside network namespace `netns` when one is given.
+pub(crate) async fn edgectl_in(
+    params: &Params,
+    operator: &Path,
+    args: &[&str],
+    netns: Option<&Netns>,
+) -> Result<String> {
+    let mut command = process::command(&params.emulator, &params.edgectl);
+    if let Some(netns) = netns {
+        netns.place(&mut command);
+    }
+    let mut command = tokio::process::Command::from(command);
     let output = command
         .arg("--identity")
         .arg(operator)
@@ -136,13 +191,27 @@ pub(crate) fn start_node(
     sync: Option<&[SocketAddr]>,
     extra: &str,
 ) -> Result<Node> {
+    start_placed(params, dir, name, &Placement::loopback(), sync, extra)
+}
+
+/// [`start_node`] at `placement`. Its state dir is kept across starts: a node started again
+/// under the same name resumes from what it held.
+pub(crate) fn start_placed(
+    params: &Params,
+    dir: &Path,
+    name: &str,
+    placement: &Placement,
+    sync: Option<&[SocketAddr]>,
+    extra: &str,
+) -> Result<Node> {
     let name = name.to_string();
     let path = |p: &str| format!("{:?}", dir.join(p).display().to_string());
     let mut config = format!(
         "[node]\nstate_dir = {}\nhttp_listen = \"127.0.0.1:0\"\n\n\
-         [control]\nlisten = \"127.0.0.1:0\"\nidentity_dir = {}\nnode_name = \"{name}\"\n\
+         [control]\nlisten = \"{}\"\nidentity_dir = {}\nnode_name = \"{name}\"\n\
          trusted_keys = [{}]\n",
         path(&format!("state-{name}")),
+        placement.control_listen,
         path(&name),
         path("operator/signing.pub"),
     );
@@ -167,8 +236,14 @@ pub(crate) fn start_node(
     let log = dir.join(format!("{name}.log"));
     let stderr = Stdio::from(std::fs::File::create(&log)?);
     let log_tail = || tail(&log, 40);
-    let process = EdgedProcess::start(&params.emulator, &params.edged, &config_path, stderr)
-        .with_context(|| format!("{name} did not start; log tail:\n{}", log_tail()))?;
+    let process = EdgedProcess::start_in(
+        &params.emulator,
+        &params.edged,
+        &config_path,
+        stderr,
+        placement.netns.as_deref(),
+    )
+    .with_context(|| format!("{name} did not start; log tail:\n{}", log_tail()))?;
     let control = process.control.with_context(|| {
         format!(
             "{name} printed no control address (is its [control] table refused?); log tail:\n{}",
@@ -181,15 +256,19 @@ pub(crate) fn start_node(
             control,
             name,
             log,
+            netns: placement.netns.clone(),
         },
-        _process: process,
+        process,
     })
 }
 
-/// One HTTP/1.1 GET on a fresh connection: status and body.
-async fn get(addr: SocketAddr, path: &str) -> Result<(u16, Bytes)> {
+/// One HTTP/1.1 GET of `path` on `stream`, a fresh connection to `addr`: status and body.
+async fn get_on(
+    stream: tokio::net::TcpStream,
+    addr: SocketAddr,
+    path: &str,
+) -> Result<(u16, Bytes)> {
     let exchange = async {
-        let stream = tokio::net::TcpStream::connect(addr).await?;
         let (mut sender, conn) =
             hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         tokio::spawn(conn);
@@ -221,7 +300,7 @@ fn counter(metrics: &str, name: &str) -> Option<f64> {
 }
 
 pub(crate) async fn node_counter(node: &NodeInfo, name: &str) -> Result<Option<f64>> {
-    let (status, body) = get(node.http, "/metrics").await?;
+    let (status, body) = node.get("/metrics").await?;
     if status != 200 {
         bail!("{}: /metrics answered {status}", node.name);
     }
@@ -231,10 +310,10 @@ pub(crate) async fn node_counter(node: &NodeInfo, name: &str) -> Result<Option<f
 /// Polls `node` until `/big` answers 200; the time from `started`. It gives up
 /// [`CONVERGE_TIMEOUT`] after it began polling, not after `started`: the baseline's clock starts
 /// before a run of pushes that may take long under an emulator.
-async fn wait_for_arrival(node: NodeInfo, started: Instant) -> Result<Duration> {
+pub(crate) async fn wait_for_arrival(node: NodeInfo, started: Instant) -> Result<Duration> {
     let polling = Instant::now();
     loop {
-        let last = match get(node.http, "/big").await {
+        let last = match node.get("/big").await {
             Ok((200, _)) => return Ok(started.elapsed()),
             Ok((status, body)) => format!("{status} {}", String::from_utf8_lossy(&body).trim()),
             Err(e) => format!("{e:#}"),
@@ -242,7 +321,7 @@ async fn wait_for_arrival(node: NodeInfo, started: Instant) -> Result<Duration> 
         if polling.elapsed() > CONVERGE_TIMEOUT {
             // Its sync counters say whether it saw peers and fetched anything at all; a warn-level
             // log is often silent about that.
-            let sync_metrics = match get(node.http, "/metrics").await {
+            let sync_metrics = match node.get("/metrics").await {
                 Ok((_, body)) => {
                     let lines: Vec<String> = String::from_utf8_lossy(&body)
                         .lines()

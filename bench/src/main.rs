@@ -21,16 +21,18 @@
 //! The fleet phase (peer sync convergence against pushing to every node directly, and the
 //! origin's egress) takes longer and runs only when asked: `cargo build --release -p edged -p edgectl -p bench && target/release/bench
 //! --phases sync [--nodes 4 --artifact-mb 20 --sync-rounds 3]`
+//!
+//! The WAN fleet phase (`--phases fleet-wan [--wan-nodes 16 --wan-rate-mbit 10 --wan-delay-ms 50
+//! --wan-loss 0.01]`, as root) runs the fleet in network namespaces on shaped, lossy links.
 
 mod chain;
 mod coldstart;
 mod fleet;
+mod fleet_wan;
 mod floors;
 mod http;
 mod large;
 mod load;
-// The WAN fleet phase's lab; the phase that uses it (fleet_wan.rs) is not written yet.
-#[allow(dead_code)]
 mod netlab;
 mod process;
 mod registry_fleet;
@@ -46,8 +48,8 @@ use clap::Parser;
 #[derive(Parser)]
 #[command(about = "edged benchmark: cold start, HTTP and fleet sync")]
 struct Args {
-    /// Which phases to run: coldstart, http, large, chain, sync, soak (chain, sync and soak are
-    /// not defaults).
+    /// Which phases to run: coldstart, http, large, chain, sync, fleet-wan, soak (chain, sync,
+    /// fleet-wan and soak are not defaults).
     #[arg(long, value_delimiter = ',', default_values_t = ["coldstart".to_string(), "http".to_string(), "large".to_string()])]
     phases: Vec<String>,
     /// WASI p1 command guest for the cold-start phases (default: the init-heavy sample).
@@ -100,6 +102,28 @@ struct Args {
     /// Pushes in the sync phase, each to a fresh fleet.
     #[arg(long, default_value_t = 3)]
     sync_rounds: usize,
+    /// Nodes of the WAN fleet phase (the first gets the push from an operator host of its own).
+    #[arg(long, default_value_t = 16)]
+    wan_nodes: usize,
+    /// Size of the WAN phase's module: an 8 MiB data segment makes a 25.5 MB set with both
+    /// targets' artifacts.
+    #[arg(long, default_value_t = 8)]
+    wan_artifact_mb: usize,
+    /// Every WAN host's link rate each way, in Mbit/s.
+    #[arg(long, default_value_t = 10)]
+    wan_rate_mbit: u32,
+    /// One-way delay on what every WAN host receives, in ms.
+    #[arg(long, default_value_t = 50)]
+    wan_delay_ms: u64,
+    /// Loss probability on what every WAN host receives.
+    #[arg(long, default_value_t = 0.01)]
+    wan_loss: f64,
+    /// Fraction of the WAN fleet killed mid-sync (and restarted) in its second round.
+    #[arg(long, default_value_t = 0.1)]
+    wan_kill_fraction: f64,
+    /// How long a WAN round may take until every node serves, in seconds.
+    #[arg(long, default_value_t = 300)]
+    wan_timeout_secs: u64,
     /// Length of the soak phase, in seconds.
     #[arg(long, default_value_t = 600)]
     soak_secs: u64,
@@ -145,7 +169,7 @@ async fn main() -> Result<()> {
     if let Some(url) = &args.load {
         return load_only(url, args.connections, args.requests).await;
     }
-    let known = ["coldstart", "http", "large", "chain", "sync", "soak"];
+    let known = ["coldstart", "http", "large", "chain", "sync", "fleet-wan", "soak"];
     if let Some(unknown) = args.phases.iter().find(|p| !known.contains(&p.as_str())) {
         bail!("unknown phase {unknown:?} (known: {})", known.join(", "));
     }
@@ -227,6 +251,28 @@ async fn main() -> Result<()> {
             pool_slots: args.pool_slots,
         };
         let (p, r, f) = fleet::run(&params, work.path()).await?;
+        phases.extend(p);
+        ratios.extend(r);
+        figures.extend(f);
+    }
+    if args.phases.iter().any(|p| p == "fleet-wan") {
+        let params = fleet_wan::Params {
+            fleet: fleet::Params {
+                edged: sibling_binary(args.edged.as_ref(), "edged")?,
+                edgectl: sibling_binary(args.edgectl.as_ref(), "edgectl")?,
+                nodes: args.wan_nodes,
+                artifact_mb: args.wan_artifact_mb,
+                rounds: 2,
+                emulator: emulator.clone(),
+                pool_slots: args.pool_slots,
+            },
+            rate_mbit: args.wan_rate_mbit,
+            delay: std::time::Duration::from_millis(args.wan_delay_ms),
+            loss: args.wan_loss,
+            kill_fraction: args.wan_kill_fraction,
+            timeout: std::time::Duration::from_secs(args.wan_timeout_secs),
+        };
+        let (p, r, f) = fleet_wan::run(&params, work.path()).await?;
         phases.extend(p);
         ratios.extend(r);
         figures.extend(f);

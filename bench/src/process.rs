@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 
+use crate::netlab::netns::Netns;
+
 pub struct EdgedProcess {
     child: Child,
     pub http: SocketAddr,
@@ -32,7 +34,22 @@ impl EdgedProcess {
         config: &Path,
         stderr: Stdio,
     ) -> Result<EdgedProcess> {
-        let mut child = command(emulator, edged)
+        EdgedProcess::start_in(emulator, edged, config, stderr, None)
+    }
+
+    /// [`EdgedProcess::start`], inside network namespace `netns` when one is given.
+    pub fn start_in(
+        emulator: &[String],
+        edged: &Path,
+        config: &Path,
+        stderr: Stdio,
+        netns: Option<&Netns>,
+    ) -> Result<EdgedProcess> {
+        let mut command = command(emulator, edged);
+        if let Some(netns) = netns {
+            netns.place(&mut command);
+        }
+        let mut child = command
             .arg("--config")
             .arg(config)
             .env("EDGED_LOG", "warn")

@@ -239,6 +239,45 @@ fn check_part(
     Ok((source.into_owned(), Checked { import, export }))
 }
 
+/// The checks [`compose_chain`] makes of every part before it pre-initializes any (each a
+/// `wasi:http` 0.3 component; a middleware imports and exports the handler, the app exports
+/// it; nothing else imported that a node does not link): what `edged check-config` asks, with
+/// no Wizer run and no compile.
+pub fn check_chain(
+    middleware: &[PartInput<'_>],
+    app: PartInput<'_>,
+    options: &CompileOptions,
+) -> Result<(), ComposeError> {
+    let run_engine = engine_for(run_target(options), &options.engine)?;
+    checked_parts(&run_engine, middleware, &app).map(drop)
+}
+
+/// Every part checked ([`check_part`]), in chain order, or the first refusal naming its part.
+fn checked_parts<'a>(
+    run_engine: &Engine,
+    middleware: &'a [PartInput<'a>],
+    app: &'a PartInput<'a>,
+) -> Result<Vec<(PartRole, &'a str, Vec<u8>, Checked)>, ComposeError> {
+    let total = middleware.len() + 1;
+    let inputs = middleware
+        .iter()
+        .map(|p| (PartRole::Middleware, p))
+        .chain(std::iter::once((PartRole::App, app)));
+    let mut checked = Vec::with_capacity(total);
+    for (i, (role, part)) in inputs.enumerate() {
+        let (source, names) =
+            check_part(role, run_engine, part.bytes).map_err(|reason| ComposeError::Refused {
+                name: part.name.to_string(),
+                role,
+                position: i + 1,
+                total,
+                reason,
+            })?;
+        checked.push((role, part.name, source, names));
+    }
+    Ok(checked)
+}
+
 /// Checks, pre-initializes and composes `middleware` (outermost first) in front of `app`.
 /// `options.init` applies to each part: `Skip` pre-initializes none, `IfExported` each that
 /// exports `wizer-initialize`, `Required(f)` requires the app to export `f` (middlewares are
@@ -250,24 +289,8 @@ pub fn compose_chain(
 ) -> Result<Composed, ComposeError> {
     let run_engine = engine_for(run_target(options), &options.engine)?;
     let total = middleware.len() + 1;
-    let inputs = middleware
-        .iter()
-        .map(|p| (PartRole::Middleware, p))
-        .chain(std::iter::once((PartRole::App, &app)));
-
     // Every part is checked before any is pre-initialized: a refusal costs no Wizer run.
-    let mut checked = Vec::with_capacity(total);
-    for (i, (role, part)) in inputs.enumerate() {
-        let (source, names) =
-            check_part(role, &run_engine, part.bytes).map_err(|reason| ComposeError::Refused {
-                name: part.name.to_string(),
-                role,
-                position: i + 1,
-                total,
-                reason,
-            })?;
-        checked.push((role, part.name, source, names));
-    }
+    let checked = checked_parts(&run_engine, middleware, &app)?;
 
     let mut parts = Vec::with_capacity(total);
     let mut prepared = Vec::with_capacity(total);

@@ -28,7 +28,7 @@ use wasmtime::Engine;
 
 pub use compose::{
     ComposeError, Composed, ComposedPart, NODE_IMPORTS_RULE, PartInput, PartRole, Refusal,
-    compose_chain, node_provides,
+    check_chain, compose_chain, node_provides,
 };
 pub use fingerprint::engine_fingerprint;
 pub use guest_kind::{GuestKind, component_exports, component_imports, guest_kind};

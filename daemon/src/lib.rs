@@ -13,9 +13,10 @@
 //!   ├─► housekeeping, notify
 //!   │
 //!   ▼
-//! registry_origin, pieces        pulling published deployments from an OCI registry
-//!   │                            (control's deploy and sync's last resort both use it); a
-//!   │                            blob fetched piecewise on disk (sync keeps, control serves)
+//! registry_origin, pieces,       pulling published deployments from an OCI registry
+//! piece_exchange                 (control's deploy and sync's last resort both use it); a
+//!   │                            blob fetched piecewise on disk (sync keeps, control serves);
+//!   │                            what this node and its peers hold in part, upload slots
 //!   ▼
 //! deployments                    needed blobs, commit, activate/rollback/remove, holdings;
 //!   │                            emits events (shell) ─► rules (admission, fleet-record
@@ -39,8 +40,9 @@
 //!                                capabilities); the metrics registry; news
 //!   ▼
 //! body, epoch, lock,             HTTP bodies (streamed, guarded, coalesced); the epoch clock;
-//! pool_sizing, guest_output      poison-safe locking; the engine's pool fitted to this box's
-//!                                address space; guests' stdout/stderr as log lines
+//! pool_sizing, guest_output,     poison-safe locking; the engine's pool fitted to this box's
+//! swarm, memory                  address space; guests' stdout/stderr as log lines; the piece
+//!                                exchange's decisions (sans-IO core); freed heap given back
 //! ```
 //!
 //! A module imports only modules below it in this picture (parts on one line import none of
@@ -60,6 +62,7 @@ pub mod housekeeping;
 pub mod ingress;
 pub mod lifecycle;
 pub mod lock;
+pub mod memory;
 pub mod metrics;
 pub mod notify;
 pub mod piece_exchange;

@@ -61,6 +61,7 @@ pub async fn run(
     };
     let control_addr = control.as_ref().map(|e| e.local_addr()).transpose()?;
     tokio::spawn(housekeeping::maintain(serving.store().clone()));
+    tokio::spawn(crate::memory::give_back_periodically());
     let ticker = EpochTicker::start(
         serving.engine().clone(),
         config.epoch_tick,

@@ -140,6 +140,10 @@ fn verify(state_dir: &Path) -> i32 {
             println!("store {}: the index is damaged", state_dir.display());
             return 1;
         }
+        Err(e @ StoreError::DiskFull { .. }) => {
+            println!("disk full: {e}");
+            return 2;
+        }
         Err(e) => {
             eprintln!("edged verify: {e}");
             return 2;
@@ -159,6 +163,15 @@ fn verify(state_dir: &Path) -> i32 {
         println!(
             "stray: {} (not indexed; housekeeping removes it)",
             stray.display()
+        );
+    }
+    let (partial_files, partial_bytes) = store.partials_usage();
+    if partial_files > 0 {
+        println!(
+            "partial: {partial_files} files ({partial_bytes} bytes) of uploads and fetches that \
+             did not finish, in {}/tmp (a retry resumes them; housekeeping drops them after a \
+             day idle, and edged drops them at start when the disk is too full to open the index)",
+            state_dir.display()
         );
     }
     println!(

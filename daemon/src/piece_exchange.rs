@@ -17,19 +17,12 @@ use tokio::sync::{Notify, oneshot};
 use crate::lock::lock;
 use crate::swarm::{PieceSet, ServeDecision, UploadConfig, UploadEvent, UploadId, Uploads};
 
-#[derive(Default)]
-struct Counters {
-    pieces_served: u64,
-    bytes_served: u64,
-}
-
 struct Inner {
     /// Blobs being fetched piecewise here: size and the pieces verified so far.
     partial: BTreeMap<String, (u64, PieceSet)>,
     uploads: Uploads<String, String>,
     /// Requests queued for an upload slot, by the id the queue gave them.
     waiting: HashMap<UploadId, oneshot::Sender<ServeDecision>>,
-    counters: Counters,
 }
 
 /// What this node holds in part and serves: see the module header.
@@ -48,12 +41,11 @@ pub struct UploadSlot {
 
 impl UploadSlot {
     /// The peer acknowledged every byte of the piece (quinn: the stream finished and was acked).
-    pub fn delivered(mut self, bytes: u64) {
+    pub fn delivered(mut self) {
         self.delivered = true;
-        let mut inner = lock(&self.exchange.inner);
-        inner.uploads.delivered(Instant::now(), self.id);
-        inner.counters.pieces_served += 1;
-        inner.counters.bytes_served += bytes;
+        lock(&self.exchange.inner)
+            .uploads
+            .delivered(Instant::now(), self.id);
     }
 }
 
@@ -75,7 +67,6 @@ impl PieceExchange {
                 partial: BTreeMap::new(),
                 uploads: Uploads::new(config),
                 waiting: HashMap::new(),
-                counters: Counters::default(),
             }),
             changed: Notify::new(),
         })
@@ -190,16 +181,9 @@ impl PieceExchange {
         }
     }
 
-    /// Pieces and bytes delivered to peers so far (the egress `/metrics` reports).
-    pub fn served(&self) -> (u64, u64) {
-        let inner = lock(&self.inner);
-        (inner.counters.pieces_served, inner.counters.bytes_served)
-    }
-
-    /// Uploads in progress and requests waiting for a slot (for status).
-    pub fn load(&self) -> (usize, usize) {
-        let inner = lock(&self.inner);
-        (inner.uploads.active(), inner.uploads.queued())
+    /// Whether any piece upload is in progress.
+    pub fn uploading(&self) -> bool {
+        lock(&self.inner).uploads.active() > 0
     }
 
     /// Drives the upload queue: hands freed slots to waiting requests, turns away those that

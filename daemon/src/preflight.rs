@@ -1,8 +1,13 @@
 //! Preflight: the checks `edged check-config` runs on a parsed config, so that `ok` means start
 //! can use it. Everything start would trip over that needs no network:
 //!
-//! - each function's `.wasm` is readable, WebAssembly (or WAT), valid for this node's engine, and
-//!   exports the init function `init = "<name>"` names (start compiles it: `functions`);
+//! - each function's `.wasm` is readable, WebAssembly (or WAT), valid for this node's engine, a
+//!   guest kind the node runs (a p1 command or a `wasi:http` component) importing nothing the
+//!   node does not link, and exports the init function `init = "<name>"` names (start compiles
+//!   it: `functions`);
+//! - a function with `middleware` passes every check the chain's composition makes before any
+//!   work (`edged_compiler::check_chain`: each part a `wasi:http` 0.3 component, handlers
+//!   imported and exported where they must be);
 //! - the `[control]` identity (`ca.pem`, `<node_name>.pem`/`.key`) loads and makes TLS configs,
 //!   and every trusted key file parses, unless `dev_identity` is about to create them (start
 //!   loads them in `control::ControlIdentity::load`);
@@ -90,7 +95,12 @@ fn check_functions(config: &NodeConfig, problems: &mut Vec<Problem>) {
         }
     };
     for function in &config.functions {
-        if let Err(reason) = check_wasm(&engine, function) {
+        let checked = if function.middleware.is_empty() {
+            check_wasm(&engine, function)
+        } else {
+            check_chain(&settings, function)
+        };
+        if let Err(reason) = checked {
             problems.push(Problem {
                 subject: format!("function `{}`", function.name),
                 reason: one_line(&reason),
@@ -106,6 +116,17 @@ fn check_wasm(engine: &wasmtime::Engine, function: &FunctionConfig) -> Result<()
     let (kind, binary) =
         edged_compiler::to_binary(&input).map_err(|e| format!("wasm {path}: {e}"))?;
     edged_compiler::validate(engine, kind, &binary).map_err(|e| format!("wasm {path}: {e}"))?;
+    edged_compiler::guest_kind(kind, &binary).map_err(|e| format!("wasm {path}: {e}"))?;
+    if kind == edged_compiler::WasmKind::Component
+        && let Some(import) = edged_compiler::component_imports(&binary)
+            .into_iter()
+            .find(|name| !edged_compiler::node_provides(name))
+    {
+        return Err(format!(
+            "wasm {path} imports `{import}`, which no edged node links (a node links {})",
+            edged_compiler::NODE_IMPORTS_RULE
+        ));
+    }
     if let InitSetting::Func(name) = &function.init
         && !edged_compiler::exports_function(&binary, name)
     {
@@ -114,6 +135,40 @@ fn check_wasm(engine: &wasmtime::Engine, function: &FunctionConfig) -> Result<()
         ));
     }
     Ok(())
+}
+
+/// What composing `function`'s chain (its middleware, then its `.wasm`) checks before any work.
+fn check_chain(settings: &EngineSettings, function: &FunctionConfig) -> Result<(), String> {
+    let paths: Vec<&Path> = function
+        .middleware
+        .iter()
+        .map(PathBuf::as_path)
+        .chain(std::iter::once(function.wasm.as_path()))
+        .collect();
+    let mut parts = Vec::with_capacity(paths.len());
+    for path in &paths {
+        let bytes = std::fs::read(path).map_err(|e| format!("wasm {}: {e}", path.display()))?;
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| path.display().to_string());
+        parts.push((name, bytes));
+    }
+    let (app, middleware) = parts.split_last().expect("a chain has an app");
+    let middleware: Vec<edged_compiler::PartInput<'_>> = middleware
+        .iter()
+        .map(|(name, bytes)| edged_compiler::PartInput { name, bytes })
+        .collect();
+    let app = edged_compiler::PartInput {
+        name: &app.0,
+        bytes: &app.1,
+    };
+    let options = edged_compiler::CompileOptions {
+        targets: vec![Target::host().ok_or("this host has no edged target")?],
+        engine: settings.clone(),
+        ..edged_compiler::CompileOptions::default()
+    };
+    edged_compiler::check_chain(&middleware, app, &options).map_err(|e| e.to_string())
 }
 
 /// The first line of a multi-line diagnostic (the WAT parser draws the offending source under

@@ -240,6 +240,9 @@ impl RegistryOrigin {
         self.deployments
             .admit(signed)
             .with_context(|| format!("deployment {id} refused"))?;
+        self.deployments
+            .check_arrival_activation(&signed.payload, activate)
+            .with_context(|| format!("deployment {id} refused"))?;
         let layers = self.layers(&pinned).await?;
         if layers.signed.payload != signed.payload {
             bail!(

@@ -1067,11 +1067,6 @@ impl<P: Clone + Ord, B: Clone + Ord> Uploads<P, B> {
         self.active.len()
     }
 
-    /// Requests waiting for a slot.
-    pub fn queued(&self) -> usize {
-        self.queued.len()
-    }
-
     /// Whether the origin turns this request away (and counts the refusal).
     fn refuse(&self, now: Instant, peer: &P, blob: &B, piece: u32) -> bool {
         let patience = self.config.spread_patience;

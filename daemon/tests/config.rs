@@ -345,3 +345,59 @@ fn the_daemon_refuses_to_start_on_a_wrapping_value() {
         "{stderr}"
     );
 }
+
+/// What start refuses when it composes or links is refused by check-config too, naming the
+/// function and the part: a chain with a wasi:http 0.2 app, a component importing what no node
+/// links (alone or in a chain), a component that is no guest kind the node runs.
+#[test]
+fn chains_and_imports_start_would_refuse_are_refused() {
+    let foreign = r#"(component
+        (import "acme:kv/store@1.0.0" (instance))
+        (instance $h)
+        (export "wasi:http/handler@0.3.0" (instance $h)))"#;
+    let no_handler = "(component)";
+    let config = format!(
+        "{}[[function]]\nname = \"p2chain\"\nwasm = {}\nroute = \"/a\"\nmiddleware = [{}]\n\n\
+         [[function]]\nname = \"kv\"\nwasm = \"kv.wat\"\nroute = \"/kv\"\n\n\
+         [[function]]\nname = \"kvchain\"\nwasm = \"kv.wat\"\nroute = \"/kvc\"\nmiddleware = [{}]\n\n\
+         [[function]]\nname = \"empty\"\nwasm = \"empty.wat\"\nroute = \"/e\"\n\n\
+         [[function]]\nname = \"fine\"\nwasm = {}\nroute = \"/f\"\nmiddleware = [{}]\n",
+        node(),
+        guest("hello-http.wasm"),
+        guest("p3-auth.wasm"),
+        guest("p3-auth.wasm"),
+        guest("p3-hello.wasm"),
+        guest("p3-auth.wasm"),
+    );
+    let checked = check_config(&config, |dir| {
+        std::fs::write(dir.join("kv.wat"), foreign).unwrap();
+        std::fs::write(dir.join("empty.wat"), no_handler).unwrap();
+    });
+    assert_refused(
+        &checked,
+        &[
+            "function `p2chain`",
+            "app `hello-http.wasm` (part 2 of 2): it is a wasi:http 0.2 component",
+        ],
+    );
+    assert_refused(
+        &checked,
+        &["function `kv`", "imports `acme:kv/store@1.0.0`, which no edged node links"],
+    );
+    assert_refused(
+        &checked,
+        &[
+            "function `kvchain`",
+            "app `kv.wat` (part 2 of 2): it imports `acme:kv/store@1.0.0`",
+        ],
+    );
+    assert_refused(
+        &checked,
+        &["function `empty`", "a component must export `wasi:http/handler@0.3.x`"],
+    );
+    assert!(
+        !checked.stderr.contains("function `fine`"),
+        "{}",
+        checked.stderr
+    );
+}

@@ -35,6 +35,7 @@ const LAYERS: &[&[&str]] = &[
         "guest_output",
         "pool_sizing",
         "swarm",
+        "memory",
     ],
 ];
 

@@ -204,6 +204,38 @@ async fn a_published_deployment_is_pulled_and_served_by_two_nodes_without_peers(
     assert!(err.contains("apps/nothing"), "{err}");
 }
 
+/// An older registry tag deployed after a newer one: refused with the way back named, the newer
+/// version keeps serving; stored without activation it is taken, and `activate` goes back.
+#[tokio::test(flavor = "multi_thread")]
+async fn deploying_an_older_tag_never_rolls_the_function_back_by_itself() {
+    let fleet = new_fleet();
+    let registry = Registry::start();
+    let hello = edged_testkit::guest("hello-http.wasm");
+    publish(&fleet, &registry, &hello, "r0", 1, "apps/r0:v1");
+    publish(&fleet, &registry, &hello, "r0", 2, "apps/r0:v2");
+    let a = node(&fleet, &registry, "");
+    ok(deploy(&fleet, &registry, &a, "apps/r0:v1"));
+    ok(deploy(&fleet, &registry, &a, "apps/r0:v2"));
+    let err = refused(deploy(&fleet, &registry, &a, "apps/r0:v1"));
+    assert!(
+        err.contains("r0@1 is older than version 2, which is active")
+            && err.contains("edgectl activate r0@1"),
+        "{err}"
+    );
+    // `ls`: NAME VERSION ACTIVE ...; version 2 still carries the star.
+    let ls = ok(edgectl(&fleet, &registry, None, Some(&a), &["ls"]));
+    let active: Vec<Vec<&str>> = ls
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .filter(|cols| cols.first() == Some(&"r0") && cols.get(2) == Some(&"*"))
+        .collect();
+    assert_eq!(active.len(), 1, "{ls}");
+    assert_eq!(active[0][1], "2", "{ls}");
+    assert!(body_of(&a, "/r0").await.is_some(), "{}", a.log());
+    // On purpose: activate names the version.
+    ok(edgectl(&fleet, &registry, None, Some(&a), &["activate", "r0@1"]));
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_layer_tampered_with_in_the_registry_is_refused_and_the_node_keeps_serving() {
     let fleet = new_fleet();

@@ -55,7 +55,7 @@ mod partials;
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use edged_compiler::content_hash;
 
@@ -125,6 +125,17 @@ pub enum StoreError {
         blobs: PathBuf,
         /// Not `#[source]`: the message carries it, so a report shows it once.
         cause: sled::Error,
+    },
+    #[error(
+        "the disk holding the store in {root} is full: its index {index} could not be opened for \
+         writing (even after the {freed_bytes} bytes of partial uploads and fetches in {root}/tmp \
+         were dropped). The index is most likely intact: do not move it aside. Free space on that \
+         disk and start again"
+    )]
+    DiskFull {
+        root: PathBuf,
+        index: PathBuf,
+        freed_bytes: u64,
     },
     #[error("store index {index} is locked by another process (is edged running?)")]
     Locked { index: PathBuf },
@@ -225,6 +236,12 @@ fn fsync_dir(dir: &Path) -> Result<(), StoreError> {
         .map_err(io_err("fsync directory", dir))
 }
 
+/// sled failed for want of space (ENOSPC).
+fn is_disk_full(error: &sled::Error) -> bool {
+    matches!(error, sled::Error::Io(e)
+        if e.kind() == std::io::ErrorKind::StorageFull || e.raw_os_error() == Some(libc::ENOSPC))
+}
+
 impl Store {
     /// Opens (creating if needed) the store under `root`. `put-*` files a crash left in `tmp/`
     /// are removed; resumable partials (push uploads, peer fetches) are kept.
@@ -251,23 +268,45 @@ impl Store {
                 blob_files,
             });
         }
-        let db = sled::Config::new()
-            .path(&index)
-            .mode(sled::Mode::HighThroughput)
-            .open()
-            .map_err(|source| match source {
-                // sled reports its lock as a plain I/O error; the message is all there is.
-                sled::Error::Io(ref e) if e.to_string().contains("could not acquire lock") => {
-                    StoreError::Locked {
-                        index: index.clone(),
-                    }
-                }
-                cause => StoreError::IndexUnreadable {
+        let open_index = || {
+            sled::Config::new()
+                .path(&index)
+                .mode(sled::Mode::HighThroughput)
+                .open()
+        };
+        let mut opened = open_index();
+        let mut freed_bytes = 0;
+        if opened.as_ref().is_err_and(is_disk_full) {
+            // Partials are never the only copy of anything (a push or a fetch resumes or
+            // starts again): drop them all to make room for the index, then try once more.
+            let (files, bytes) = partials::expire_partials_in(&root.join("tmp"), Duration::ZERO)?;
+            freed_bytes = bytes;
+            tracing::warn!(
+                store = %root.display(),
+                files,
+                bytes,
+                "the store's disk is full: dropped every partial upload and fetch to open the index"
+            );
+            opened = open_index();
+        }
+        let db = opened.map_err(|source| match source {
+            ref e if is_disk_full(e) => StoreError::DiskFull {
+                root: root.clone(),
+                index: index.clone(),
+                freed_bytes,
+            },
+            // sled reports its lock as a plain I/O error; the message is all there is.
+            sled::Error::Io(ref e) if e.to_string().contains("could not acquire lock") => {
+                StoreError::Locked {
                     index: index.clone(),
-                    blobs: blobs_dir.clone(),
-                    cause,
-                },
-            })?;
+                }
+            }
+            cause => StoreError::IndexUnreadable {
+                index: index.clone(),
+                blobs: blobs_dir.clone(),
+                cause,
+            },
+        })?;
         let store = Store {
             blobs: db.open_tree("blobs")?,
             manifests: db.open_tree("manifests")?,

@@ -2,7 +2,7 @@
 //! on disk, and expiring the abandoned ones.
 
 use std::fs;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::{Store, StoreError, io_err};
@@ -42,10 +42,40 @@ impl Store {
     /// `max_age`: a push abandoned for that long will not resume, and an edge box's disk is
     /// small. Returns how many files and bytes were removed.
     pub fn expire_partials(&self, max_age: Duration) -> Result<(usize, u64), StoreError> {
+        expire_partials_in(&self.root.join("tmp"), max_age)
+    }
+
+    /// Partial uploads and fetches on disk now: files and bytes (for `edged verify`).
+    pub fn partials_usage(&self) -> (usize, u64) {
         let tmp = self.root.join("tmp");
+        let Ok(entries) = fs::read_dir(&tmp) else {
+            return (0, 0);
+        };
         let (mut files, mut bytes) = (0, 0);
-        for entry in fs::read_dir(&tmp).map_err(io_err("list", &tmp))? {
-            let entry = entry.map_err(io_err("list", &tmp))?;
+        for entry in entries.flatten() {
+            if entry.file_name().to_string_lossy().starts_with("put-") {
+                continue;
+            }
+            let Ok(meta) = entry.metadata() else { continue };
+            if meta.is_dir() {
+                let (n, size) = dir_usage(&entry.path());
+                files += n;
+                bytes += size;
+            } else {
+                files += 1;
+                bytes += meta.len();
+            }
+        }
+        (files, bytes)
+    }
+}
+
+/// [`Store::expire_partials`] on the `tmp/` directory of a store, open or not (a store that
+/// cannot open for want of space frees its partials first).
+pub(super) fn expire_partials_in(tmp: &Path, max_age: Duration) -> Result<(usize, u64), StoreError> {
+        let (mut files, mut bytes) = (0, 0);
+        for entry in fs::read_dir(tmp).map_err(io_err("list", tmp))? {
+            let entry = entry.map_err(io_err("list", tmp))?;
             if entry.file_name().to_string_lossy().starts_with("put-") {
                 continue;
             }
@@ -73,11 +103,10 @@ impl Store {
             }
         }
         Ok((files, bytes))
-    }
 }
 
 /// Files and bytes under `dir` (one level: piece directories hold only files).
-fn dir_usage(dir: &std::path::Path) -> (usize, u64) {
+fn dir_usage(dir: &Path) -> (usize, u64) {
     fs::read_dir(dir)
         .map(|entries| {
             entries
@@ -107,7 +136,10 @@ mod tests {
             (0, 0)
         );
         assert!(pieces.exists());
-        assert_eq!(store.expire_partials(Duration::ZERO).unwrap(), (2, 1024));
+        fs::write(dir.path().join("tmp").join("upload-cd"), vec![1u8; 10]).unwrap();
+        assert_eq!(store.partials_usage(), (3, 1034));
+        assert_eq!(store.expire_partials(Duration::ZERO).unwrap(), (3, 1034));
         assert!(!pieces.exists());
+        assert_eq!(store.partials_usage(), (0, 0));
     }
 }

@@ -257,7 +257,7 @@ impl PeerServing {
         }
         self.metrics.served_bytes.inc_by(slice.len() as u64);
         self.metrics.pieces_served(peer).inc();
-        slot.delivered(slice.len() as u64);
+        slot.delivered();
         Ok(None)
     }
 

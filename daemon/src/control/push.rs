@@ -147,7 +147,9 @@ impl Pushes {
                 }
             }
             .ok_or_else(|| anyhow!("stream ended with {remaining} bytes of blob {hash} missing"))?;
-            file.write_all(&chunk.bytes)?;
+            if let Err(e) = file.write_all(&chunk.bytes) {
+                return Err(upload_failed(&partial, hash, written, blob.size, e));
+            }
             remaining -= chunk.bytes.len() as u64;
             written += chunk.bytes.len() as u64;
             if written - flushed >= WRITEBACK_EVERY {
@@ -159,24 +161,24 @@ impl Pushes {
         // into place, no second copy. A blob whose bytes do not match its name is deleted, never
         // stored. Off the async threads: fsync and hashing 50 MB would stall HTTP serving.
         let expected = hash.to_string();
+        let blob_size = blob.size;
         tokio::task::spawn_blocking(move || {
             let _turn = turn;
-            file.sync_all().map_err(|source| StoreError::Io {
-                action: "fsync",
-                path: partial.clone(),
-                source,
-            })?;
+            if let Err(e) = file.sync_all() {
+                return Err(upload_failed(&partial, &expected, blob_size, blob_size, e));
+            }
             drop(file);
-            store.adopt_blob_file(&partial, kind, &expected)
+            store
+                .adopt_blob_file(&partial, kind, &expected)
+                .map_err(|e| match e {
+                    StoreError::HashMismatch { expected, actual } => anyhow!(
+                        "blob bytes hash to {actual}, not to {expected} as the manifest says: \
+                         refused, nothing stored"
+                    ),
+                    other => other.into(),
+                })
         })
-        .await?
-        .map_err(|e| match e {
-            StoreError::HashMismatch { expected, actual } => anyhow!(
-                "blob bytes hash to {actual}, not to {expected} as the manifest says: \
-                 refused, nothing stored"
-            ),
-            other => other.into(),
-        })?;
+        .await??;
         Ok(())
     }
 
@@ -192,6 +194,30 @@ impl Pushes {
         // Forgotten whatever the outcome: a client that retries offers again.
         lock(&self.state).sessions.committed(manifest_id);
         committed
+    }
+}
+
+/// The error for a failed write of blob `hash`'s partial upload at byte `at` of `size`. When the
+/// disk is full the partial is removed: it cannot grow, and kept it would hold space every later
+/// push needs (the operator's retry, once there is room, sends it again). Any other failure
+/// keeps it for the retry to resume.
+fn upload_failed(
+    partial: &std::path::Path,
+    hash: &str,
+    at: u64,
+    size: u64,
+    e: std::io::Error,
+) -> anyhow::Error {
+    if e.kind() == std::io::ErrorKind::StorageFull {
+        let _ = std::fs::remove_file(partial);
+        tracing::warn!(blob = %hash, at, size, "the state disk is full: push upload dropped");
+        anyhow!(
+            "the node's state disk is full: blob {hash} stopped at byte {at} of {size}; its \
+             partial upload was removed so it holds no space (nothing stored was lost). Free \
+             space on the node (`edged verify` shows what the store holds) and push again"
+        )
+    } else {
+        anyhow!("writing blob {hash} at byte {at} of {size} to {}: {e}", partial.display())
     }
 }
 

@@ -193,6 +193,9 @@ impl Deployments {
         let store = self.store();
         let manifest = &signed.payload;
         let id = manifest.id();
+        if source != DeploymentSource::Sync {
+            self.check_arrival_activation(manifest, activate)?;
+        }
         store.put_manifest(manifest)?;
         store.put_signature(
             &manifest.name,
@@ -222,6 +225,15 @@ impl Deployments {
         }
         // Nobody listening (no sync) is fine.
         let _ = self.events.send(DeploymentEvent::Committed { id, source });
+        Ok(())
+    }
+
+    /// Refuses an operator's push or deploy that would activate a version older than the active
+    /// one ([`rules::check_arrival_activation`]); checked before anything is pulled and again at
+    /// commit.
+    pub fn check_arrival_activation(&self, manifest: &Manifest, activate: bool) -> Result<()> {
+        let active = self.store().active_version(&manifest.name)?;
+        rules::check_arrival_activation(&manifest.name, manifest.version, activate, active)?;
         Ok(())
     }
 

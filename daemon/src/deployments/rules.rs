@@ -289,6 +289,41 @@ pub fn record_effect(version: u64, held: bool, active: Option<u64>) -> RecordEff
     }
 }
 
+/// Why an operator's push or deploy may not activate the version it brings.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{id} is older than version {active}, which is active: a push or deploy never rolls a \
+     function back (use `edgectl activate {id}` or `edgectl rollback {name}` to go back on \
+     purpose, or pass --no-activate to only store it)"
+)]
+pub struct WouldRollBack {
+    pub id: String,
+    pub name: String,
+    pub version: u64,
+    pub active: u64,
+}
+
+/// An operator's push or deploy that asks to activate `name@version` may, unless another version
+/// newer than it is active: going back is `activate`'s or `rollback`'s, asked for by name. (An
+/// older version re-pushed or deployed from an older registry tag is admitted — it is the one
+/// stored — and activating it would roll the function back without a word.)
+pub fn check_arrival_activation(
+    name: &str,
+    version: u64,
+    activate: bool,
+    active: Option<u64>,
+) -> Result<(), WouldRollBack> {
+    match active {
+        Some(active) if activate && active > version => Err(WouldRollBack {
+            id: format!("{name}@{version}"),
+            name: name.to_string(),
+            version,
+            active,
+        }),
+        _ => Ok(()),
+    }
+}
+
 /// Whether a version just committed is activated: when asked to, or when it came by sync and
 /// the name's fleet record (`record_version`: the version it names) names it — the record was
 /// applied before the version got here.
@@ -306,6 +341,19 @@ mod tests {
     use edged_control::signing::{ActivationRecord, Signed, signing_key_from_hex};
 
     use super::*;
+
+    #[test]
+    fn a_push_or_deploy_never_activates_a_version_older_than_the_active_one() {
+        let refused = check_arrival_activation("r0", 1, true, Some(2)).unwrap_err();
+        assert_eq!((refused.active, refused.version), (2, 1));
+        let message = refused.to_string();
+        assert!(message.contains("r0@1") && message.contains("edgectl activate r0@1"), "{message}");
+        // Newer, the same, nothing active, or only stored: fine.
+        assert!(check_arrival_activation("r0", 3, true, Some(2)).is_ok());
+        assert!(check_arrival_activation("r0", 2, true, Some(2)).is_ok());
+        assert!(check_arrival_activation("r0", 1, true, None).is_ok());
+        assert!(check_arrival_activation("r0", 1, false, Some(2)).is_ok());
+    }
 
     const OPERATOR: u8 = 7;
     const STRANGER: u8 = 9;

@@ -25,7 +25,7 @@ use edged_control::verified::{PIECE, piece_count, piece_range};
 use edged_control::wire::{PieceRefusal, Request, Response};
 use tokio::task::{AbortHandle, JoinSet};
 
-use super::policy::{BUSY_GIVE_UP, ORIGIN_PATIENCE};
+use super::policy::{BUSY_GIVE_UP, Idle, IdleFetch, when_idle};
 use super::{REQUEST_TIMEOUT, SWARM_REFRESH, Syncer, Transfer};
 use crate::deployments::FetchMark;
 use crate::lock::lock;
@@ -156,12 +156,18 @@ impl Syncer {
                 }
             }
             if requests.is_empty() {
-                // Nobody to ask right now: the registry when no peer has any of it (for a
-                // published deployment), else wait for holders, within limits.
-                if let (Some(origin), Some(pinned)) = (&self.origin, published)
-                    && !registry_tried
-                    && (!holders_seen || last_progress.elapsed() >= ORIGIN_PATIENCE)
-                    && started.elapsed() >= ORIGIN_PATIENCE.min(SWARM_REFRESH * 3)
+                // Nobody to ask right now: the registry, wait, or give up (policy's call).
+                let idle = |registry_tried: bool| {
+                    when_idle(IdleFetch {
+                        registry_left: self.origin.is_some() && published.is_some() && !registry_tried,
+                        holders_seen,
+                        since_start: started.elapsed(),
+                        since_progress: last_progress.elapsed(),
+                    })
+                };
+                let mut next = idle(registry_tried);
+                if next == Idle::Registry
+                    && let (Some(origin), Some(pinned)) = (&self.origin, published)
                 {
                     match origin.fetch_blob(pinned, id, blob, kind.clone()).await {
                         Ok(()) => {
@@ -171,10 +177,11 @@ impl Syncer {
                         Err(e) => {
                             registry_tried = true;
                             tracing::warn!(blob = %hash, deployment = %id, "no peer could serve this blob and the registry could not deliver it: {e}");
+                            next = idle(registry_tried);
                         }
                     }
                 }
-                if last_progress.elapsed() >= BUSY_GIVE_UP {
+                if next == Idle::GiveUp {
                     bail!(
                         "no peer served any piece of blob {hash} of {id} for {BUSY_GIVE_UP:?} \
                          ({} of {pieces} pieces held; holders known: {})",

@@ -56,14 +56,6 @@ use crate::swarm::PieceSet;
 use policy::{AfterRefusal, BlobPlan, PeerTable};
 
 /// Whole pieces in `have` verified bytes of a `size`-byte blob (only the last piece is short).
-fn piece_count_of(size: u64, have: u64) -> u32 {
-    if have >= size {
-        piece_count(size)
-    } else {
-        (have / edged_control::verified::PIECE) as u32
-    }
-}
-
 /// A peer that does not answer a request within this long is skipped for the round.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// While a blob is fetched piecewise, holdings (who has which pieces) are asked for at most
@@ -170,7 +162,7 @@ impl Syncer {
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(SWARM_REFRESH).await;
-                let busy = !lock(&swarm.in_progress).is_empty() || swarm.exchange.load().0 > 0;
+                let busy = !lock(&swarm.in_progress).is_empty() || swarm.exchange.uploading();
                 if busy {
                     swarm.refresh_holdings_soon().await;
                 }
@@ -299,8 +291,7 @@ impl Syncer {
                         Err(e) => Err(format!("{e:#}")),
                     };
                     if answer.is_err() {
-                        let mut table = syncer.table();
-                        table.record_partial(&addr, Vec::new());
+                        let table = syncer.table();
                         if let Some(node) = table.node_name(&addr) {
                             syncer.exchange.peer_lost(node);
                         }
@@ -659,7 +650,10 @@ impl SyncStatusSource for Syncer {
                         have,
                         size: t.size,
                         pieces: Some(PieceProgress {
-                            held: piece_count_of(t.size, have),
+                            held: self
+                                .exchange
+                                .held(hash)
+                                .map_or(0, |(_, pieces)| pieces.count()),
                             total: piece_count(t.size),
                             from,
                             rate: ((have - t.held_at_start.min(have)) as f64 / secs) as u64,

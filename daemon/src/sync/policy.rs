@@ -3,20 +3,22 @@
 //! touches no socket, clock or file, so it is unit-tested with a fake clock; `sync/mod.rs` is
 //! the tokio shell that asks peers, streams blobs and feeds the answers back in.
 //!
-//! The rules, in one place:
+//! The rules, in one place (which piece from which holder is [`crate::swarm`]'s, which this
+//! table feeds):
 //! - a peer that does not answer is asked again only after a backoff (1 s doubling to 30 s), and
 //!   at once when it connects to us (a healed partition, a restart);
 //! - a peer that served data failing verification (or a tampered manifest) is not fetched from
-//!   for [`PENALTY`];
-//! - a blob is fetched from holders that got the deployment by sync before the node an operator
-//!   pushed it to ("the origin"), so the origin uploads each blob about once; while some peer is
-//!   fetching the blob (a relay is coming) the others wait for it, but for at most
-//!   [`ORIGIN_PATIENCE`];
-//! - a busy holder is asked again later; a holder that failed is not asked again in that fetch;
-//! - the OCI registry a deployment is published in is the holder of last resort: it is asked
-//!   only when no usable peer holds the blob and none is getting it (a relay is awaited first),
+//!   for [`PENALTY`]: it is no holder of anything, pieces or manifests;
+//! - a blob's holders are the peers holding it whole (the node an operator pushed it to marked
+//!   as the origin, which the swarm asks last) and the peers still fetching it, with the pieces
+//!   they verified;
+//! - the OCI registry a deployment is published in is the holder of last resort ([`when_idle`]):
+//!   asked only when no piece is in flight, after [`REGISTRY_GRACE`] for peers' holdings to show
+//!   up, and only while no peer has shown any piece or none has arrived for [`ORIGIN_PATIENCE`];
 //!   at most once per fetch (its own retries back off inside the attempt), so a fleet pulls a
-//!   blob from the registry about once and relays it.
+//!   blob from the registry about once and relays it;
+//! - a fetch with nothing in flight that got no piece for [`BUSY_GIVE_UP`] gives up for the
+//!   round (the next holdings news starts it again, resuming from the pieces on disk).
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::time::{Duration, Instant};
@@ -33,11 +35,14 @@ use crate::deployments::rules;
 
 /// How long a peer that served bad data is not fetched from.
 pub const PENALTY: Duration = Duration::from_secs(600);
-/// How long fetchers wait for other holders before pulling from the node that got the push.
+/// How long a fetch whose holders stopped delivering waits before it turns to the registry.
 pub const ORIGIN_PATIENCE: Duration = Duration::from_secs(10);
+/// How long a fetch waits for peers' holdings (three refreshes) before it may turn to the
+/// registry: a blob no peer showed yet may be one a relay is about to offer.
+pub const REGISTRY_GRACE: Duration = Duration::from_secs(3);
 /// Longest wait before asking an unreachable peer again.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
-/// How long one blob may wait for a free holder within one round.
+/// How long a fetch may go without a piece, nothing in flight, before it gives up the round.
 pub const BUSY_GIVE_UP: Duration = Duration::from_secs(60);
 /// How long a round waits for slower peers' holdings once one peer has answered.
 pub const HOLDINGS_PATIENCE: Duration = Duration::from_secs(1);
@@ -47,17 +52,6 @@ pub fn backoff(failures: u32) -> Duration {
     Duration::from_millis(500)
         .saturating_mul(1 << failures.min(6))
         .min(MAX_BACKOFF)
-}
-
-/// Why one attempt to fetch a blob from one peer ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Attempt {
-    /// It is serving that blob to someone else, or is at its serving cap.
-    Busy,
-    /// It sent data that fails verification (or a size the manifest contradicts).
-    BadData(String),
-    /// It could not be reached, died, stalled or refused.
-    Failed(String),
 }
 
 #[derive(Debug, Clone, Default)]
@@ -187,6 +181,7 @@ impl PeerTable {
             }
             Err(reason) => {
                 peer.holdings.clear();
+                peer.partial.clear();
                 peer.activations.clear();
                 peer.last_error = Some(reason);
                 peer.failures += 1;
@@ -313,7 +308,18 @@ impl PeerTable {
     /// Peers (not penalised) that can serve blob `hash`: `(address, is the origin)`, where the
     /// origin is a peer every listing holding of which was pushed there by an operator.
     pub fn holders_of(&self, hash: &str, now: Instant) -> Vec<(String, bool)> {
-        self.listing(hash, now, |h| &h.blobs)
+        self.peers
+            .iter()
+            .filter(|(_, p)| !p.is_penalised(now))
+            .filter_map(|(addr, p)| {
+                let listing: Vec<&Holding> = p
+                    .holdings
+                    .iter()
+                    .filter(|h| h.blobs.iter().any(|b| b == hash))
+                    .collect();
+                (!listing.is_empty()).then(|| (addr.clone(), listing.iter().all(|h| h.pushed_here)))
+            })
+            .collect()
     }
 
     /// Where a peer says `name@version` is published in an OCI registry (a pinned reference),
@@ -326,32 +332,6 @@ impl PeerTable {
             .flat_map(|p| &p.holdings)
             .find(|h| h.name == name && h.version == version && h.registry.is_some())
             .and_then(|h| h.registry.clone())
-    }
-
-    /// Peers (not penalised) downloading `hash` right now.
-    pub fn fetchers_of(&self, hash: &str, now: Instant) -> Vec<String> {
-        let fetchers = self.listing(hash, now, |h| &h.fetching);
-        fetchers.into_iter().map(|(addr, _)| addr).collect()
-    }
-
-    fn listing(
-        &self,
-        hash: &str,
-        now: Instant,
-        list: impl Fn(&Holding) -> &Vec<String>,
-    ) -> Vec<(String, bool)> {
-        self.peers
-            .iter()
-            .filter(|(_, p)| !p.is_penalised(now))
-            .filter_map(|(addr, p)| {
-                let listing: Vec<&Holding> = p
-                    .holdings
-                    .iter()
-                    .filter(|h| list(h).iter().any(|b| b == hash))
-                    .collect();
-                (!listing.is_empty()).then(|| (addr.clone(), listing.iter().all(|h| h.pushed_here)))
-            })
-            .collect()
     }
 
     /// Each peer as `edgectl status` shows it.
@@ -447,113 +427,40 @@ pub struct PieceHolder {
     pub pieces: PieceSet,
 }
 
-/// The holder choice for fetching one blob, across attempts.
-#[derive(Debug)]
-pub struct BlobFetch {
-    hash: String,
-    started: Instant,
-    /// Holders that failed this fetch (died, refused, lied): not asked again in it.
-    failed: HashSet<String>,
-    /// Spreads fetchers over equal holders.
-    rotation: usize,
-    /// The registry was tried in this fetch and failed.
-    registry_failed: bool,
-}
-
-/// Whom to ask next for a blob.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum NextHolders {
-    /// Ask these, in order (empty: wait a moment, a relay is coming).
-    Ask(Vec<String>),
-    /// No usable peer holds it or is getting it, but the deployment is published in a
-    /// registry: pull it from there.
+/// What a blob fetch with no piece request in flight does next ([`when_idle`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Idle {
+    /// Wait for holders (the next holdings refresh, a busy peer's free slot).
+    Wait,
+    /// Pull the blob whole from the registry the deployment is published in.
     Registry,
-    /// Nobody usable holds it or is getting it.
-    Nobody,
+    /// Give up this round.
+    GiveUp,
 }
 
-impl BlobFetch {
-    pub fn new(hash: &str, now: Instant) -> BlobFetch {
-        BlobFetch {
-            hash: hash.to_string(),
-            started: now,
-            failed: HashSet::new(),
-            rotation: 0,
-            registry_failed: false,
-        }
-    }
+/// What an idle blob fetch knows: whether the registry may still be asked (the deployment is
+/// published, this node has a registry, and it was not tried in this fetch), whether any peer
+/// showed pieces of the blob in this fetch, and how long since it started and since its last
+/// verified piece (its start, before the first).
+#[derive(Debug, Clone, Copy)]
+pub struct IdleFetch {
+    pub registry_left: bool,
+    pub holders_seen: bool,
+    pub since_start: Duration,
+    pub since_progress: Duration,
+}
 
-    /// [`BlobFetch::next_holders`], with the registry (when the deployment is `published`) as
-    /// the holder of last resort.
-    pub fn next_source(&mut self, table: &PeerTable, published: bool, now: Instant) -> NextHolders {
-        match self.next_holders(table, now) {
-            NextHolders::Nobody if published && !self.registry_failed => NextHolders::Registry,
-            other => other,
-        }
-    }
-
-    /// The registry could not deliver the blob in this fetch.
-    pub fn record_registry_failure(&mut self) {
-        self.registry_failed = true;
-    }
-
-    /// Holders to try now. The node that got the push serves a blob only when nobody else has
-    /// it or is getting it, or once [`ORIGIN_PATIENCE`] has passed (a slow relay must not hold
-    /// everyone up).
-    pub fn next_holders(&mut self, table: &PeerTable, now: Instant) -> NextHolders {
-        let (mut preferred, origins): (Vec<_>, Vec<_>) = table
-            .holders_of(&self.hash, now)
-            .into_iter()
-            .filter(|(addr, _)| !self.failed.contains(addr))
-            .partition(|(_, origin)| !origin);
-        if !preferred.is_empty() {
-            let by = self.rotation % preferred.len();
-            preferred.rotate_left(by);
-        }
-        self.rotation += 1;
-        let relay_coming = table
-            .fetchers_of(&self.hash, now)
-            .iter()
-            .any(|addr| !self.failed.contains(addr));
-        if preferred.is_empty() && origins.is_empty() && !relay_coming {
-            return NextHolders::Nobody;
-        }
-        let patience_over = now.saturating_duration_since(self.started) >= ORIGIN_PATIENCE;
-        let use_origins = (preferred.is_empty() && !relay_coming) || patience_over;
-        NextHolders::Ask(
-            preferred
-                .into_iter()
-                .chain(origins.into_iter().filter(|_| use_origins))
-                .map(|(addr, _)| addr)
-                .collect(),
-        )
-    }
-
-    /// Feeds back how an attempt with `addr` ended.
-    pub fn record(&mut self, table: &mut PeerTable, addr: &str, attempt: &Attempt, now: Instant) {
-        match attempt {
-            Attempt::Busy => {}
-            Attempt::BadData(reason) => {
-                table.penalise(addr, reason, now);
-                self.failed.insert(addr.to_string());
-            }
-            Attempt::Failed(reason) => {
-                table.note_error(addr, reason.clone());
-                self.failed.insert(addr.to_string());
-            }
-        }
-    }
-
-    /// Every holder stayed busy for too long: give up for this round.
-    pub fn gave_up(&self, now: Instant) -> bool {
-        now.saturating_duration_since(self.started) >= BUSY_GIVE_UP
-    }
-
-    /// Holders that failed this fetch, for the error message.
-    pub fn failed(&self) -> Vec<String> {
-        let mut failed: Vec<String> = self.failed.iter().cloned().collect();
-        failed.sort();
-        failed
+/// The registry when no peer has shown any piece, or the pieces stopped coming for
+/// [`ORIGIN_PATIENCE`] — but never before [`REGISTRY_GRACE`]; giving up once no piece came
+/// for [`BUSY_GIVE_UP`]; else waiting.
+pub fn when_idle(fetch: IdleFetch) -> Idle {
+    let peers_stalled = !fetch.holders_seen || fetch.since_progress >= ORIGIN_PATIENCE;
+    if fetch.registry_left && fetch.since_start >= REGISTRY_GRACE && peers_stalled {
+        Idle::Registry
+    } else if fetch.since_progress >= BUSY_GIVE_UP {
+        Idle::GiveUp
+    } else {
+        Idle::Wait
     }
 }
 
@@ -679,16 +586,6 @@ mod tests {
         }
     }
 
-    fn fetching_holding() -> Holding {
-        Holding {
-            complete: false,
-            active: false,
-            blobs: Vec::new(),
-            fetching: vec![BLOB.into()],
-            ..holding("app", 1)
-        }
-    }
-
     fn table(peers: &[(&str, Vec<Holding>)], now: Instant) -> PeerTable {
         let addrs: Vec<String> = peers.iter().map(|(a, _)| a.to_string()).collect();
         let mut table = PeerTable::new(&addrs);
@@ -761,59 +658,118 @@ mod tests {
         assert!(table.newer_records(|_| (1, 1), t0).is_empty());
     }
 
-    #[test]
-    fn the_registry_is_the_holder_of_last_resort() {
-        let t0 = Instant::now();
-        let mut table = table(&[("a", vec![holding("app", 1)]), ("b", vec![])], t0);
-        let mut fetch = BlobFetch::new(BLOB, t0);
-        // A peer holds it: the peer, never the registry.
-        assert_eq!(
-            fetch.next_source(&table, true, t0),
-            NextHolders::Ask(vec!["a".into()])
-        );
-        // It failed: now the registry.
-        fetch.record(&mut table, "a", &Attempt::Failed("reset".into()), t0);
-        assert_eq!(fetch.next_source(&table, true, t0), NextHolders::Registry);
-        // Not published anywhere: nobody.
-        assert_eq!(fetch.next_source(&table, false, t0), NextHolders::Nobody);
-        // The registry failed too: nobody in this fetch. The next round's fetch starts with
-        // the peer again.
-        fetch.record_registry_failure();
-        assert_eq!(fetch.next_source(&table, true, t0), NextHolders::Nobody);
-        assert_eq!(
-            BlobFetch::new(BLOB, t0).next_source(&table, true, t0),
-            NextHolders::Ask(vec!["a".into()])
-        );
+    fn partial(hash: &str, size: u64, pieces: &str) -> PartialBlob {
+        PartialBlob {
+            hash: hash.into(),
+            size,
+            pieces: pieces.into(),
+        }
     }
 
     #[test]
-    fn a_relay_coming_is_awaited_before_the_registry() {
+    fn whole_holders_have_every_piece_and_the_origin_is_marked() {
         let t0 = Instant::now();
-        // b is downloading the blob (from the registry or a peer): wait for it.
-        let table = table(&[("b", vec![fetching_holding()])], t0);
-        let mut fetch = BlobFetch::new(BLOB, t0);
-        assert_eq!(
-            fetch.next_source(&table, true, t0),
-            NextHolders::Ask(vec![])
+        let table = table(
+            &[
+                ("origin", vec![origin_holding()]),
+                ("relay", vec![holding("app", 1)]),
+                ("idle", vec![]),
+            ],
+            t0,
         );
-        let later = t0 + ORIGIN_PATIENCE + Duration::from_secs(1);
-        assert_eq!(
-            fetch.next_source(&table, true, later),
-            NextHolders::Ask(vec![])
+        let size = 3 * edged_control::verified::PIECE;
+        let holders = table.piece_holders(BLOB, size, t0);
+        let seen: Vec<(&str, bool, u32)> = holders
+            .iter()
+            .map(|h| (h.addr.as_str(), h.origin, h.pieces.count()))
+            .collect();
+        assert_eq!(seen, [("origin", true, 3), ("relay", false, 3)]);
+    }
+
+    #[test]
+    fn a_fetching_peer_holds_the_pieces_it_says_if_its_set_fits_the_manifest() {
+        let t0 = Instant::now();
+        let mut table = table(&[("b", vec![]), ("c", vec![]), ("d", vec![])], t0);
+        let size = 10 * edged_control::verified::PIECE;
+        let mut two = PieceSet::empty(10);
+        two.insert(0);
+        two.insert(7);
+        table.record_partial("b", vec![partial(BLOB, size, &two.to_hex())]);
+        // Another size than the manifest's, and a set that is not hex: neither believed.
+        table.record_partial("c", vec![partial(BLOB, size + 1, &two.to_hex())]);
+        table.record_partial("d", vec![partial(BLOB, size, "zz")]);
+        let holders = table.piece_holders(BLOB, size, t0);
+        assert_eq!(holders.len(), 1, "{holders:?}");
+        assert_eq!(holders[0].addr, "b");
+        assert!(!holders[0].origin);
+        assert_eq!(holders[0].pieces.iter().collect::<Vec<_>>(), [0, 7]);
+        // A failed holdings answer clears what it said.
+        fail(&mut table, "b", t0);
+        assert!(table.piece_holders(BLOB, size, t0).is_empty());
+    }
+
+    #[test]
+    fn a_lying_peer_holds_nothing_while_penalised() {
+        let t0 = Instant::now();
+        let mut table = table(
+            &[
+                ("liar", vec![holding("app", 1)]),
+                ("honest", vec![holding("app", 1)]),
+                ("fetcher", vec![]),
+            ],
+            t0,
         );
-        // b stops answering: its download no longer counts, so the registry.
-        let mut table = table;
-        fail(&mut table, "b", later);
-        assert_eq!(
-            fetch.next_source(&table, true, later),
-            NextHolders::Registry
-        );
-        // Once b holds it whole, b.
-        table.record_holdings("b", Ok(vec![holding("app", 1)]), later, |_| 0);
-        assert_eq!(
-            fetch.next_source(&table, true, later),
-            NextHolders::Ask(vec!["b".into()])
-        );
+        let size = 2 * edged_control::verified::PIECE;
+        table.record_partial("fetcher", vec![partial(BLOB, size, &PieceSet::full(2).to_hex())]);
+        table.penalise("liar", "piece 3 failed verification", t0);
+        table.penalise("fetcher", "piece 1 failed verification", t0);
+        let later = t0 + Duration::from_secs(60);
+        let holders: Vec<String> = table
+            .piece_holders(BLOB, size, later)
+            .into_iter()
+            .map(|h| h.addr)
+            .collect();
+        assert_eq!(holders, ["honest"]);
+        assert_eq!(table.manifest_holders("app", 1, later), ["honest"]);
+        let status = table.peer_status(later);
+        let liar = status.iter().find(|p| p.addr == "liar").unwrap();
+        assert!(liar.penalised);
+        assert!(liar.last_error.as_deref().unwrap().contains("piece 3"));
+    }
+
+    fn idle(registry_left: bool, holders_seen: bool, start_s: u64, progress_s: u64) -> Idle {
+        when_idle(IdleFetch {
+            registry_left,
+            holders_seen,
+            since_start: Duration::from_secs(start_s),
+            since_progress: Duration::from_secs(progress_s),
+        })
+    }
+
+    #[test]
+    fn an_idle_fetch_turns_to_the_registry_only_after_the_grace_and_when_peers_have_nothing() {
+        let grace = REGISTRY_GRACE.as_secs();
+        // No peer showed any piece: the registry, once the grace is over.
+        assert_eq!(idle(true, false, grace - 1, grace - 1), Idle::Wait);
+        assert_eq!(idle(true, false, grace, grace), Idle::Registry);
+        // Peers have pieces and delivered lately: wait for them.
+        assert_eq!(idle(true, true, 30, 1), Idle::Wait);
+        // They stopped delivering for the patience: the registry.
+        let patience = ORIGIN_PATIENCE.as_secs();
+        assert_eq!(idle(true, true, 30, patience - 1), Idle::Wait);
+        assert_eq!(idle(true, true, 30, patience), Idle::Registry);
+        // Not published, or tried already: the registry is never asked.
+        assert_eq!(idle(false, false, 30, 5), Idle::Wait);
+    }
+
+    #[test]
+    fn an_idle_fetch_gives_up_after_a_minute_without_a_piece() {
+        let give_up = BUSY_GIVE_UP.as_secs();
+        assert_eq!(idle(false, true, 600, give_up - 1), Idle::Wait);
+        assert_eq!(idle(false, true, 600, give_up), Idle::GiveUp);
+        assert_eq!(idle(false, false, give_up, give_up), Idle::GiveUp);
+        // With the registry left to ask, it is asked first.
+        assert_eq!(idle(true, false, give_up, give_up), Idle::Registry);
     }
 
     #[test]
@@ -892,156 +848,6 @@ mod tests {
         let after = t0 + PENALTY;
         assert!(!table.is_penalised("liar", after));
         assert_eq!(table.holders_of(BLOB, after), [("liar".to_string(), false)]);
-    }
-
-    #[test]
-    fn holders_that_synced_come_before_the_origin() {
-        let t0 = Instant::now();
-        let table = table(
-            &[
-                ("origin", vec![origin_holding()]),
-                ("relay", vec![holding("app", 1)]),
-            ],
-            t0,
-        );
-        let mut fetch = BlobFetch::new(BLOB, t0);
-        assert_eq!(
-            fetch.next_holders(&table, t0),
-            NextHolders::Ask(vec!["relay".into()])
-        );
-        // After the patience runs out the origin is a fallback behind the relay.
-        let later = t0 + ORIGIN_PATIENCE;
-        assert_eq!(
-            fetch.next_holders(&table, later),
-            NextHolders::Ask(vec!["relay".into(), "origin".into()])
-        );
-    }
-
-    #[test]
-    fn fetchers_wait_for_a_relay_then_fall_back_to_the_origin() {
-        let t0 = Instant::now();
-        let table = table(
-            &[
-                ("origin", vec![origin_holding()]),
-                ("relay", vec![fetching_holding()]),
-            ],
-            t0,
-        );
-        let mut fetch = BlobFetch::new(BLOB, t0);
-        // Someone is getting it: wait rather than take a second copy from the origin.
-        assert_eq!(fetch.next_holders(&table, t0), NextHolders::Ask(vec![]));
-        let almost = t0 + ORIGIN_PATIENCE - Duration::from_millis(1);
-        assert_eq!(fetch.next_holders(&table, almost), NextHolders::Ask(vec![]));
-        assert_eq!(
-            fetch.next_holders(&table, t0 + ORIGIN_PATIENCE),
-            NextHolders::Ask(vec!["origin".into()])
-        );
-    }
-
-    #[test]
-    fn the_origin_serves_at_once_when_nobody_else_has_it_or_is_getting_it() {
-        let t0 = Instant::now();
-        let table = table(&[("origin", vec![origin_holding()]), ("idle", vec![])], t0);
-        let mut fetch = BlobFetch::new(BLOB, t0);
-        assert_eq!(
-            fetch.next_holders(&table, t0),
-            NextHolders::Ask(vec!["origin".into()])
-        );
-        let empty = PeerTable::new(&["idle".to_string()]);
-        assert_eq!(
-            BlobFetch::new(BLOB, t0).next_holders(&empty, t0),
-            NextHolders::Nobody
-        );
-    }
-
-    #[test]
-    fn a_busy_holder_is_asked_again_until_the_fetch_gives_up() {
-        let t0 = Instant::now();
-        let mut table = table(&[("b", vec![holding("app", 1)])], t0);
-        let mut fetch = BlobFetch::new(BLOB, t0);
-        fetch.record(&mut table, "b", &Attempt::Busy, t0);
-        let later = t0 + Duration::from_secs(30);
-        assert_eq!(
-            fetch.next_holders(&table, later),
-            NextHolders::Ask(vec!["b".into()])
-        );
-        assert!(!fetch.gave_up(later));
-        assert!(fetch.gave_up(t0 + BUSY_GIVE_UP));
-        assert!(!table.is_penalised("b", later));
-    }
-
-    #[test]
-    fn a_lying_peer_is_never_asked_again_while_penalised() {
-        let t0 = Instant::now();
-        let mut table = table(
-            &[
-                ("liar", vec![holding("app", 1)]),
-                ("honest", vec![holding("app", 1)]),
-            ],
-            t0,
-        );
-        let mut fetch = BlobFetch::new(BLOB, t0);
-        let NextHolders::Ask(first) = fetch.next_holders(&table, t0) else {
-            panic!("two holders");
-        };
-        assert_eq!(first, ["honest", "liar"]);
-        fetch.record(&mut table, "liar", &Attempt::BadData("chunk 3".into()), t0);
-        for step in 1..5 {
-            let now = t0 + Duration::from_secs(step);
-            assert_eq!(
-                fetch.next_holders(&table, now),
-                NextHolders::Ask(vec!["honest".into()])
-            );
-        }
-        // Nor in the next fetch, nor for its manifests.
-        let mut next = BlobFetch::new(BLOB, t0 + Duration::from_secs(60));
-        assert_eq!(
-            next.next_holders(&table, t0 + Duration::from_secs(60)),
-            NextHolders::Ask(vec!["honest".into()])
-        );
-        assert_eq!(table.manifest_holders("app", 1, t0), ["honest"]);
-        assert!(
-            table.peer_status(t0)[1]
-                .last_error
-                .as_deref()
-                .unwrap()
-                .contains("chunk 3")
-        );
-    }
-
-    #[test]
-    fn a_failed_holder_is_skipped_for_that_fetch_only() {
-        let t0 = Instant::now();
-        let mut table = table(&[("b", vec![holding("app", 1)])], t0);
-        let mut fetch = BlobFetch::new(BLOB, t0);
-        fetch.record(&mut table, "b", &Attempt::Failed("reset".into()), t0);
-        assert_eq!(fetch.next_holders(&table, t0), NextHolders::Nobody);
-        assert_eq!(fetch.failed(), ["b"]);
-        assert!(!table.is_penalised("b", t0));
-        assert_eq!(
-            BlobFetch::new(BLOB, t0).next_holders(&table, t0),
-            NextHolders::Ask(vec!["b".into()])
-        );
-    }
-
-    #[test]
-    fn equal_holders_take_turns() {
-        let t0 = Instant::now();
-        let table = table(
-            &[
-                ("b", vec![holding("app", 1)]),
-                ("c", vec![holding("app", 1)]),
-            ],
-            t0,
-        );
-        let mut fetch = BlobFetch::new(BLOB, t0);
-        let firsts: Vec<String> = (0..4)
-            .map(|_| match fetch.next_holders(&table, t0) {
-                NextHolders::Ask(holders) => holders[0].clone(),
-                NextHolders::Nobody | NextHolders::Registry => panic!("two holders"),
-            })
-            .collect();
-        assert_eq!(firsts, ["b", "c", "b", "c"]);
     }
 
     #[test]
