@@ -79,7 +79,12 @@ struct Round {
 
 impl Round {
     fn convergence(&self) -> Option<Duration> {
-        self.arrivals.iter().map(|a| a.1).collect::<Option<Vec<_>>>()?.into_iter().max()
+        self.arrivals
+            .iter()
+            .map(|a| a.1)
+            .collect::<Option<Vec<_>>>()?
+            .into_iter()
+            .max()
     }
 }
 
@@ -121,13 +126,7 @@ fn placement(lab: &Lab, i: usize) -> Result<Placement> {
     })
 }
 
-fn start(
-    params: &Params,
-    lab: &Lab,
-    dir: &Path,
-    names: &[String],
-    i: usize,
-) -> Result<Node> {
+fn start(params: &Params, lab: &Lab, dir: &Path, names: &[String], i: usize) -> Result<Node> {
     let peers: Vec<SocketAddr> = peers_of(i, names.len())
         .into_iter()
         .map(|p| control_addr(lab, p))
@@ -142,13 +141,7 @@ fn start(
     )
 }
 
-async fn round(
-    params: &Params,
-    lab: &Lab,
-    work: &Path,
-    index: usize,
-    kill: bool,
-) -> Result<Round> {
+async fn round(params: &Params, lab: &Lab, work: &Path, index: usize, kill: bool) -> Result<Round> {
     let round_dir = tempfile::Builder::new()
         .prefix(&format!("wan-round-{index}-"))
         .tempdir_in(work)?;
@@ -228,7 +221,11 @@ async fn round(
             }
             println!(
                 "  killed {} at {:.1} s",
-                victims.iter().map(|&v| names[v].as_str()).collect::<Vec<_>>().join(", "),
+                victims
+                    .iter()
+                    .map(|&v| names[v].as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
                 committed.elapsed().as_secs_f64()
             );
             killed_at = Some(Instant::now());
@@ -294,9 +291,12 @@ pub async fn run(params: &Params, work: &Path) -> Result<(Vec<Summary>, Vec<Rati
         bail!("--wan-nodes must be at least 2 (one to push to, one to sync)");
     }
     let n = params.fleet.nodes;
-    let lab = Lab::create(n + 1, LinkShape {
-        rate_mbit: params.rate_mbit,
-    })?;
+    let lab = Lab::create(
+        n + 1,
+        LinkShape {
+            rate_mbit: params.rate_mbit,
+        },
+    )?;
     let shape = Impairment {
         delay: params.delay,
         loss: params.loss,

@@ -92,7 +92,9 @@ pub(crate) async fn load_with(
 }
 
 /// A fresh HTTP/1.1 connection to `addr`, its driver spawned.
-async fn connect(addr: SocketAddr) -> Result<hyper::client::conn::http1::SendRequest<Empty<Bytes>>> {
+async fn connect(
+    addr: SocketAddr,
+) -> Result<hyper::client::conn::http1::SendRequest<Empty<Bytes>>> {
     let stream = tokio::net::TcpStream::connect(addr)
         .await
         .with_context(|| format!("connecting to {addr}"))?;

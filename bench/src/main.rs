@@ -169,7 +169,15 @@ async fn main() -> Result<()> {
     if let Some(url) = &args.load {
         return load_only(url, args.connections, args.requests).await;
     }
-    let known = ["coldstart", "http", "large", "chain", "sync", "fleet-wan", "soak"];
+    let known = [
+        "coldstart",
+        "http",
+        "large",
+        "chain",
+        "sync",
+        "fleet-wan",
+        "soak",
+    ];
     if let Some(unknown) = args.phases.iter().find(|p| !known.contains(&p.as_str())) {
         bail!("unknown phase {unknown:?} (known: {})", known.join(", "));
     }

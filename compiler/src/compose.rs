@@ -252,12 +252,15 @@ pub fn check_chain(
     checked_parts(&run_engine, middleware, &app).map(drop)
 }
 
+/// A part that passed [`check_part`]: its role, name, binary and handler names.
+type CheckedPart<'a> = (PartRole, &'a str, Vec<u8>, Checked);
+
 /// Every part checked ([`check_part`]), in chain order, or the first refusal naming its part.
 fn checked_parts<'a>(
     run_engine: &Engine,
     middleware: &'a [PartInput<'a>],
     app: &'a PartInput<'a>,
-) -> Result<Vec<(PartRole, &'a str, Vec<u8>, Checked)>, ComposeError> {
+) -> Result<Vec<CheckedPart<'a>>, ComposeError> {
     let total = middleware.len() + 1;
     let inputs = middleware
         .iter()

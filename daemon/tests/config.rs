@@ -382,7 +382,10 @@ fn chains_and_imports_start_would_refuse_are_refused() {
     );
     assert_refused(
         &checked,
-        &["function `kv`", "imports `acme:kv/store@1.0.0`, which no edged node links"],
+        &[
+            "function `kv`",
+            "imports `acme:kv/store@1.0.0`, which no edged node links",
+        ],
     );
     assert_refused(
         &checked,
@@ -393,7 +396,10 @@ fn chains_and_imports_start_would_refuse_are_refused() {
     );
     assert_refused(
         &checked,
-        &["function `empty`", "a component must export `wasi:http/handler@0.3.x`"],
+        &[
+            "function `empty`",
+            "a component must export `wasi:http/handler@0.3.x`",
+        ],
     );
     assert!(
         !checked.stderr.contains("function `fine`"),

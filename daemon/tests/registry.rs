@@ -210,9 +210,12 @@ async fn a_published_deployment_is_pulled_and_served_by_two_nodes_without_peers(
 async fn deploying_an_older_tag_never_rolls_the_function_back_by_itself() {
     let fleet = new_fleet();
     let registry = Registry::start();
-    let hello = edged_testkit::guest("hello-http.wasm");
-    publish(&fleet, &registry, &hello, "r0", 1, "apps/r0:v1");
-    publish(&fleet, &registry, &hello, "r0", 2, "apps/r0:v2");
+    // Different content per version: a tag's deployment is found as a referrer of its Wasm, so
+    // two tags of the same bytes would resolve to the same (newest) deployment.
+    let v1 = edged_testkit::guest("hello-http.wasm");
+    let v2 = edged_testkit::guest("p3-hello.wasm");
+    publish(&fleet, &registry, &v1, "r0", 1, "apps/r0:v1");
+    publish(&fleet, &registry, &v2, "r0", 2, "apps/r0:v2");
     let a = node(&fleet, &registry, "");
     ok(deploy(&fleet, &registry, &a, "apps/r0:v1"));
     ok(deploy(&fleet, &registry, &a, "apps/r0:v2"));
@@ -233,7 +236,13 @@ async fn deploying_an_older_tag_never_rolls_the_function_back_by_itself() {
     assert_eq!(active[0][1], "2", "{ls}");
     assert!(body_of(&a, "/r0").await.is_some(), "{}", a.log());
     // On purpose: activate names the version.
-    ok(edgectl(&fleet, &registry, None, Some(&a), &["activate", "r0@1"]));
+    ok(edgectl(
+        &fleet,
+        &registry,
+        None,
+        Some(&a),
+        &["activate", "r0@1"],
+    ));
 }
 
 #[tokio::test(flavor = "multi_thread")]

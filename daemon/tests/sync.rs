@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 
 use common::fleet::{Fleet, edgectl, new_fleet, ok, push_x86_64, sync_node_config};
 use common::{Edged, metric};
-use edged_control::verified::PIECE;
 use edged_testkit::big_module;
 
 fn edged() -> Command {
@@ -359,7 +358,9 @@ async fn a_peer_that_flips_bytes_is_caught_at_the_bad_chunk_and_penalised() {
     // Pieces are fetched: the bad byte is in the piece the report names, caught at its chunk.
     let flips = liar.flips();
     assert!(
-        flips.iter().any(|&flipped| at <= flipped && flipped - at < 16 << 10),
+        flips
+            .iter()
+            .any(|&flipped| at <= flipped && flipped - at < 16 << 10),
         "flips at {flips:?}, reported at {at}"
     );
     // The honest peer supplied every piece.

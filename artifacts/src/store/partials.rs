@@ -45,6 +45,27 @@ impl Store {
         expire_partials_in(&self.root.join("tmp"), max_age)
     }
 
+    /// Removes every partial push upload (`tmp/upload-*`): what a full disk calls for, since
+    /// none of them can grow. Returns how many files and bytes went.
+    pub fn drop_push_uploads(&self) -> (usize, u64) {
+        let tmp = self.root.join("tmp");
+        let Ok(entries) = fs::read_dir(&tmp) else {
+            return (0, 0);
+        };
+        let (mut files, mut bytes) = (0, 0);
+        for entry in entries.flatten() {
+            if !entry.file_name().to_string_lossy().starts_with("upload-") {
+                continue;
+            }
+            let len = entry.metadata().map(|m| m.len()).unwrap_or(0);
+            if fs::remove_file(entry.path()).is_ok() {
+                files += 1;
+                bytes += len;
+            }
+        }
+        (files, bytes)
+    }
+
     /// Partial uploads and fetches on disk now: files and bytes (for `edged verify`).
     pub fn partials_usage(&self) -> (usize, u64) {
         let tmp = self.root.join("tmp");
@@ -72,37 +93,40 @@ impl Store {
 
 /// [`Store::expire_partials`] on the `tmp/` directory of a store, open or not (a store that
 /// cannot open for want of space frees its partials first).
-pub(super) fn expire_partials_in(tmp: &Path, max_age: Duration) -> Result<(usize, u64), StoreError> {
-        let (mut files, mut bytes) = (0, 0);
-        for entry in fs::read_dir(tmp).map_err(io_err("list", tmp))? {
-            let entry = entry.map_err(io_err("list", tmp))?;
-            if entry.file_name().to_string_lossy().starts_with("put-") {
-                continue;
-            }
-            let Ok(meta) = entry.metadata() else { continue };
-            let idle = meta
-                .modified()
-                .ok()
-                .and_then(|t| t.elapsed().ok())
-                .unwrap_or_default();
-            if idle < max_age {
-                continue;
-            }
-            if meta.is_file() && fs::remove_file(entry.path()).is_ok() {
-                files += 1;
-                bytes += meta.len();
-            } else if meta.is_dir() {
-                // A blob fetched piecewise (`sync-<hash>.pieces/`): the directory's time is
-                // that of its newest piece, so it is idle only when no piece arrived for that
-                // long.
-                let (n, size) = dir_usage(&entry.path());
-                if fs::remove_dir_all(entry.path()).is_ok() {
-                    files += n;
-                    bytes += size;
-                }
+pub(super) fn expire_partials_in(
+    tmp: &Path,
+    max_age: Duration,
+) -> Result<(usize, u64), StoreError> {
+    let (mut files, mut bytes) = (0, 0);
+    for entry in fs::read_dir(tmp).map_err(io_err("list", tmp))? {
+        let entry = entry.map_err(io_err("list", tmp))?;
+        if entry.file_name().to_string_lossy().starts_with("put-") {
+            continue;
+        }
+        let Ok(meta) = entry.metadata() else { continue };
+        let idle = meta
+            .modified()
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .unwrap_or_default();
+        if idle < max_age {
+            continue;
+        }
+        if meta.is_file() && fs::remove_file(entry.path()).is_ok() {
+            files += 1;
+            bytes += meta.len();
+        } else if meta.is_dir() {
+            // A blob fetched piecewise (`sync-<hash>.pieces/`): the directory's time is
+            // that of its newest piece, so it is idle only when no piece arrived for that
+            // long.
+            let (n, size) = dir_usage(&entry.path());
+            if fs::remove_dir_all(entry.path()).is_ok() {
+                files += n;
+                bytes += size;
             }
         }
-        Ok((files, bytes))
+    }
+    Ok((files, bytes))
 }
 
 /// Files and bytes under `dir` (one level: piece directories hold only files).

@@ -95,7 +95,9 @@ fn maker_of(name: &str) -> Option<u32> {
 pub fn orphaned() -> Result<Vec<String>> {
     Ok(namespaces_with(PREFIX)?
         .into_iter()
-        .filter(|n| maker_of(n).is_none_or(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists()))
+        .filter(|n| {
+            maker_of(n).is_none_or(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists())
+        })
         .collect())
 }
 
@@ -174,6 +176,7 @@ impl Lab {
     }
 
     /// This lab's namespaces that `ip netns list` shows.
+    #[cfg(test)]
     pub fn namespaces(&self) -> Result<Vec<String>> {
         namespaces_with(&self.prefix)
     }

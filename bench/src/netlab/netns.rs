@@ -176,11 +176,6 @@ impl Netns {
         ))
     }
 
-    /// A blocking UDP socket bound to `addr` inside the namespace.
-    pub fn udp_socket(&self, addr: std::net::SocketAddr) -> io::Result<std::net::UdpSocket> {
-        self.within(move || std::net::UdpSocket::bind(addr))
-    }
-
     /// The interface counter `/sys/class/net/<dev>/statistics/<name>` as seen inside the
     /// namespace: sysfs shows the namespace of whoever mounted it, so this reads it through
     /// `ip netns exec`, which mounts a fresh one for the command.

@@ -148,7 +148,7 @@ impl Pushes {
             }
             .ok_or_else(|| anyhow!("stream ended with {remaining} bytes of blob {hash} missing"))?;
             if let Err(e) = file.write_all(&chunk.bytes) {
-                return Err(upload_failed(&partial, hash, written, blob.size, e));
+                return Err(upload_failed(&store, &partial, hash, written, blob.size, e));
             }
             remaining -= chunk.bytes.len() as u64;
             written += chunk.bytes.len() as u64;
@@ -165,7 +165,9 @@ impl Pushes {
         tokio::task::spawn_blocking(move || {
             let _turn = turn;
             if let Err(e) = file.sync_all() {
-                return Err(upload_failed(&partial, &expected, blob_size, blob_size, e));
+                return Err(upload_failed(
+                    &store, &partial, &expected, blob_size, blob_size, e,
+                ));
             }
             drop(file);
             store
@@ -198,10 +200,12 @@ impl Pushes {
 }
 
 /// The error for a failed write of blob `hash`'s partial upload at byte `at` of `size`. When the
-/// disk is full the partial is removed: it cannot grow, and kept it would hold space every later
-/// push needs (the operator's retry, once there is room, sends it again). Any other failure
-/// keeps it for the retry to resume.
+/// disk is full every partial push upload is removed (this one and its siblings, which cannot
+/// finish either): kept, they would hold space every later push needs, and the operator's retry,
+/// once there is room, sends them again. Any other failure keeps the partial for the retry to
+/// resume.
 fn upload_failed(
+    store: &edged_artifacts::Store,
     partial: &std::path::Path,
     hash: &str,
     at: u64,
@@ -210,14 +214,18 @@ fn upload_failed(
 ) -> anyhow::Error {
     if e.kind() == std::io::ErrorKind::StorageFull {
         let _ = std::fs::remove_file(partial);
-        tracing::warn!(blob = %hash, at, size, "the state disk is full: push upload dropped");
+        let (files, bytes) = store.drop_push_uploads();
+        tracing::warn!(blob = %hash, at, size, files, bytes, "the state disk is full: partial push uploads dropped");
         anyhow!(
             "the node's state disk is full: blob {hash} stopped at byte {at} of {size}; its \
              partial upload was removed so it holds no space (nothing stored was lost). Free \
              space on the node (`edged verify` shows what the store holds) and push again"
         )
     } else {
-        anyhow!("writing blob {hash} at byte {at} of {size} to {}: {e}", partial.display())
+        anyhow!(
+            "writing blob {hash} at byte {at} of {size} to {}: {e}",
+            partial.display()
+        )
     }
 }
 

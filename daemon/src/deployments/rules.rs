@@ -347,7 +347,10 @@ mod tests {
         let refused = check_arrival_activation("r0", 1, true, Some(2)).unwrap_err();
         assert_eq!((refused.active, refused.version), (2, 1));
         let message = refused.to_string();
-        assert!(message.contains("r0@1") && message.contains("edgectl activate r0@1"), "{message}");
+        assert!(
+            message.contains("r0@1") && message.contains("edgectl activate r0@1"),
+            "{message}"
+        );
         // Newer, the same, nothing active, or only stored: fine.
         assert!(check_arrival_activation("r0", 3, true, Some(2)).is_ok());
         assert!(check_arrival_activation("r0", 2, true, Some(2)).is_ok());

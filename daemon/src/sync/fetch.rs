@@ -159,7 +159,9 @@ impl Syncer {
                 // Nobody to ask right now: the registry, wait, or give up (policy's call).
                 let idle = |registry_tried: bool| {
                     when_idle(IdleFetch {
-                        registry_left: self.origin.is_some() && published.is_some() && !registry_tried,
+                        registry_left: self.origin.is_some()
+                            && published.is_some()
+                            && !registry_tried,
                         holders_seen,
                         since_start: started.elapsed(),
                         since_progress: last_progress.elapsed(),

@@ -720,7 +720,10 @@ mod tests {
             t0,
         );
         let size = 2 * edged_control::verified::PIECE;
-        table.record_partial("fetcher", vec![partial(BLOB, size, &PieceSet::full(2).to_hex())]);
+        table.record_partial(
+            "fetcher",
+            vec![partial(BLOB, size, &PieceSet::full(2).to_hex())],
+        );
         table.penalise("liar", "piece 3 failed verification", t0);
         table.penalise("fetcher", "piece 1 failed verification", t0);
         let later = t0 + Duration::from_secs(60);
