@@ -4,6 +4,8 @@
 //! A set is immutable once built; reload builds a new one and swaps it in atomically, so a
 //! request always sees one consistent set.
 
+use std::path::PathBuf;
+
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
@@ -196,23 +198,7 @@ fn chain_manifest(
     engine: &EngineSettings,
     function: &FunctionConfig,
 ) -> Result<Manifest> {
-    let paths: Vec<&std::path::Path> = function
-        .middleware
-        .iter()
-        .map(|p| p.as_path())
-        .chain(std::iter::once(function.wasm.as_path()))
-        .collect();
-    let mut parts = Vec::with_capacity(paths.len());
-    for path in &paths {
-        let input = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-        let (_, binary) = edged_compiler::to_binary(&input)
-            .with_context(|| format!("{} is not usable", path.display()))?;
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| path.display().to_string());
-        parts.push((name, binary.into_owned()));
-    }
+    let (paths, parts) = read_chain(function)?;
     let hashes: Vec<String> = parts.iter().map(|(_, b)| content_hash(b)).collect();
     let versions = stored_versions(store, &function.name)?;
     let reusable = versions.iter().rev().find(|m| {
@@ -235,15 +221,7 @@ fn chain_manifest(
         }
         None => {
             let options = host_compile_options(function, engine)?;
-            let (app, middleware) = parts.split_last().expect("a chain has an app");
-            let middleware: Vec<_> = middleware
-                .iter()
-                .map(|(name, bytes)| edged_compiler::PartInput { name, bytes })
-                .collect();
-            let app = edged_compiler::PartInput {
-                name: &app.0,
-                bytes: &app.1,
-            };
+            let (middleware, app) = part_inputs(&parts);
             let (compiled, composed) = edged_compiler::compile_chain(&middleware, app, &options)
                 .with_context(|| format!("composing the chain of function `{}`", function.name))?;
             for warning in &compiled.warnings {
@@ -263,6 +241,51 @@ fn chain_manifest(
         }
     };
     Ok(manifest)
+}
+
+/// A chain part as read: its name (the file name) and its binary.
+pub type ChainPart = (String, Vec<u8>);
+
+/// The parts of `function`'s chain, its middleware first and its `.wasm` last: each part's path,
+/// and its name with its binary (WAT turned into one).
+pub fn read_chain(function: &FunctionConfig) -> Result<(Vec<PathBuf>, Vec<ChainPart>)> {
+    let paths: Vec<PathBuf> = function
+        .middleware
+        .iter()
+        .chain(std::iter::once(&function.wasm))
+        .cloned()
+        .collect();
+    let mut parts = Vec::with_capacity(paths.len());
+    for path in &paths {
+        let input = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        let (_, binary) = edged_compiler::to_binary(&input)
+            .with_context(|| format!("{} is not usable", path.display()))?;
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| path.display().to_string());
+        parts.push((name, binary.into_owned()));
+    }
+    Ok((paths, parts))
+}
+
+/// [`read_chain`]'s parts as the composer takes them: the middleware, and the app.
+pub fn part_inputs(
+    parts: &[ChainPart],
+) -> (
+    Vec<edged_compiler::PartInput<'_>>,
+    edged_compiler::PartInput<'_>,
+) {
+    let (app, middleware) = parts.split_last().expect("a chain has an app");
+    let middleware = middleware
+        .iter()
+        .map(|(name, bytes)| edged_compiler::PartInput { name, bytes })
+        .collect();
+    let app = edged_compiler::PartInput {
+        name: &app.0,
+        bytes: &app.1,
+    };
+    (middleware, app)
 }
 
 /// Re-hashes the stored source `hash` of config function `function` and, if it is damaged or

@@ -139,30 +139,8 @@ fn check_wasm(engine: &wasmtime::Engine, function: &FunctionConfig) -> Result<()
 
 /// What composing `function`'s chain (its middleware, then its `.wasm`) checks before any work.
 fn check_chain(settings: &EngineSettings, function: &FunctionConfig) -> Result<(), String> {
-    let paths: Vec<&Path> = function
-        .middleware
-        .iter()
-        .map(PathBuf::as_path)
-        .chain(std::iter::once(function.wasm.as_path()))
-        .collect();
-    let mut parts = Vec::with_capacity(paths.len());
-    for path in &paths {
-        let bytes = std::fs::read(path).map_err(|e| format!("wasm {}: {e}", path.display()))?;
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| path.display().to_string());
-        parts.push((name, bytes));
-    }
-    let (app, middleware) = parts.split_last().expect("a chain has an app");
-    let middleware: Vec<edged_compiler::PartInput<'_>> = middleware
-        .iter()
-        .map(|(name, bytes)| edged_compiler::PartInput { name, bytes })
-        .collect();
-    let app = edged_compiler::PartInput {
-        name: &app.0,
-        bytes: &app.1,
-    };
+    let (_, parts) = crate::functions::read_chain(function).map_err(|e| format!("wasm {e:#}"))?;
+    let (middleware, app) = crate::functions::part_inputs(&parts);
     let options = edged_compiler::CompileOptions {
         targets: vec![Target::host().ok_or("this host has no edged target")?],
         engine: settings.clone(),
