@@ -73,19 +73,11 @@ impl Store {
             return (0, 0);
         };
         let (mut files, mut bytes) = (0, 0);
-        for entry in entries.flatten() {
-            if entry.file_name().to_string_lossy().starts_with("put-") {
-                continue;
-            }
+        for entry in entries.flatten().filter(|e| !is_put(e)) {
             let Ok(meta) = entry.metadata() else { continue };
-            if meta.is_dir() {
-                let (n, size) = dir_usage(&entry.path());
-                files += n;
-                bytes += size;
-            } else {
-                files += 1;
-                bytes += meta.len();
-            }
+            let (n, size) = usage(&entry.path(), &meta);
+            files += n;
+            bytes += size;
         }
         (files, bytes)
     }
@@ -100,33 +92,47 @@ pub(super) fn expire_partials_in(
     let (mut files, mut bytes) = (0, 0);
     for entry in fs::read_dir(tmp).map_err(io_err("list", tmp))? {
         let entry = entry.map_err(io_err("list", tmp))?;
-        if entry.file_name().to_string_lossy().starts_with("put-") {
+        if is_put(&entry) {
             continue;
         }
         let Ok(meta) = entry.metadata() else { continue };
+        // A blob fetched piecewise (`sync-<hash>.pieces/`) is a directory whose time is that
+        // of its newest piece, so it is idle only when no piece arrived for that long.
         let idle = meta
             .modified()
             .ok()
             .and_then(|t| t.elapsed().ok())
             .unwrap_or_default();
-        if idle < max_age {
+        if idle < max_age || !(meta.is_file() || meta.is_dir()) {
             continue;
         }
-        if meta.is_file() && fs::remove_file(entry.path()).is_ok() {
-            files += 1;
-            bytes += meta.len();
-        } else if meta.is_dir() {
-            // A blob fetched piecewise (`sync-<hash>.pieces/`): the directory's time is
-            // that of its newest piece, so it is idle only when no piece arrived for that
-            // long.
-            let (n, size) = dir_usage(&entry.path());
-            if fs::remove_dir_all(entry.path()).is_ok() {
-                files += n;
-                bytes += size;
-            }
+        let path = entry.path();
+        let (n, size) = usage(&path, &meta);
+        let removed = if meta.is_dir() {
+            fs::remove_dir_all(&path)
+        } else {
+            fs::remove_file(&path)
+        };
+        if removed.is_ok() {
+            files += n;
+            bytes += size;
         }
     }
     Ok((files, bytes))
+}
+
+/// An in-progress put (`put-*`), which is no partial: its writer renames or removes it.
+fn is_put(entry: &fs::DirEntry) -> bool {
+    entry.file_name().to_string_lossy().starts_with("put-")
+}
+
+/// Files and bytes of one partial at `path`: a file, or a piece directory and its pieces.
+fn usage(path: &Path, meta: &fs::Metadata) -> (usize, u64) {
+    if meta.is_dir() {
+        dir_usage(path)
+    } else {
+        (1, meta.len())
+    }
 }
 
 /// Files and bytes under `dir` (one level: piece directories hold only files).

@@ -213,7 +213,7 @@ fn upload_failed(
     e: std::io::Error,
 ) -> anyhow::Error {
     if e.kind() == std::io::ErrorKind::StorageFull {
-        let _ = std::fs::remove_file(partial);
+        // `partial` is one of them (`tmp/upload-<hash>`).
         let (files, bytes) = store.drop_push_uploads();
         tracing::warn!(blob = %hash, at, size, files, bytes, "the state disk is full: partial push uploads dropped");
         anyhow!(
