@@ -95,10 +95,12 @@ fn check_functions(config: &NodeConfig, problems: &mut Vec<Problem>) {
         }
     };
     for function in &config.functions {
+        // A chain's app is a function's `.wasm` too: its init export is checked once the
+        // chain's own checks pass.
         let checked = if function.middleware.is_empty() {
             check_wasm(&engine, function)
         } else {
-            check_chain(&settings, function)
+            check_chain(&settings, function).and_then(|()| check_wasm(&engine, function))
         };
         if let Err(reason) = checked {
             problems.push(Problem {
