@@ -359,30 +359,41 @@ pub(crate) fn target() -> &'static str {
     }
 }
 
-/// Pushes `wasm` to `node` as deployment `big` with the real `edgectl`; its JSON report. edgectl
-/// exits once the node committed the deployment and activated it.
+/// Pushes `wasm` to `node` as deployment `big` with the real `edgectl`, for this machine's target;
+/// its JSON report. edgectl exits once the node committed the deployment and activated it.
 async fn push(
     params: &Params,
     operator: &Path,
     node: &NodeInfo,
     wasm: &Path,
 ) -> Result<serde_json::Value> {
-    let pushed = edgectl(
-        params,
-        operator,
-        &[
-            "--node",
-            &node.control.to_string(),
-            "--json",
-            "push",
-            wasm.to_str().context("non-UTF-8 temp path")?,
-            "--name",
-            "big",
-            "--target",
-            target(),
-        ],
-    )
-    .await?;
+    push_from(params, operator, node, wasm, Some(target()), None).await
+}
+
+/// [`push`] for `target` (`None`: both targets), run inside network namespace `netns` when one
+/// is given (an operator's host of its own).
+pub(crate) async fn push_from(
+    params: &Params,
+    operator: &Path,
+    node: &NodeInfo,
+    wasm: &Path,
+    target: Option<&str>,
+    netns: Option<&Netns>,
+) -> Result<serde_json::Value> {
+    let control = node.control.to_string();
+    let mut args = vec![
+        "--node",
+        &control,
+        "--json",
+        "push",
+        wasm.to_str().context("non-UTF-8 temp path")?,
+        "--name",
+        "big",
+    ];
+    if let Some(target) = target {
+        args.extend(["--target", target]);
+    }
+    let pushed = edgectl_in(params, operator, &args, netns).await?;
     pushed
         .lines()
         .rev()

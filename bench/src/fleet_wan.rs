@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use crate::fleet::{self, Node, Placement, edgectl, edgectl_in, issue_node, node_counter};
+use crate::fleet::{self, Node, Placement, edgectl, issue_node, node_counter};
 use crate::netlab::emulator::Impairment;
 use crate::netlab::netns::Netns;
 use crate::netlab::switch::Switch;
@@ -171,28 +171,17 @@ async fn round(params: &Params, lab: &Lab, work: &Path, index: usize, kill: bool
 
     let origin = nodes[0].as_ref().expect("started").info.clone();
     let origin_ns = &lab.hosts[1].netns;
-    let pushed = edgectl_in(
+    let report = fleet::push_from(
         &params.fleet,
         &operator,
-        &[
-            "--node",
-            &origin.control.to_string(),
-            "--json",
-            "push",
-            wasm.to_str().context("non-UTF-8 temp path")?,
-            "--name",
-            "big",
-        ],
+        &origin,
+        &wasm,
+        None,
         Some(&lab.hosts[0].netns),
     )
     .await?;
     let committed = Instant::now();
     let wire_at_commit = origin_ns.interface_counter("eth0", "tx_bytes")?;
-    let report: serde_json::Value = pushed
-        .lines()
-        .rev()
-        .find_map(|line| serde_json::from_str(line.trim()).ok())
-        .with_context(|| format!("edgectl push printed no JSON report:\n{pushed}"))?;
     let sent_bytes = report["sent_bytes"].as_f64().unwrap_or_default();
     let push_seconds = report["seconds"].as_f64().unwrap_or_default();
     if sent_bytes <= 0.0 {
