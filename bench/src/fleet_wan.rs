@@ -32,7 +32,7 @@ use crate::netlab::emulator::Impairment;
 use crate::netlab::netns::Netns;
 use crate::netlab::switch::Switch;
 use crate::netlab::{Lab, LinkShape};
-use crate::process::rss_kib;
+use crate::process::{anon_rss_kib, rss_kib};
 use crate::report::{Figure, Ratio};
 use crate::stats::{Summary, summarize};
 
@@ -75,6 +75,8 @@ struct Round {
     origin_served_bytes: f64,
     /// Per node: RSS before the push and its peak, in KiB.
     rss: Vec<(String, u64, u64)>,
+    /// The origin's anonymous RSS (without mapped files) before the push and its peak, KiB.
+    origin_anon: (u64, u64),
 }
 
 impl Round {
@@ -168,6 +170,9 @@ async fn round(params: &Params, lab: &Lab, work: &Path, index: usize, kill: bool
         .iter()
         .map(|n| n.as_ref().and_then(|n| rss_kib(n.pid())).unwrap_or(0))
         .collect();
+    let origin_pid = nodes[0].as_ref().expect("started").pid();
+    let anon_idle = anon_rss_kib(origin_pid).unwrap_or(0);
+    let mut anon_peak = anon_idle;
 
     let origin = nodes[0].as_ref().expect("started").info.clone();
     let origin_ns = &lab.hosts[1].netns;
@@ -245,6 +250,7 @@ async fn round(params: &Params, lab: &Lab, work: &Path, index: usize, kill: bool
                 peak[i] = peak[i].max(rss);
             }
         }
+        anon_peak = anon_peak.max(anon_rss_kib(origin_pid).unwrap_or(0));
         if arrivals.iter().skip(1).all(Option::is_some) {
             break;
         }
@@ -267,6 +273,7 @@ async fn round(params: &Params, lab: &Lab, work: &Path, index: usize, kill: bool
             .zip(idle.into_iter().zip(peak))
             .map(|(name, (idle, peak))| (name, idle, peak))
             .collect(),
+        origin_anon: (anon_idle, anon_peak),
     })
 }
 
@@ -331,11 +338,14 @@ pub async fn run(params: &Params, work: &Path) -> Result<(Vec<Summary>, Vec<Rati
         let rss_max = round.rss.iter().map(|r| r.2).max().unwrap_or(0);
         println!(
             "{text}\n  origin egress {:.2} copies on the wire ({:.2} by edged's own count); \
-             origin RSS {} → {} MiB, largest node peak {} MiB",
+             origin RSS {} → {} MiB (anonymous {} → {}; the rest is mapped blob and artifact \
+             pages), largest node peak {} MiB",
             round.origin_wire_bytes / round.sent_bytes,
             round.origin_served_bytes / round.sent_bytes,
             round.rss[0].1 / 1024,
             round.rss[0].2 / 1024,
+            round.origin_anon.0 / 1024,
+            round.origin_anon.1 / 1024,
             rss_max / 1024,
         );
         rounds.push(round);
@@ -412,6 +422,16 @@ pub async fn run(params: &Params, work: &Path) -> Result<(Vec<Summary>, Vec<Rati
             name: "fleet-wan: every node serving, clean round".into(),
             value: clean.convergence().map_or(timed_out, |t| t.as_secs_f64()),
             unit: "s".into(),
+        },
+        Figure {
+            name: "fleet-wan: origin anonymous RSS peak above idle (max over rounds)".into(),
+            value: rounds
+                .iter()
+                .map(|r| r.origin_anon.1.saturating_sub(r.origin_anon.0))
+                .max()
+                .unwrap_or(0) as f64
+                / 1024.0,
+            unit: "MiB".into(),
         },
         Figure {
             name: "fleet-wan: largest node RSS peak".into(),

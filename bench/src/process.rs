@@ -115,10 +115,22 @@ pub fn command(emulator: &[String], binary: &Path) -> Command {
 
 /// Resident set size of process `pid`, in KiB.
 pub fn rss_kib(pid: u32) -> Option<u64> {
+    status_kib(pid, "VmRSS")
+}
+
+/// The anonymous part of process `pid`'s resident set, in KiB: what it allocated (heap,
+/// stacks, buffers), without the pages of files it maps (blobs, artifacts), which the kernel
+/// may drop and read again under pressure.
+pub fn anon_rss_kib(pid: u32) -> Option<u64> {
+    status_kib(pid, "RssAnon")
+}
+
+/// One `kB` line of `/proc/<pid>/status`.
+fn status_kib(pid: u32, key: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))?
         .trim()
         .trim_end_matches(" kB")
         .trim()

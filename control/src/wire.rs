@@ -106,6 +106,11 @@ pub enum Request {
     /// Sync: the sender holds something new (a push, or a finished sync); the receiver starts a
     /// sync round now instead of at its next interval.
     Announce {},
+    /// Sync: the sender verified piece `index` of blob `hash` (`size` bytes) and serves it from
+    /// now on (a have message). Peers fetching the blob may ask it for the piece at once rather
+    /// than after their next holdings refresh, and the blob's origin sends the piece's next asker
+    /// there instead of uploading another copy.
+    Have { hash: String, size: u64, index: u32 },
 }
 
 impl Request {
@@ -135,7 +140,8 @@ impl Request {
             | Request::GetManifest { .. }
             | Request::FetchBlob { .. }
             | Request::FetchPiece { .. }
-            | Request::Announce {} => Role::Node,
+            | Request::Announce {}
+            | Request::Have { .. } => Role::Node,
         }
     }
 
@@ -206,8 +212,16 @@ impl Request {
                 hash: hash.clone(),
                 start: 0,
             },
-            Request::FetchPiece { hash, index: 0 },
+            Request::FetchPiece {
+                hash: hash.clone(),
+                index: 0,
+            },
             Request::Announce {},
+            Request::Have {
+                hash,
+                size: 1,
+                index: 0,
+            },
         ]
     }
 }
@@ -597,6 +611,7 @@ mod tests {
                 Request::FetchBlob { .. } => Role::Node,
                 Request::FetchPiece { .. } => Role::Node,
                 Request::Announce {} => Role::Node,
+                Request::Have { .. } => Role::Node,
             };
             assert_eq!(request.required_role(), expected, "{request:?}");
         }

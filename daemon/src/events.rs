@@ -39,6 +39,13 @@ pub enum PeerNews {
     Connected { addr: SocketAddr, node_name: String },
     /// A peer says it holds something new.
     Announced,
+    /// Peer `node_name` verified piece `index` of blob `hash` (`size` bytes): a have message.
+    Has {
+        node_name: String,
+        hash: String,
+        size: u64,
+        index: u32,
+    },
 }
 
 /// Sync's view of the fleet, for `edgectl status`.

@@ -120,6 +120,13 @@ impl PieceExchange {
             .peer_holdings(&hash.to_string(), &node.to_string(), has);
     }
 
+    /// Peer `node` verified piece `index` of `hash` (its have message).
+    pub fn peer_has(&self, hash: &str, node: &str, index: u32) {
+        lock(&self.inner)
+            .uploads
+            .peer_has(&hash.to_string(), &node.to_string(), index);
+    }
+
     /// Peer `node` is unreachable: what it said it holds no longer counts.
     pub fn peer_lost(&self, node: &str) {
         lock(&self.inner).uploads.peer_lost(&node.to_string());

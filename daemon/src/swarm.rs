@@ -43,8 +43,9 @@
 //! time is given up ([`Uploads::expired`]). For the blobs this node is the origin of
 //! ([`Uploads::seed`]) a [`SuperSeeder`] keeps its egress near one copy: each piece goes to its
 //! first requester, and a piece already uploaded (or being uploaded) that another node holds is
-//! refused with "ask others", at most [`UploadConfig::max_refusals`] times per peer and piece, so
-//! a badly connected node still gets it.
+//! refused with "ask others" for [`UploadConfig::spread_patience`] after its first delivery, so
+//! a badly connected node still gets it. A peer a piece was delivered to counts as its holder
+//! at once; the others' holdings and have messages tell the rest.
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, BTreeSet};
@@ -1190,6 +1191,12 @@ impl<P: Clone + Ord, B: Clone + Ord> Uploads<P, B> {
     /// its slot is free. Returns the peer, blob and piece it was.
     pub fn delivered(&mut self, now: Instant, id: UploadId) -> Option<(P, B, u32)> {
         let upload = self.end(now, id, true)?;
+        // The peer has the piece now (it verifies it in milliseconds): count it a holder at
+        // once, so the next asker is sent there rather than given a second copy in the second
+        // or so before the peer's own have message or holdings answer arrives.
+        if let Some(served) = self.blobs.get_mut(&upload.blob) {
+            served.seen.has(&upload.peer, upload.piece);
+        }
         let secs = now
             .saturating_duration_since(upload.since)
             .as_secs_f64()
@@ -1493,6 +1500,31 @@ mod tests {
         );
         assert_eq!(uploads.seeder(&"blob").unwrap().served(0), 1);
     }
+
+    #[test]
+    fn the_origin_counts_a_peer_it_delivered_a_piece_to_as_a_holder_before_it_says_so() {
+        let mut uploads: Uploads<&str, &str> = Uploads::new(UploadConfig::default());
+        let now = Instant::now();
+        uploads.seed("blob", SIZE);
+        let full = PieceSet::full(4);
+        let ServeDecision::Serve(id) = uploads.request(now, &"p", &"blob", SIZE, 0, &full) else {
+            panic!("the first asker of a piece is served");
+        };
+        uploads.delivered(now, id);
+        // No holdings or have message from p yet: q is still sent there, not given a copy.
+        let soon = now + Duration::from_millis(300);
+        assert_eq!(
+            uploads.request(soon, &"q", &"blob", SIZE, 0, &full),
+            ServeDecision::AskOthers
+        );
+        // Once p is gone, nobody else holds it: q is served.
+        uploads.peer_lost(&"p");
+        assert!(matches!(
+            uploads.request(soon, &"q", &"blob", SIZE, 0, &full),
+            ServeDecision::Serve(_)
+        ));
+        assert_eq!(uploads.seeder(&"blob").unwrap().served(0), 1);
+    }
 }
 
 /// The simulated swarm: a second shell over exactly the API the syncer and the peer server use.
@@ -1542,8 +1574,8 @@ mod simulation {
 
     impl Scenario {
         /// The fleet: 25.5 MB (a source and two artifacts of 8.5 MB) pushed to one of
-        /// `nodes`, each dialling the origin and 4 others, holdings every second, a have
-        /// message for every verified piece.
+        /// `nodes`, each dialling the origin and 4 others, holdings every 3 s (the syncer's
+        /// refresh), a have message for every verified piece.
         fn fleet(nodes: usize) -> Scenario {
             Scenario {
                 nodes,
@@ -1553,7 +1585,7 @@ mod simulation {
                 seed: 7,
                 swarm: SwarmConfig::default(),
                 upload: UploadConfig::default(),
-                holdings_every: Duration::from_secs(1),
+                holdings_every: Duration::from_secs(3),
                 give_up: Duration::from_secs(120),
             }
         }

@@ -334,6 +334,20 @@ impl ControlServer {
                     message: "noted".into(),
                 }
             }
+            Request::Have { hash, size, index } => {
+                // Uploading here (this node may seed the blob) and fetching (it may be getting
+                // it too) both want to know.
+                self.exchange.peer_has(&hash, peer, index);
+                let _ = self.news.send(PeerNews::Has {
+                    node_name: peer.to_string(),
+                    hash,
+                    size,
+                    index,
+                });
+                Response::Done {
+                    message: "noted".into(),
+                }
+            }
             Request::Status {} => self.status()?,
             Request::Activate { name, version } => {
                 deployments.activate(&name, version).await?;

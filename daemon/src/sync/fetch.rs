@@ -1,7 +1,8 @@
 //! Fetching one blob from peers as verified pieces: the piece exchange's fetching shell. The
 //! decisions — which piece from which peer, when a request stalled, whom to penalise — are
 //! [`BlobSwarm`]'s; this loop feeds it who holds which pieces (holdings answers, refreshed every
-//! second while pieces move) and how each request ended, and does what it says. Pieces come
+//! few seconds while pieces move, and the peers' have messages between) and how each request
+//! ended, and does what it says; each piece it verifies it tells its peers of (a have). Pieces come
 //! from different holders at once, rarest first, and a peer still fetching the blob serves the
 //! pieces it verified, so the origin uploads each piece about once.
 //!
@@ -206,6 +207,7 @@ impl Syncer {
                         PieceOutcome::Verified(bytes) => {
                             if swarm.piece_verified(now, &peer, piece) {
                                 self.exchange.verified(hash, piece);
+                                self.tell_have(hash, blob.size, piece);
                                 have.fetch_add(bytes, Ordering::Relaxed);
                                 self.metrics.piece_fetched(&peer);
                                 *lock(&sources).entry(peer).or_default() += 1;
@@ -226,6 +228,7 @@ impl Syncer {
                     }
                 }
                 () = tokio::time::sleep_until(wake.into()) => {}
+                () = self.pieces_heard.notified() => {}
             }
             let syncer = self.clone();
             tokio::spawn(async move { syncer.refresh_holdings_soon().await });

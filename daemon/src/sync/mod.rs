@@ -59,8 +59,10 @@ use policy::{AfterRefusal, BlobPlan, PeerTable};
 /// A peer that does not answer a request within this long is skipped for the round.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// While a blob is fetched piecewise, holdings (who has which pieces) are asked for at most
-/// this often.
-const SWARM_REFRESH: Duration = Duration::from_secs(1);
+/// this often. New pieces are news at once through have messages; the refresh is how a node
+/// learns of whole blobs, peers that joined, and peers that stopped answering. Each refresh of
+/// an origin peered with N nodes costs it N holdings answers of upload, so not every second.
+const SWARM_REFRESH: Duration = Duration::from_secs(3);
 
 pub struct Syncer {
     deployments: Arc<Deployments>,
@@ -87,6 +89,9 @@ pub struct Syncer {
     exchange: Arc<PieceExchange>,
     /// When holdings were last asked for by [`Syncer::refresh_holdings_soon`].
     holdings_refreshed: Mutex<Option<Instant>>,
+    /// A peer's have message told of a piece it did not advertise before: piecewise fetches
+    /// look at their holders again.
+    pieces_heard: Notify,
 }
 
 struct Transfer {
@@ -128,6 +133,7 @@ impl Syncer {
             origin,
             exchange,
             holdings_refreshed: Mutex::new(None),
+            pieces_heard: Notify::new(),
         })
     }
 
@@ -142,6 +148,11 @@ impl Syncer {
                     heard = news.recv() => match heard {
                         Some(PeerNews::Connected { addr, node_name }) => listener.learn_peer(addr, &node_name),
                         Some(PeerNews::Announced) => listener.wake.notify_one(),
+                        Some(PeerNews::Has { node_name, hash, size, index }) => {
+                            if listener.table().record_piece(&node_name, &hash, size, index) {
+                                listener.pieces_heard.notify_waiters();
+                            }
+                        }
                         None => return,
                     },
                     event = events.recv() => match event {
@@ -198,11 +209,28 @@ impl Syncer {
     /// Tells every peer this node holds something new, so they fetch it now rather than at
     /// their next interval.
     fn announce(self: &Arc<Self>) {
+        self.tell_peers(Request::Announce {});
+    }
+
+    /// Tells every peer this node verified piece `index` of blob `hash` (a have message):
+    /// fetchers of the blob may ask for it now, and its origin sends the piece's next asker
+    /// here.
+    fn tell_have(self: &Arc<Self>, hash: &str, size: u64, index: u32) {
+        self.tell_peers(Request::Have {
+            hash: hash.to_string(),
+            size,
+            index,
+        });
+    }
+
+    /// Sends `request` to every peer not backing off, each on its own task; an answer is only
+    /// logged.
+    fn tell_peers(self: &Arc<Self>, request: Request) {
         for addr in self.table().to_ask(Instant::now()) {
-            let syncer = self.clone();
+            let (syncer, request) = (self.clone(), request.clone());
             tokio::spawn(async move {
-                if let Err(e) = syncer.call(&addr, &Request::Announce {}).await {
-                    tracing::debug!(peer = %addr, error = %format!("{e:#}"), "announce not delivered");
+                if let Err(e) = syncer.call(&addr, &request).await {
+                    tracing::debug!(peer = %addr, error = %format!("{e:#}"), ?request, "not delivered");
                 }
             });
         }

@@ -64,8 +64,9 @@ struct PeerState {
     penalised_until: Option<Instant>,
     /// Its last holdings answer (empty while unreachable).
     holdings: Vec<Holding>,
-    /// The blobs it holds in part, from the same answer.
-    partial: Vec<PartialBlob>,
+    /// The blobs it holds in part, by hash: the size it named and the pieces it verified, from
+    /// the same answer and the have messages since.
+    partial: BTreeMap<String, (u64, PieceSet)>,
     /// The fleet activation records it applied, from the same answer.
     activations: Vec<SignedActivation>,
     /// Unanswered holdings requests in a row.
@@ -365,11 +366,40 @@ impl PeerTable {
         spread
     }
 
-    /// The blobs a peer holds in part, from its last holdings answer (none when it failed).
+    /// The blobs a peer holds in part, from its last holdings answer (none when it failed). It
+    /// replaces what have messages added: a piece whose have raced this answer counts again
+    /// from the next one. A set that is not hex or does not fit its size is not believed.
     pub fn record_partial(&mut self, addr: &str, partial: Vec<PartialBlob>) {
         if let Some(peer) = self.peers.get_mut(addr) {
-            peer.partial = partial;
+            peer.partial = partial
+                .into_iter()
+                .filter_map(|blob| {
+                    let set = PieceSet::from_hex(piece_count(blob.size), &blob.pieces).ok()?;
+                    Some((blob.hash, (blob.size, set)))
+                })
+                .collect();
         }
+    }
+
+    /// Peer `node_name` verified piece `index` of blob `hash` (`size` bytes): its have message.
+    /// Returns whether that told anything new (a fetch of the blob may ask it now).
+    pub fn record_piece(&mut self, node_name: &str, hash: &str, size: u64, index: u32) -> bool {
+        let mut news = false;
+        for peer in self
+            .peers
+            .values_mut()
+            .filter(|p| p.node_name.as_deref() == Some(node_name))
+        {
+            let (held_size, set) = peer
+                .partial
+                .entry(hash.to_string())
+                .or_insert_with(|| (size, PieceSet::empty(piece_count(size))));
+            // A have for another size than the peer said before is not believed.
+            if *held_size == size {
+                news |= set.insert(index);
+            }
+        }
+        news
     }
 
     /// Every peer (not penalised) with pieces of blob `hash` (`size` bytes, as the signed
@@ -392,21 +422,15 @@ impl PeerTable {
             if holders.iter().any(|h| &h.addr == addr) {
                 continue;
             }
-            let Some(partial) = peer
-                .partial
-                .iter()
-                .find(|b| b.hash == hash && b.size == size)
-            else {
+            let Some((_, set)) = peer.partial.get(hash).filter(|(said, _)| *said == size) else {
                 continue;
             };
-            if let Ok(set) = PieceSet::from_hex(pieces, &partial.pieces) {
-                holders.push(PieceHolder {
-                    addr: addr.clone(),
-                    node_name: peer.node_name.clone(),
-                    origin: false,
-                    pieces: set,
-                });
-            }
+            holders.push(PieceHolder {
+                addr: addr.clone(),
+                node_name: peer.node_name.clone(),
+                origin: false,
+                pieces: set.clone(),
+            });
         }
         holders
     }
@@ -706,6 +730,36 @@ mod tests {
         // A failed holdings answer clears what it said.
         fail(&mut table, "b", t0);
         assert!(table.piece_holders(BLOB, size, t0).is_empty());
+    }
+
+    #[test]
+    fn a_have_message_adds_a_piece_until_the_next_holdings_answer_says_otherwise() {
+        let t0 = Instant::now();
+        let mut table = table(&[("b", vec![]), ("c", vec![])], t0);
+        table.set_node_name("b", "node-b".into());
+        let size = 10 * edged_control::verified::PIECE;
+        let pieces = |table: &PeerTable| -> Vec<(String, Vec<u32>)> {
+            table
+                .piece_holders(BLOB, size, t0)
+                .into_iter()
+                .map(|h| (h.addr, h.pieces.iter().collect()))
+                .collect()
+        };
+        // Unknown node names and pieces past the end tell nothing.
+        assert!(!table.record_piece("node-x", BLOB, size, 3));
+        assert!(!table.record_piece("node-b", BLOB, size, 10));
+        assert!(table.record_piece("node-b", BLOB, size, 3));
+        assert!(!table.record_piece("node-b", BLOB, size, 3), "nothing new");
+        // A have for another size than the one it named first is not believed.
+        assert!(!table.record_piece("node-b", BLOB, size + 1, 4));
+        assert_eq!(pieces(&table), [("b".to_string(), vec![3])]);
+        let mut two = PieceSet::empty(10);
+        two.insert(0);
+        two.insert(7);
+        table.record_partial("b", vec![partial(BLOB, size, &two.to_hex())]);
+        assert_eq!(pieces(&table), [("b".to_string(), vec![0, 7])]);
+        assert!(table.record_piece("node-b", BLOB, size, 8));
+        assert_eq!(pieces(&table), [("b".to_string(), vec![0, 7, 8])]);
     }
 
     #[test]
