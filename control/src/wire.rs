@@ -110,7 +110,11 @@ pub enum Request {
     /// now on (a have message). Peers fetching the blob may ask it for the piece at once rather
     /// than after their next holdings refresh, and the blob's origin sends the piece's next asker
     /// there instead of uploading another copy.
-    Have { hash: String, size: u64, index: u32 },
+    Have {
+        hash: String,
+        size: u64,
+        index: u32,
+    },
 }
 
 impl Request {

@@ -1478,15 +1478,26 @@ mod tests {
         ));
     }
 
-    #[test]
-    fn the_origin_sends_a_piece_it_is_already_uploading_to_nobody_else() {
-        let mut uploads: Uploads<&str, &str> = Uploads::new(UploadConfig::default());
+    /// An origin seeding a 4-piece blob that has started uploading piece 0 to peer p.
+    fn origin_serving_piece_0_to_p() -> (
+        Uploads<&'static str, &'static str>,
+        Instant,
+        PieceSet,
+        UploadId,
+    ) {
+        let mut uploads = Uploads::new(UploadConfig::default());
         let now = Instant::now();
         uploads.seed("blob", SIZE);
         let full = PieceSet::full(4);
         let ServeDecision::Serve(id) = uploads.request(now, &"p", &"blob", SIZE, 0, &full) else {
             panic!("the first asker of a piece is served");
         };
+        (uploads, now, full, id)
+    }
+
+    #[test]
+    fn the_origin_sends_a_piece_it_is_already_uploading_to_nobody_else() {
+        let (mut uploads, now, full, id) = origin_serving_piece_0_to_p();
         assert_eq!(
             uploads.request(now, &"q", &"blob", SIZE, 0, &full),
             ServeDecision::AskOthers
@@ -1503,13 +1514,7 @@ mod tests {
 
     #[test]
     fn the_origin_counts_a_peer_it_delivered_a_piece_to_as_a_holder_before_it_says_so() {
-        let mut uploads: Uploads<&str, &str> = Uploads::new(UploadConfig::default());
-        let now = Instant::now();
-        uploads.seed("blob", SIZE);
-        let full = PieceSet::full(4);
-        let ServeDecision::Serve(id) = uploads.request(now, &"p", &"blob", SIZE, 0, &full) else {
-            panic!("the first asker of a piece is served");
-        };
+        let (mut uploads, now, full, id) = origin_serving_piece_0_to_p();
         uploads.delivered(now, id);
         // No holdings or have message from p yet: q is still sent there, not given a copy.
         let soon = now + Duration::from_millis(300);
